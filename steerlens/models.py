@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from steerlens.errors import SteerlensError
 from steerlens.vectors import ModelShape
 
 LAYER_PATHS: dict[str, str] = {
@@ -24,11 +25,15 @@ LAYER_PATHS: dict[str, str] = {
     "GPT2LMHeadModel": "transformer.h",
 }
 
+ASSETS = Path(__file__).parent / "assets"
+
 # Named model sources: a short name -> a function that returns a local checkpoint directory.
-MODEL_SOURCES: dict[str, Callable[[], Path]] = {}
+MODEL_SOURCES: dict[str, Callable[[], Path]] = {
+    "toy-arith": lambda: ASSETS / "toy-arith",
+}
 
 
-class ModelError(ValueError):
+class ModelError(SteerlensError, ValueError):
     """A model cannot be found, loaded, or steered."""
 
 

@@ -16,13 +16,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from steerlens.errors import SteerlensError
 from steerlens.io import atomic_path
 
 TENSOR_KEY = "steering"
 FORMAT = "steerlens.vectors/1"
 
 
-class VectorsError(ValueError):
+class VectorsError(SteerlensError, ValueError):
     """A vectors file or set does not fit what it is used with."""
 
 

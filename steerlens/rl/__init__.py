@@ -1,0 +1,1 @@
+"""RLOO training of steering vectors (and the LoRA / full-tuning baselines)."""

@@ -1,0 +1,143 @@
+"""What the RL loop trains: steering vectors (default), LoRA on MLP down_proj, or every weight.
+
+A `Policy` gives the loop one surface for all three: the trainable parameters, their state for
+checkpoints, a context in which the base policy is restored (for the KL reference), and the final
+artefact written at the end of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from steerlens.backends.hf import HFSteering, attach, freeze
+from steerlens.io import atomic_dir, atomic_path
+from steerlens.models import model_shape
+from steerlens.vectors import SteeringVectors
+
+
+class Policy:
+    """The model being trained and its trainable parameters."""
+
+    kind = "full"
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._reference: nn.Module | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def named_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors by name, for checkpoints."""
+        return {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = dict(self.model.named_parameters())
+        for name, value in state.items():
+            named[name].copy_(value)
+
+    def vectors(self) -> SteeringVectors | None:
+        """Current steering vectors (None unless steering is trained)."""
+        return None
+
+    @contextlib.contextmanager
+    def base_policy(self) -> Iterator[nn.Module]:
+        """A module computing the untrained policy (the KL reference)."""
+        if self._reference is None:
+            self._reference = copy.deepcopy(self.model).eval()
+            freeze(self._reference)
+        yield self._reference
+
+    def save_final(self, out_dir: Path) -> Path:
+        target = out_dir / "model"
+        with atomic_dir(target) as tmp:
+            self.model.save_pretrained(tmp)
+        return target
+
+
+class SteeringPolicy(Policy):
+    """Steering vectors on a frozen model, via the HF backend's hooks."""
+
+    kind = "steering"
+
+    def __init__(self, model: nn.Module, layers: list[int] | None, model_name: str) -> None:
+        super().__init__(model)
+        freeze(model)
+        shape = model_shape(model, name=model_name)
+        self.handle: HFSteering = attach(model, SteeringVectors.zeros(shape, layers), trainable=True)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.handle.parameter]
+
+    def named_state(self) -> dict[str, torch.Tensor]:
+        return {"steering": self.handle.parameter.detach()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.handle.set(state["steering"])
+
+    def vectors(self) -> SteeringVectors:
+        return self.handle.vectors()
+
+    @contextlib.contextmanager
+    def base_policy(self) -> Iterator[nn.Module]:
+        self.handle.detach()
+        try:
+            yield self.model
+        finally:
+            self.handle.attach()
+
+    def save_final(self, out_dir: Path) -> Path:
+        return self.handle.vectors().save(out_dir / "vectors.safetensors")
+
+
+class LoraPolicy(Policy):
+    """Rank-r LoRA on every MLP down_proj (the paper's LoRA baseline), via peft."""
+
+    kind = "lora"
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        freeze(model)
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["down_proj"],
+                                                      lora_dropout=0.0, bias="none"))
+        super().__init__(peft_model)
+
+    @contextlib.contextmanager
+    def base_policy(self) -> Iterator[nn.Module]:
+        with self.model.disable_adapter():
+            yield self.model
+
+    def save_final(self, out_dir: Path) -> Path:
+        target = out_dir / "lora"
+        with atomic_dir(target) as tmp:
+            self.model.save_pretrained(tmp)
+        return target
+
+
+def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, model_name: str,
+                lora_rank: int = 1, lora_alpha: float = 2.0) -> Policy:
+    """Prepare `model` for training `trainable` ("steering", "lora" or "full")."""
+    if trainable == "steering":
+        return SteeringPolicy(model, layers, model_name)
+    if trainable == "lora":
+        return LoraPolicy(model, lora_rank, lora_alpha)
+    if trainable == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return Policy(model)
+    raise ValueError(f"trainable must be steering, lora or full, got {trainable!r}")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors, atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
