@@ -70,6 +70,11 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if hint is str:
@@ -152,7 +157,7 @@ def to_yaml(config: Any) -> str:
             lines.append(f"# {f.metadata['help']}")
         value = getattr(config, f.name)
         value = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
-        lines.append(yaml.safe_dump({f.name: value}, default_flow_style=None, width=1000).strip())
+        lines.append(yaml.safe_dump({f.name: value}, default_flow_style=False, width=1000, sort_keys=False).strip())
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,71 @@
+"""Config dataclasses: YAML and CLI overrides, type checks, unknown keys, and the shipped presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from steerlens.config import ConfigError, build_config, describe, parse_overrides, to_yaml
+from steerlens.rl.config import TrainConfig
+
+PRESETS = sorted((Path(__file__).parents[1] / "analyses" / "presets").glob("*.yaml"))
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.001\nsteps: 7\nlayers: [1, 3]\n")
+    cfg = build_config(TrainConfig, path, ["--steps", "9", "seed=4", "--no-progress", "--eval-data", "null"])
+    assert (cfg.lr, cfg.steps, cfg.layers, cfg.seed, cfg.progress, cfg.eval_data) == (0.001, 9, [1, 3], 4, False, None)
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = build_config(TrainConfig, None, ["--layers", "2", "--baseline", "grpo"])
+    path = tmp_path / "again.yaml"
+    path.write_text(to_yaml(cfg))
+    assert build_config(TrainConfig, path) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--lrr", "1"], "unknown key 'lrr' for TrainConfig; did you mean 'lr'?"),
+        (["--lr", "fast"], "lr must be float, got 'fast'"),
+        (["--baseline", "ppo"], r"baseline must be one of \['rloo', 'group_mean', 'grpo'\]"),
+        (["--generations", "1"], "generations must be >= 2 for the rloo baseline"),
+        (["stray"], "cannot read 'stray'"),
+    ],
+)
+def test_bad_overrides_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(TrainConfig, None, overrides)
+
+
+def test_bad_files_are_named(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("step: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'step'.*did you mean 'steps'"):
+        build_config(TrainConfig, typo)
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config(TrainConfig, tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        build_config(TrainConfig, listy)
+
+
+def test_parse_overrides_forms() -> None:
+    assert parse_overrides(["--a=1", "--b", "2", "c=3", "--flag", "--no-other"]) == {
+        "a": "1", "b": "2", "c": "3", "flag": "true", "other": "false"}
+
+
+def test_describe_documents_every_field() -> None:
+    text = describe(TrainConfig)
+    assert "--prompts-per-step (int, default 32)" in text and "--baseline (rloo|group_mean|grpo" in text
+
+
+def test_presets_exist_and_validate() -> None:
+    assert len(PRESETS) >= 8
+    for preset in PRESETS:
+        cfg = build_config(TrainConfig, preset)
+        assert cfg.prompts_per_step == 128 and cfg.steps == 314, preset.name
