@@ -7,7 +7,6 @@ reported in one line naming what is wrong, without a traceback. Nothing in the l
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -66,6 +65,33 @@ def train(
     summary = run_training(cfg)
     if summary:
         typer.echo(format_report(summary))
+
+
+@app.command()
+@friendly
+def analyze(
+    vectors: Path = typer.Argument(..., help="steering vectors file (.safetensors)"),
+    model: str = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (report.html, tables/, figures/)"),
+    analyses: str = typer.Option("logit_lens,stats,clustering", "--analyses", help="comma-separated analyses"),
+    top_k: int = typer.Option(50, "--top-k", help="top/bottom tokens per layer in the logit lens"),
+    final_norm: bool = typer.Option(False, "--final-norm", help="pass vectors through the model's final norm first"),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible URL for LLM clustering "
+                                           "(default $OPENAI_BASE_URL; none: offline clustering)"),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="chat model for clustering (default: the "
+                                            "endpoint's only model); the key comes from $OPENAI_API_KEY"),
+    compare: list[Path] = typer.Option([], "--compare", metavar="PATH", help="another run's vectors (e.g. a "
+                                       "seed) to compare per layer; repeatable"),
+) -> None:
+    """Analyse steering vectors (logit lens, statistics, token clustering) into one HTML report."""
+    from steerlens.analysis.clustering import ClusteringConfig
+    from steerlens.analysis.report import analyze as run_analyses
+
+    chosen = [name.strip() for name in analyses.split(",") if name.strip()]
+    result = run_analyses(vectors, model, out, chosen, top_k=top_k, final_norm=final_norm, compare=compare,
+                          clustering=ClusteringConfig(model=llm_model, base_url=endpoint))
+    typer.echo(f"report: {result.report}")
+    typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")
 
 
 if __name__ == "__main__":

