@@ -48,6 +48,8 @@ class Rollout(Protocol):
 
     def push(self, vectors: SteeringVectors | None) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt; BOS is added only if the tokenizer has one and the text lacks it."""
@@ -85,6 +87,9 @@ class HFRollout:
             self._own_handle = None
         if vectors is not None:
             self._own_handle = attach(self.model, vectors)
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
 
     @torch.no_grad()
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
@@ -150,6 +155,10 @@ class VLLMRollout:
     def push(self, vectors: SteeringVectors | None) -> None:
         """Copy new values into the engine's steering buffer (zeros for None)."""
         self.engine.push(vectors if vectors is not None else SteeringVectors.zeros(self.engine.shape))
+
+    def close(self) -> None:
+        """Shut the engine's processes down."""
+        self.engine.close()
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: list[int] | None = None) -> list[list[Completion]]:

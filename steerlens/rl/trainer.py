@@ -341,6 +341,7 @@ class Trainer:
             )
             write_json(self.out / "summary.json", summary)
         self.scorer.close()
+        self.rollout.close()
         D.barrier(ctx)
         return summary
 
