@@ -45,26 +45,65 @@ def _epilog(cls: type) -> str:
     return "Options of the config (YAML keys, or --key value on the command line):\n\n" + describe(cls).replace("\n", "\n\n")
 
 
-@app.command(context_settings=JOB, epilog=_epilog(__import__("steerlens.rl.config", fromlist=["TrainConfig"]).TrainConfig))
-@friendly
-def train(
-    ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of TrainConfig keys"),
-    print_config: bool = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit"),
-) -> None:
-    """Train steering vectors with RLOO (default: the toy demo, a few minutes on a CPU)."""
+def _job_config(cls: type, config: Optional[Path], args: list[str], print_config: bool) -> Any:
+    """The job's config from YAML plus `--key value` overrides; None after printing it if asked to."""
     from steerlens.config import build_config, to_yaml
-    from steerlens.rl.config import TrainConfig
 
-    cfg = build_config(TrainConfig, config, ctx.args)
+    cfg = build_config(cls, config, args)
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
+        return None
+    return cfg
+
+
+CONFIG_FILE = typer.Option(None, "--config", "-c", help="YAML file of the job's config keys")
+PRINT_CONFIG = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit")
+
+
+@app.command(context_settings=JOB, epilog=_epilog(__import__("steerlens.rl.config", fromlist=["TrainConfig"]).TrainConfig))
+@friendly
+def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
+    """Train steering vectors with RLOO (default: the toy demo, a few minutes on a CPU)."""
+    from steerlens.rl.config import TrainConfig
+
+    cfg = _job_config(TrainConfig, config, ctx.args, print_config)
+    if cfg is None:
         return
     from steerlens.rl.trainer import format_report, train as run_training
 
     summary = run_training(cfg)
     if summary:
         typer.echo(format_report(summary))
+
+
+@app.command("eval", context_settings=JOB,
+             epilog=_epilog(__import__("steerlens.evaluation.config", fromlist=["EvalConfig"]).EvalConfig))
+@friendly
+def eval_(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
+    """Evaluate a model with or without steering vectors on math benchmarks (resumable; writes tables)."""
+    from steerlens.evaluation.config import EvalConfig
+
+    cfg = _job_config(EvalConfig, config, ctx.args, print_config)
+    if cfg is None:
+        return
+    from steerlens.evaluation.runner import evaluate
+
+    tables = evaluate(cfg)
+    typer.echo(tables["summary"].to_markdown(index=False, floatfmt=".4f"))
+    typer.echo(f"samples and tables: {cfg.out_dir}")
+
+
+@app.command()
+@friendly
+def table(
+    runs: list[Path] = typer.Argument(..., help="evaluation directories (from steerlens eval)"),
+    out: Path = typer.Option(Path("table1"), "--out", "-o", help="output prefix: writes PREFIX.csv, .md and .html"),
+) -> None:
+    """Combine evaluations into the paper's Table 1 layout (model x setup x benchmark, mean ± std)."""
+    from steerlens.evaluation.tables import combine_runs
+
+    typer.echo(combine_runs(runs, out).to_markdown())
+    typer.echo(f"written: {out.with_suffix('.csv')}, {out.with_suffix('.md')}, {out.with_suffix('.html')}")
 
 
 @app.command()

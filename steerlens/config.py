@@ -51,8 +51,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name} must be one of {list(args)}, got {value!r}")
         return value
     if origin in (list, tuple):
-        if isinstance(value, (int, str)) and args and args[0] is int and not isinstance(value, bool):
-            value = [int(v) for v in str(value).split(",") if v.strip()]
+        if isinstance(value, (int, str)) and not isinstance(value, bool):  # "a,b" or 3 on the command line
+            value = [v.strip() for v in str(value).split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
         item = args[0] if args else Any
@@ -77,6 +77,8 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             pass
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if hint is int and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
     if hint is str:
         return str(value)
     if hint is Path:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 def _umask() -> int:
@@ -65,11 +65,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
+def append_jsonl(path: str | Path, rows: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+    """Append one JSON line per row in a single write and flush it to disk (a crash loses at most the
+    lines being written; readers drop a torn last line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [rows] if isinstance(rows, dict) else rows
     with open(path, "a") as handle:
-        handle.write(json.dumps(row, default=str) + "\n")
+        handle.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
         handle.flush()
         os.fsync(handle.fileno())

@@ -40,6 +40,8 @@ class Completion:
 class Rollout(Protocol):
     """What the trainer and the evaluator need from an engine."""
 
+    tokenizer: Any
+
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         """`n` completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible
@@ -49,6 +51,11 @@ class Rollout(Protocol):
     def push(self, vectors: SteeringVectors | None) -> None: ...
 
     def close(self) -> None: ...
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A sampling seed for prompt `index` of step `step` (or evaluation pass), independent of batching and rank."""
+    return (seed * 1_000_003 + step * 100_003 + index) % (2**31 - 1)
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:

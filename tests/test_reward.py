@@ -1,0 +1,50 @@
+"""The verifiable reward: answer extraction and math-verify equivalence, through the process pool too."""
+
+from __future__ import annotations
+
+import pytest
+
+from steerlens.reward import RewardScorer, extract_answer, extract_boxed, is_correct
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{42}.", "42"),
+    ("first \\boxed{1} then \\boxed{2}", "2"),
+    ("nested \\boxed{\\frac{1}{2}} ok", "\\frac{1}{2}"),
+    ("\\fbox{7}", "7"),
+    ("no box here, 42", None),
+    ("unbalanced \\boxed{3", None),
+])
+def test_extract_boxed(text: str, expected: str | None) -> None:
+    assert extract_boxed(text) == expected
+
+
+def test_answer_tag_format_reads_the_last_answer_block() -> None:
+    text = "<think>maybe 3</think> <answer>\\boxed{5}</answer> <answer>6</answer>"
+    assert extract_answer(text, "answer_tag") == "6"
+    assert extract_answer("<answer>\\boxed{5}</answer>", "answer_tag") == "5"
+    assert extract_answer("\\boxed{5}", "answer_tag") is None
+
+
+@pytest.mark.parametrize("completion, gold, ok", [
+    ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", True),
+    ("\\boxed{0.5}", "\\frac12", True),
+    ("\\boxed{2}", "3", False),
+    ("The answer is 3.", "3", False),  # right number, not boxed: no reward
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("\\boxed{\\sqrt{4}}", "2", True),
+])
+def test_math_verify_decides_equivalence(completion: str, gold: str, ok: bool) -> None:
+    assert is_correct(completion, gold) is ok
+
+
+def test_scorer_pool_agrees_with_in_process_verdicts() -> None:
+    completions = [f"x \\boxed{{{i % 7}}}" for i in range(40)] + ["nothing", "\\boxed{}"]
+    golds = [str(i % 5) for i in range(40)] + ["1", "1"]
+    expected = [is_correct(c, g) for c, g in zip(completions, golds)]
+    assert any(expected) and not all(expected)
+    with RewardScorer(workers=2) as scorer:
+        assert scorer.score(completions, golds) == expected
+        assert scorer.score(completions[:3], golds[:3]) == expected[:3]  # small batch: in-process
+    with pytest.raises(ValueError, match="2 completions for 1 gold"):
+        RewardScorer().score(["a", "b"], ["1"])
