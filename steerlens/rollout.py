@@ -154,9 +154,10 @@ class VLLMRollout:
         from transformers import AutoTokenizer
 
         from steerlens.backends.vllm import VLLMSteering
+        from steerlens.models import resolve_model
 
         self.engine = VLLMSteering(model, vectors=vectors, **engine_kwargs)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
         self.stops = stop_token_ids(self.tokenizer)
 
     def push(self, vectors: SteeringVectors | None) -> None:

@@ -16,8 +16,6 @@ from steerlens.config import build_config
 from steerlens.data import load_problems
 from steerlens.evaluation import EvalConfig, benchmark_scores, combine_runs, evaluate, parse_benchmark, summarize
 from steerlens.evaluation.benchmarks import SIX
-from steerlens.rl.config import TrainConfig
-from steerlens.rl.trainer import train
 
 ROOT = Path(__file__).parents[1]
 SAMPLES = ROOT / "samples"
@@ -75,23 +73,12 @@ def eval_args(out: Path, *extra: str) -> list[str]:
     return ["--engine", "hf", "--no-progress", "--out-dir", str(out), *extra]
 
 
-@pytest.fixture(scope="module")
-def trained_vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Steering vectors from a short HF-engine run on the toy task (the training tests check the learning)."""
-    out = tmp_path_factory.mktemp("train")
-    cfg = build_config(TrainConfig, None, ["--engine", "hf", "--steps", "16", "--prompts-per-step", "16",
-                                           "--generations", "8", "--max-new-tokens", "40", "--lr", "1e-1",
-                                           "--eval-data", "null", "--no-progress", "--out-dir", str(out)])
-    train(cfg)
-    return out / "vectors.safetensors"
-
-
 @pytest.mark.slow
-def test_trained_vectors_score_higher_than_the_base_model(tmp_path: Path, trained_vectors: Path) -> None:
+def test_trained_vectors_score_higher_than_the_base_model(tmp_path: Path, trained_toy_vectors: Path) -> None:
     common = ("--decoding", "greedy", "--limit", "64", "--max-new-tokens", "40")
     base = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "base", *common)))
     steered = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "steered", *common,
-                                                                "--vectors", str(trained_vectors))))
+                                                                "--vectors", str(trained_toy_vectors))))
     before = base["summary"].set_index("benchmark").loc["toy-arith", "mean"]
     after = steered["summary"].set_index("benchmark").loc["toy-arith", "mean"]
     assert after > before + 0.2, (before, after)

@@ -33,6 +33,9 @@ def test_answer_tag_format_reads_the_last_answer_block() -> None:
     ("The answer is 3.", "3", False),  # right number, not boxed: no reward
     ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
     ("\\boxed{\\sqrt{4}}", "2", True),
+    ("\\boxed{(1, 2]}", "(1,2]", True),
+    ("\\boxed{[1, 2]}", "(1,2]", False),  # an interval's brackets matter
+    ("\\boxed{3} then \\boxed{4}", "4", True),  # the last box counts
 ])
 def test_math_verify_decides_equivalence(completion: str, gold: str, ok: bool) -> None:
     assert is_correct(completion, gold) is ok
@@ -48,3 +51,14 @@ def test_scorer_pool_agrees_with_in_process_verdicts() -> None:
         assert scorer.score(completions[:3], golds[:3]) == expected[:3]  # small batch: in-process
     with pytest.raises(ValueError, match="2 completions for 1 gold"):
         RewardScorer().score(["a", "b"], ["1"])
+
+
+def test_huge_outputs_are_scored_quickly() -> None:
+    import time
+
+    huge = "blah " * 400_000 + "\\boxed{7}"  # 2 MB: only the tail can hold the final answer
+    start = time.perf_counter()
+    with RewardScorer(workers=2) as scorer:
+        verdicts = scorer.score([huge] * 8 + ["{" * 100_000], ["7"] * 8 + ["1"])
+    assert verdicts == [True] * 8 + [False]
+    assert time.perf_counter() - start < 60

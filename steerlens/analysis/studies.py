@@ -1,0 +1,138 @@
+"""Studies that evaluate many vector sets on one model: swaps between models or seeds, single- and
+pair-layer vectors, magnitude sweeps ("Small Vectors, Big Effects").
+
+Every set is evaluated by `steerlens.evaluation` into its own folder (per-sample JSONL, resumable), on
+one engine per model: the vectors are pushed into the running engine between sets, so a study costs
+one engine start per model, not per set. All sets of a study use the same decoding (`decoding=auto`
+means sampling here, so the unsteered baseline is measured the same way as the steered sets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from itertools import combinations_with_replacement
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from steerlens.evaluation.config import EvalConfig
+from steerlens.evaluation.runner import evaluate, start_engine
+from steerlens.models import resolve_model
+from steerlens.vectors import ModelShape, SteeringVectors
+
+BASE = "base"
+
+
+def headline(summary: pd.DataFrame) -> float:
+    """One accuracy per run: the paper's Average when all six benchmarks were run, else the mean over benchmarks."""
+    rows = summary.set_index("benchmark")["mean"]
+    return float(rows["Average"]) if "Average" in rows.index else float(rows.mean())
+
+
+def config_shape(model: str) -> ModelShape:
+    """Layer count and hidden size from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
+    return ModelShape(num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size), name=model)
+
+
+def evaluate_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_cfg: EvalConfig,
+                  out_dir: Path) -> pd.Series:
+    """Accuracy of `model` under each named set (None: unsteered), evaluated into `out_dir/<name>/`."""
+    out_dir = Path(out_dir)
+    shape = config_shape(model)
+    for name, vectors in sets.items():
+        if vectors is not None:
+            vectors.check_fits(shape, what=f"model {model!r} (set {name!r})")
+    decoding = "sample" if eval_cfg.decoding == "auto" else eval_cfg.decoding
+    base_cfg = replace(eval_cfg, model=model, vectors=None, adapter=None, decoding=decoding)
+    engine = start_engine(base_cfg, out_dir)
+    scores: dict[str, float] = {}
+    try:
+        for name, vectors in sets.items():
+            path = vectors.save(out_dir / "vectors" / f"{name}.safetensors") if vectors is not None else None
+            cfg = replace(base_cfg, vectors=str(path) if path else None, label=name, out_dir=str(out_dir / name))
+            scores[name] = headline(evaluate(cfg, engine=engine)["summary"])
+    finally:
+        engine.close()
+    return pd.Series(scores, name="accuracy")
+
+
+def normalised_gain(accuracy: float, base: float, own: float) -> float:
+    """(acc - base) / (acc_own - base): 1 = as good as the recipient's own vectors, 0 = no better than none."""
+    return (accuracy - base) / (own - base) if own != base else float("nan")
+
+
+def swap_matrix(runs: Mapping[str, tuple[str, SteeringVectors]], eval_cfg: EvalConfig, out_dir: Path) -> pd.DataFrame:
+    """Every run's vectors applied to every run's model (runs: name -> (model, its trained vectors)).
+
+    Rows: donor, recipient, accuracy, base (recipient unsteered), own (recipient with its own vectors),
+    normalised. Donors and recipients must have the same shape (layer count and hidden size).
+    """
+    rows = []
+    for recipient, (model, _) in runs.items():
+        sets = {BASE: None, **{donor: vectors for donor, (_, vectors) in runs.items()}}
+        scores = evaluate_sets(model, sets, eval_cfg, Path(out_dir) / recipient)
+        for donor in runs:
+            rows.append({"donor": donor, "recipient": recipient, "accuracy": scores[donor],
+                         "base": scores[BASE], "own": scores[recipient],
+                         "normalised": normalised_gain(scores[donor], scores[BASE], scores[recipient])})
+    return pd.DataFrame(rows)
+
+
+def relative_improvement(single: Mapping[int, float], pairs: Mapping[tuple[int, int], float],
+                         all_layers: float) -> pd.DataFrame:
+    """(acc_ij - max(acc_i, acc_j)) / (acc_all - max(acc_i, acc_j)) per pair i < j: how much of the gap
+    to all-layer steering a second vector closes (NaN when the better single vector already matches it)."""
+    rows = []
+    for (i, j), acc in pairs.items():
+        best = max(single[i], single[j])
+        gap = all_layers - best
+        rows.append({"i": i, "j": j, "accuracy": acc, "best_single": best,
+                     "relative_improvement": (acc - best) / gap if gap != 0 else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def pair_study(model: str, singles: Mapping[int, SteeringVectors], all_layers: SteeringVectors,
+               eval_cfg: EvalConfig, out_dir: Path) -> dict[str, pd.DataFrame]:
+    """Evaluate each single-layer vector, every pair i <= j (two single-layer runs merged), all layers
+    and none. Returns `accuracy` (an i x j matrix; the diagonal is the single vector) and
+    `relative` (`relative_improvement` per pair) plus the base and all-layer scores in `scores`."""
+    layers = sorted(singles)
+    sets: dict[str, SteeringVectors | None] = {BASE: None, "all": all_layers}
+    for i, j in combinations_with_replacement(layers, 2):
+        sets[f"L{i}" if i == j else f"L{i}+L{j}"] = singles[i] if i == j else SteeringVectors.merge([singles[i], singles[j]])
+    scores = evaluate_sets(model, sets, eval_cfg, out_dir)
+    single = {i: scores[f"L{i}"] for i in layers}
+    pairs = {(i, j): scores[f"L{i}+L{j}"] for i, j in combinations_with_replacement(layers, 2) if i < j}
+    matrix = pd.DataFrame(index=pd.Index(layers, name="i"), columns=pd.Index(layers, name="j"), dtype=float)
+    for i in layers:
+        matrix.loc[i, i] = single[i]
+    for (i, j), acc in pairs.items():
+        matrix.loc[i, j] = acc
+    return {"accuracy": matrix, "relative": relative_improvement(single, pairs, scores["all"]),
+            "scores": scores.to_frame()}
+
+
+def magnitude_sweep(model: str, vectors: SteeringVectors, factors: list[float], eval_cfg: EvalConfig,
+                    out_dir: Path) -> pd.DataFrame:
+    """Accuracy with all vectors scaled by each factor (0 = unsteered, 1 = as trained)."""
+    sets = {f"x{factor:g}": vectors.scale(factor) for factor in factors}
+    scores = evaluate_sets(model, sets, eval_cfg, out_dir)
+    return pd.DataFrame({"factor": factors, "accuracy": [scores[f"x{f:g}"] for f in factors]})
+
+
+def save_study(out_dir: Path, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, object] | None = None) -> list[Path]:
+    """Write each table as CSV and each plotly figure as standalone HTML into `out_dir`, atomically."""
+    from steerlens.io import write_text
+
+    written = []
+    for name, table in tables.items():
+        written.append(out_dir / f"{name}.csv")
+        write_text(written[-1], table.to_csv())
+    for name, figure in (figures or {}).items():
+        written.append(out_dir / f"{name}.html")
+        write_text(written[-1], figure.to_html(include_plotlyjs="cdn"))
+    return written
