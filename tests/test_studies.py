@@ -66,3 +66,22 @@ def test_pair_study_and_magnitude_sweep(tmp_path: Path, trained_toy_vectors: Pat
 
     sweep = magnitude_sweep("toy-arith", trained, [0.0, 1.0], quick_eval(), tmp_path / "sweep")
     assert sweep["accuracy"].tolist() == [scores["base"], scores["all"]]
+
+
+@pytest.mark.slow
+def test_patched_accuracy_matches_the_steered_and_unsteered_runs(tmp_path: Path, trained_toy_vectors: Path) -> None:
+    from dataclasses import replace
+
+    from steerlens.analysis.patching import Patch, make_patch
+    from steerlens.analysis.studies import headline, patched_accuracy
+    from steerlens.evaluation import evaluate
+
+    trained = SteeringVectors.load(trained_toy_vectors)
+    patches = {"steered": Patch.uniform(True, 2, 1), "clean": Patch.uniform(False, 2, 1),
+               "skip-attn": make_patch("attn", None, "skip", 2, 1)}
+    scores = patched_accuracy("toy-arith", trained, 2, patches, quick_eval(), tmp_path / "patched")
+    without = trained.select([0, 1, 3]).save(tmp_path / "without-2.safetensors")
+    full = headline(evaluate(replace(quick_eval(), vectors=str(trained_toy_vectors), out_dir=str(tmp_path / "a")))["summary"])
+    rest = headline(evaluate(replace(quick_eval(), vectors=str(without), out_dir=str(tmp_path / "b")))["summary"])
+    assert scores["steered"] == full and scores["clean"] == rest
+    assert 0.0 <= scores["skip-attn"] <= 1.0 and len(scores) == 3

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import pandas as pd
 
+from steerlens.analysis.patching import Patch
+
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate, start_engine
 from steerlens.models import resolve_model
@@ -122,6 +124,35 @@ def magnitude_sweep(model: str, vectors: SteeringVectors, factors: list[float], 
     sets = {f"x{factor:g}": vectors.scale(factor) for factor in factors}
     scores = evaluate_sets(model, sets, eval_cfg, out_dir)
     return pd.DataFrame({"factor": factors, "accuracy": [scores[f"x{f:g}"] for f in factors]})
+
+
+def patched_accuracy(model: str, vectors: SteeringVectors, layer: int, patches: Mapping[str, Patch],
+                     eval_cfg: EvalConfig, out_dir: Path) -> pd.Series:
+    """Accuracy when the vector of `layer` reaches the model only through each patch of layer `layer`+1
+    (e.g. skip-attn, skip-layer, one KV group), the other layers' vectors attached as usual.
+
+    Runs on the HF engine (the patch is a set of HF hooks), one model for all patches; each patch is
+    evaluated into `out_dir/<name>/` like any other set. Head overrides cannot be generated with
+    (see `patch_hooks`); q/k/v, mlp and residual parts can.
+    """
+    from steerlens.analysis.patching import patch_hooks
+    from steerlens.models import load_model
+    from steerlens.rollout import HFRollout
+
+    out_dir = Path(out_dir)
+    hf_model, tokenizer = load_model(model, dtype=eval_cfg.dtype)
+    others = [other for other in vectors.layers if other != layer]
+    path = vectors.select(others).save(out_dir / "vectors" / "other-layers.safetensors") if others else None
+    decoding = "sample" if eval_cfg.decoding == "auto" else eval_cfg.decoding
+    base_cfg = replace(eval_cfg, model=model, vectors=str(path) if path else None, adapter=None, decoding=decoding,
+                       engine="hf")
+    engine = HFRollout(hf_model, tokenizer)
+    scores = {}
+    for name, patch in patches.items():
+        with patch_hooks(hf_model, vectors, layer, patch):
+            cfg = replace(base_cfg, label=name, out_dir=str(out_dir / name))
+            scores[name] = headline(evaluate(cfg, engine=engine)["summary"])
+    return pd.Series(scores, name="accuracy")
 
 
 def save_study(out_dir: Path, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, object] | None = None) -> list[Path]:

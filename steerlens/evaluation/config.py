@@ -20,6 +20,8 @@ class EvalConfig:
     adapter: str | None = option(None, "LoRA adapter directory from a trainable=lora run, merged into the model before evaluating")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file whose name starts with a known benchmark (aime24.jsonl), or toy-arith")
+    problem_key: str | None = option(None, "column holding the problem in every benchmark file (default: recognised per benchmark)")
+    answer_key: str | None = option(None, "column holding the gold answer (default: recognised per benchmark)")
     samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol: 32 for AIME/AMC, 4 for GSM8K/MATH, 1 otherwise)")
     seeds: list[int] = option([0, 1, 2], "evaluation seeds; tables report mean ± std over them")
     decoding: Literal["auto", "greedy", "sample"] = option("auto", "greedy (one sample, one seed), sample at --temperature, or auto: greedy for the base model, sampling with vectors or an adapter")

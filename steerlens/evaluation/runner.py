@@ -66,7 +66,7 @@ def load_benchmark(spec: BenchmarkSpec, cfg: EvalConfig, out_dir: Path) -> list[
         if not path.is_file():
             write_problems(path, n=TOY_PROBLEMS, seed=TOY_HELDOUT_SEED)
         source = str(path)
-    problems = load_problems(source, dataset=spec.name)
+    problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key, dataset=spec.name)
     return problems[: cfg.limit] if cfg.limit else problems
 
 
