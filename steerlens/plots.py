@@ -68,3 +68,11 @@ def sweep_line(table: pd.DataFrame, x: str, y: str, title: str) -> go.Figure:
     """A single line of `y` against `x` (e.g. accuracy against the vectors' scale factor)."""
     fig = go.Figure(go.Scatter(x=table[x], y=table[y], mode="lines+markers"))
     return fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **LAYOUT)
+
+
+def scatter(table: pd.DataFrame, x: str, y: str, title: str, label: str | None = None) -> go.Figure:
+    """Points of `y` against `x`, each optionally labelled by the `label` column (e.g. a layer pair)."""
+    text = table[label].astype(str) if label else None
+    fig = go.Figure(go.Scatter(x=table[x], y=table[y], mode="markers+text" if label else "markers", text=text,
+                               textposition="top center"))
+    return fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, **LAYOUT)

@@ -20,6 +20,19 @@ def quick_eval() -> EvalConfig:
                                            "--max-new-tokens", "40", "--no-progress"])
 
 
+def test_propagation_is_matched_to_pairs() -> None:
+    import pandas as pd
+
+    from steerlens.analysis.studies import propagation_vs_pairs
+
+    propagation = pd.DataFrame({"source": [0, 0, 1, 1], "target": [0, 1, 1, 2], "cos_mean": [1.0, 0.8, 1.0, 0.6]})
+    relative = relative_improvement({0: 0.3, 1: 0.5, 2: 0.8}, {(0, 1): 0.65, (1, 2): 0.9}, all_layers=0.9)
+    table = propagation_vs_pairs(propagation, relative).set_index(["i", "j"])
+    assert list(table.index) == [(0, 1), (1, 2)]
+    assert table.loc[(0, 1), "cos_mean"] == 0.8 and table.loc[(1, 2), "cos_mean"] == 0.6
+    assert table.loc[(0, 1), "relative_improvement"] == pytest.approx((0.65 - 0.5) / (0.9 - 0.5))
+
+
 def test_normalised_gain_and_relative_improvement_maths() -> None:
     assert normalised_gain(0.6, base=0.2, own=0.6) == 1.0
     assert normalised_gain(0.4, base=0.2, own=0.6) == pytest.approx(0.5)

@@ -118,6 +118,14 @@ def pair_study(model: str, singles: Mapping[int, SteeringVectors], all_layers: S
             "scores": scores.to_frame()}
 
 
+def propagation_vs_pairs(propagation: pd.DataFrame, relative: pd.DataFrame) -> pd.DataFrame:
+    """Each pair (i < j) beside how layer i's vector alone propagates to layer j: the companion paper's
+    scatter of pair gains against propagation cosines. `propagation` is `PropagationResult.table`
+    (source, target, metrics), `relative` is `pair_study(...)["relative"]`."""
+    renamed = propagation.rename(columns={"source": "i", "target": "j"})
+    return relative.merge(renamed, on=["i", "j"], how="inner", validate="one_to_one")
+
+
 def magnitude_sweep(model: str, vectors: SteeringVectors, factors: list[float], eval_cfg: EvalConfig,
                     out_dir: Path) -> pd.DataFrame:
     """Accuracy with all vectors scaled by each factor (0 = unsteered, 1 = as trained)."""
