@@ -247,9 +247,9 @@ def _study_inputs(model: str, vectors: Path, data: str, prompts: int) -> tuple[A
     from steerlens.vectors import SteeringVectors
 
     if data == "toy-arith":
-        from steerlens.toy import generate_problems
+        from steerlens.toy import HELDOUT_SEED, generate_problems
 
-        problems = [p.problem for p in generate_problems(prompts, seed=7919)]
+        problems = [p.problem for p in generate_problems(prompts, seed=HELDOUT_SEED)]
     else:
         problems = [p.problem for p in load_problems(data, limit=prompts)]
     hf_model, tokenizer = load_model(model)

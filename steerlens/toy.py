@@ -26,8 +26,10 @@ from torch import nn
 
 from steerlens.data.prompts import SYSTEM_PROMPT, format_prompt
 from steerlens.io import atomic_dir, atomic_path
+from steerlens.reward import extract_boxed
 
 MAX_OPERAND = 30
+HELDOUT_SEED = 7919  # the stream held-out problems come from (training's default stream is seed 0)
 # Phrasings of one problem; {a}, {b} are operands, {op} is "+"/"-" and {word} is "plus"/"minus".
 PHRASINGS = (
     "What is {a}{op}{b}?",
@@ -36,7 +38,6 @@ PHRASINGS = (
     "{a}{op}{b} = ?",
 )
 SHIPPED = Path(__file__).parent / "assets" / "toy-arith"
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = re.compile(r"-?\d+")
 
 
@@ -85,12 +86,6 @@ def answer_text(problem: ToyProblem, boxed: bool) -> str:
 def last_number(text: str) -> str | None:
     """The last integer in `text` (how the plain answer is read), or None."""
     found = _NUMBER.findall(text)
-    return found[-1] if found else None
-
-
-def boxed_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...} in `text`, or None when nothing is boxed."""
-    found = _BOXED.findall(text)
     return found[-1] if found else None
 
 
@@ -162,10 +157,10 @@ def evaluate_base(model: nn.Module, tokenizer: Any, n: int = 256, seed: int = 12
     sampled = [group[0].text for group in engine.generate(prompts, 1, Sampling(48, temperature=1.0, seed=seed))]
     return {
         "greedy_accuracy": sum(last_number(t) == p.answer for t, p in zip(greedy, problems)) / n,
-        "greedy_boxed_rate": sum(boxed_answer(t) is not None for t in greedy) / n,
+        "greedy_boxed_rate": sum(extract_boxed(t) is not None for t in greedy) / n,
         "sampled_accuracy": sum(last_number(t) == p.answer for t, p in zip(sampled, problems)) / n,
-        "sampled_boxed_rate": sum(boxed_answer(t) is not None for t in sampled) / n,
-        "sampled_boxed_correct_rate": sum(boxed_answer(t) == p.answer for t, p in zip(sampled, problems)) / n,
+        "sampled_boxed_rate": sum(extract_boxed(t) is not None for t in sampled) / n,
+        "sampled_boxed_correct_rate": sum(extract_boxed(t) == p.answer for t, p in zip(sampled, problems)) / n,
     }
 
 

@@ -40,6 +40,12 @@ def config_shape(model: str) -> ModelShape:
     return ModelShape(num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size), name=model)
 
 
+def study_config(eval_cfg: EvalConfig, model: str, vectors: str | None = None, **changes: object) -> EvalConfig:
+    """`eval_cfg` for a study on `model`: no adapter, one decoding for every set (auto: sampling)."""
+    decoding = "sample" if eval_cfg.decoding == "auto" else eval_cfg.decoding
+    return replace(eval_cfg, model=model, vectors=vectors, adapter=None, decoding=decoding, **changes)
+
+
 def evaluate_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_cfg: EvalConfig,
                   out_dir: Path) -> pd.Series:
     """Accuracy of `model` under each named set (None: unsteered), evaluated into `out_dir/<name>/`."""
@@ -48,8 +54,7 @@ def evaluate_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_c
     for name, vectors in sets.items():
         if vectors is not None:
             vectors.check_fits(shape, what=f"model {model!r} (set {name!r})")
-    decoding = "sample" if eval_cfg.decoding == "auto" else eval_cfg.decoding
-    base_cfg = replace(eval_cfg, model=model, vectors=None, adapter=None, decoding=decoding)
+    base_cfg = study_config(eval_cfg, model)
     engine = start_engine(base_cfg, out_dir)
     scores: dict[str, float] = {}
     try:
@@ -151,9 +156,7 @@ def patched_accuracy(model: str, vectors: SteeringVectors, layer: int, patches: 
     hf_model, tokenizer = load_model(model, dtype=eval_cfg.dtype)
     others = [other for other in vectors.layers if other != layer]
     path = vectors.select(others).save(out_dir / "vectors" / "other-layers.safetensors") if others else None
-    decoding = "sample" if eval_cfg.decoding == "auto" else eval_cfg.decoding
-    base_cfg = replace(eval_cfg, model=model, vectors=str(path) if path else None, adapter=None, decoding=decoding,
-                       engine="hf")
+    base_cfg = study_config(eval_cfg, model, str(path) if path else None, engine="hf")
     engine = HFRollout(hf_model, tokenizer)
     scores = {}
     for name, patch in patches.items():

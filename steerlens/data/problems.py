@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
@@ -31,6 +31,17 @@ class Problem:
     id: str
     problem: str
     answer: str
+
+
+def canonical(name: str) -> str:
+    """`MATH-500`, `math_500` and `math500` are the same name."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def registered(name: str, keys: Iterable[str]) -> str | None:
+    """The longest of `keys` that `name` starts with, up to case, '-' and '_' (math500 before math)."""
+    known = [key for key in keys if canonical(name).startswith(canonical(key))]
+    return max(known, key=len) if known else None
 
 
 def gsm8k_answer(text: str) -> str:
@@ -113,9 +124,8 @@ def load_problems(source: str | Path, problem_key: str | None = None, answer_key
                   limit: int | None = None, split: str | None = None, dataset: str | None = None) -> list[Problem]:
     """Problems with gold answers from a local file or hub id; `dataset` names a `DATASETS` format."""
     source = str(source)
-    name = (dataset or Path(source).stem).lower().replace("-", "").replace("_", "")
-    known = sorted((key for key in DATASETS if name.startswith(key)), key=len)  # math500 before math
-    fmt = DATASETS[known[-1]] if known else DatasetFormat()
+    key = registered(dataset or Path(source).stem, DATASETS)
+    fmt = DATASETS[key] if key else DatasetFormat()
     frame = _frame(source, split)
     if frame.empty:
         raise DataError(f"{source}: the dataset is empty")

@@ -23,6 +23,11 @@ def resolve_template(tokenizer: Any, template: Template = "auto") -> Literal["ch
     return template
 
 
+def answer_format(template: Literal["chat", "r1"]) -> Literal["boxed", "answer_tag"]:
+    """Where a completion's final answer is read: the r1 template's `<answer>` block, else the last `\\boxed{}`."""
+    return "answer_tag" if template == "r1" else "boxed"
+
+
 def format_prompt(tokenizer: Any, problem: str, template: Template = "auto") -> str:
     """The text the model is asked to continue for `problem`."""
     if resolve_template(tokenizer, template) == "r1":

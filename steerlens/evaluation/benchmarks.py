@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from steerlens.data.problems import registered
 from steerlens.errors import SteerlensError
 
 
@@ -52,20 +53,12 @@ class BenchmarkSpec:
     protocol: Benchmark
 
 
-def canonical(name: str) -> str:
-    """`MATH-500`, `math_500` and `math500` are the same benchmark."""
-    return name.lower().replace("-", "").replace("_", "")
-
-
 def parse_benchmark(entry: str) -> BenchmarkSpec:
     """`NAME=FILE`, a file whose stem names a benchmark (`aime24.jsonl`), or `toy-arith`."""
-    if entry == "toy-arith":
-        return BenchmarkSpec("toy-arith", "toy-arith", BENCHMARKS["toy-arith"])
     name, sep, source = entry.partition("=")
     if not sep:
         name, source = Path(entry).stem, entry
     if not name or not source:
         raise BenchmarkError(f"benchmark {entry!r}: expected NAME=FILE or a file path")
-    key = canonical(name)
-    known = sorted((k for k in BENCHMARKS if key.startswith(canonical(k))), key=len)
-    return BenchmarkSpec(known[-1] if known else name, source, BENCHMARKS[known[-1]] if known else DEFAULT_PROTOCOL)
+    key = registered(name, BENCHMARKS)
+    return BenchmarkSpec(key or name, source, BENCHMARKS[key] if key else DEFAULT_PROTOCOL)

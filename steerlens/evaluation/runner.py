@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steerlens.config import to_yaml
-from steerlens.data import Problem, format_prompt, load_problems, resolve_template
+from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
 from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
@@ -28,7 +28,6 @@ from steerlens.reward import RewardScorer, extract_answer
 from steerlens.rollout import Rollout, Sampling, make_rollout, sample_seed
 from steerlens.vectors import SteeringVectors
 
-TOY_HELDOUT_SEED = 7919  # the same stream `steerlens train` draws its held-out problems from
 TOY_PROBLEMS = 200
 
 
@@ -60,11 +59,11 @@ def load_benchmark(spec: BenchmarkSpec, cfg: EvalConfig, out_dir: Path) -> list[
     """The benchmark's problems (the toy benchmark is generated into the run directory)."""
     source = spec.source
     if source == "toy-arith":
-        from steerlens.toy import write_problems
+        from steerlens.toy import HELDOUT_SEED, write_problems
 
         path = out_dir / "data" / "toy-arith.jsonl"
         if not path.is_file():
-            write_problems(path, n=TOY_PROBLEMS, seed=TOY_HELDOUT_SEED)
+            write_problems(path, n=TOY_PROBLEMS, seed=HELDOUT_SEED)
         source = str(path)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key, dataset=spec.name)
     return problems[: cfg.limit] if cfg.limit else problems
@@ -116,7 +115,6 @@ def run_benchmark(engine: Rollout, tokenizer: Any, scorer: RewardScorer, spec: B
                   problems: list[Problem], seed: int, cfg: EvalConfig, out_dir: Path, bar: tqdm) -> None:
     """Generate and verify the missing problems of one (benchmark, seed), appending each chunk."""
     template = resolve_template(tokenizer, cfg.template)
-    answer_format = "answer_tag" if template == "r1" else "boxed"
     k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
     sampling = Sampling(cfg.max_new_tokens, temperature=0.0 if cfg.greedy else cfg.temperature,
                         top_p=1.0 if cfg.greedy else cfg.top_p)
@@ -132,7 +130,7 @@ def run_benchmark(engine: Rollout, tokenizer: Any, scorer: RewardScorer, spec: B
         verdicts = iter(scorer.score(texts, golds))
         rows = [
             {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
-             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, answer_format),
+             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, answer_format(template)),
              "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
              "truncated": c.truncated}
             for i, prompt, group in zip(chunk, prompts, groups) for j, c in enumerate(group)

@@ -26,6 +26,7 @@ class Policy:
     """The model being trained and its trainable parameters."""
 
     kind = "full"
+    final_dir = "model"  # where save_final writes the trained weights in the run directory
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -57,7 +58,7 @@ class Policy:
         yield self._reference
 
     def save_final(self, out_dir: Path) -> Path:
-        target = out_dir / "model"
+        target = out_dir / self.final_dir
         with atomic_dir(target) as tmp:
             self.model.save_pretrained(tmp)
         return target
@@ -102,6 +103,7 @@ class LoraPolicy(Policy):
     """Rank-r LoRA on every MLP down_proj (the paper's LoRA baseline), via peft."""
 
     kind = "lora"
+    final_dir = "lora"
 
     def __init__(self, model: nn.Module, rank: int, alpha: float) -> None:
         from peft import LoraConfig, get_peft_model
@@ -115,12 +117,6 @@ class LoraPolicy(Policy):
     def base_policy(self) -> Iterator[nn.Module]:
         with self.model.disable_adapter():
             yield self.model
-
-    def save_final(self, out_dir: Path) -> Path:
-        target = out_dir / "lora"
-        with atomic_dir(target) as tmp:
-            self.model.save_pretrained(tmp)
-        return target
 
 
 def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, model_name: str,

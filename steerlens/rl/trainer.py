@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
-from steerlens.data import Problem, format_prompt, load_problems
+from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
 from steerlens.io import append_jsonl, write_json, write_text
 from steerlens.models import load_model, resolve_model
 from steerlens.reward import RewardScorer
@@ -48,12 +48,12 @@ def resolve_device(device: str, ctx: D.Dist) -> str:
 def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: set[str] = frozenset()) -> list[Problem]:
     """Problems from `source`; the toy task's sets are generated into the run directory."""
     if source.startswith("toy-arith"):
-        from steerlens.toy import write_problems
+        from steerlens.toy import HELDOUT_SEED, write_problems
 
         heldout = source == "toy-arith-heldout"
         path = out_dir / "data" / ("heldout.jsonl" if heldout else "train.jsonl")
         if not path.is_file():
-            write_problems(path, n=4 * cfg.eval_problems if heldout else 2000, seed=cfg.seed + (7919 if heldout else 0))
+            write_problems(path, n=4 * cfg.eval_problems if heldout else 2000, seed=cfg.seed + (HELDOUT_SEED if heldout else 0))
         source = str(path)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key)
     kept = [p for p in problems if p.problem not in exclude]
@@ -96,16 +96,12 @@ class Trainer:
         self.train_set = load_split(cfg.data, cfg, self.out)
         seen = {p.problem for p in self.train_set}
         self.eval_set = load_split(cfg.eval_data, cfg, self.out, seen)[: cfg.eval_problems] if cfg.eval_data else []
-        self.scorer = RewardScorer(answer_format="answer_tag" if self._template() == "r1" else "boxed")
+        self.template = resolve_template(self.tokenizer, cfg.template)
+        self.scorer = RewardScorer(answer_format=answer_format(self.template))
         self.rollout = self._make_rollout()
         self.metrics_path = self.out / "metrics.jsonl"
 
     # ---- set-up helpers -------------------------------------------------------------------------
-    def _template(self) -> str:
-        if self.cfg.template != "auto":
-            return self.cfg.template
-        return "chat" if getattr(self.tokenizer, "chat_template", None) else "r1"
-
     def _make_rollout(self) -> Rollout:
         use_vllm = self.cfg.engine == "vllm" or (self.cfg.engine == "auto" and vllm_available())
         if use_vllm and self.cfg.trainable != "steering":
@@ -124,7 +120,7 @@ class Trainer:
                            gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.cfg.seed)
 
     def _prompt(self, problem: Problem) -> str:
-        return format_prompt(self.tokenizer, problem.problem, self._template())
+        return format_prompt(self.tokenizer, problem.problem, self.template)
 
     # ---- the pieces of a step -------------------------------------------------------------------
     def sync(self, step: int, verify: bool) -> float:
