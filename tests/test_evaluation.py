@@ -140,3 +140,17 @@ def test_bad_benchmark_file_is_reported_clearly(tmp_path: Path) -> None:
         tmp_path / "out", "--benchmarks", str(tmp_path / "missing.jsonl"))], capture_output=True, text=True,
         timeout=300)
     assert result.returncode == 2 and "missing.jsonl does not exist" in result.stderr
+
+
+def test_verdicts_follow_the_template_answer_format(tmp_path: Path) -> None:
+    """With the r1 template the answer is read from `<answer>` blocks, for the verdict as for `extracted`."""
+    from steerlens.reward import extract_answer, is_correct
+
+    evaluate(build_config(EvalConfig, None, eval_args(tmp_path, "--benchmarks", f"aime24={SAMPLES / 'aime24.jsonl'}",
+                                                      "--template", "r1", "--decoding", "greedy",
+                                                      "--max-new-tokens", "8")))
+    rows = [json.loads(line) for line in (tmp_path / "samples" / "aime24.seed0.jsonl").open()]
+    assert len(rows) == 8 and all(r["prompt"].startswith("A conversation") for r in rows)
+    for r in rows:
+        assert r["extracted"] == extract_answer(r["completion"], "answer_tag")
+        assert r["correct"] == is_correct(r["completion"], r["gold"], "answer_tag")

@@ -111,10 +111,10 @@ def chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def run_benchmark(engine: Rollout, tokenizer: Any, scorer: RewardScorer, spec: BenchmarkSpec,
+def run_benchmark(engine: Rollout, scorer: RewardScorer, template: str, spec: BenchmarkSpec,
                   problems: list[Problem], seed: int, cfg: EvalConfig, out_dir: Path, bar: tqdm) -> None:
-    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk."""
-    template = resolve_template(tokenizer, cfg.template)
+    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk; `scorer`
+    reads answers in the format `template` asks for."""
     k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
     sampling = Sampling(cfg.max_new_tokens, temperature=0.0 if cfg.greedy else cfg.temperature,
                         top_p=1.0 if cfg.greedy else cfg.top_p)
@@ -123,14 +123,14 @@ def run_benchmark(engine: Rollout, tokenizer: Any, scorer: RewardScorer, spec: B
     todo = [i for i in range(len(problems)) if i not in done]
     bar.update(len(problems) - len(todo))
     for chunk in chunks(todo, cfg.chunk_problems):
-        prompts = [format_prompt(tokenizer, problems[i].problem, template) for i in chunk]
+        prompts = [format_prompt(engine.tokenizer, problems[i].problem, template) for i in chunk]
         groups = engine.generate(prompts, k, sampling, seeds=[sample_seed(seed, 0, i) for i in chunk])
         texts = [c.text for group in groups for c in group]
         golds = [problems[i].answer for i, group in zip(chunk, groups) for _ in group]
         verdicts = iter(scorer.score(texts, golds))
         rows = [
             {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
-             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, answer_format(template)),
+             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, scorer.answer_format),
              "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
              "truncated": c.truncated}
             for i, prompt, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
@@ -160,10 +160,12 @@ def evaluate(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.Dat
         engine.push(vectors)
     total = sum(len(problems) for _, problems in benchmarks) * len(seeds)
     try:
-        with RewardScorer() as scorer, tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
+        template = resolve_template(engine.tokenizer, cfg.template)
+        with RewardScorer(answer_format(template)) as scorer, \
+                tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
             for seed in seeds:
                 for spec, problems in benchmarks:
-                    run_benchmark(engine, engine.tokenizer, scorer, spec, problems, seed, cfg, out_dir, bar)
+                    run_benchmark(engine, scorer, template, spec, problems, seed, cfg, out_dir, bar)
     finally:
         if own_engine:
             engine.close()
