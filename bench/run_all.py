@@ -3,6 +3,7 @@
     python bench/run_all.py                 # CPU: toy shapes, HF + vLLM rollouts, logit lens at 150k x 3584
     python bench/run_all.py --quick         # fewer repetitions, smaller logit lens (a smoke run)
     python bench/run_all.py --device cuda   # adds Qwen2.5-1.5B / 7B training-step shapes in bf16
+    python bench/run_all.py --no-peer       # without the TRL comparison (which installs TRL into bench/.trl)
 
 Each section's figures are ratios measured side by side in one process (see each bench_*.py), so
 they survive machine noise better than absolute times; the date, machine and versions are recorded.
@@ -24,8 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_logit_lens  # noqa: E402
+import bench_patching  # noqa: E402
 import bench_rollout  # noqa: E402
 import bench_train_step  # noqa: E402
+import bench_trl_peer  # noqa: E402
 
 from steerlens.io import write_text  # noqa: E402
 from steerlens.rollout import vllm_available  # noqa: E402
@@ -63,14 +66,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-peer", action="store_true", help="skip the TRL RLOOTrainer comparison")
     args = parser.parse_args()
     reps = 2 if args.quick else 5
     engines = "hf,vllm" if vllm_available() and args.device == "cpu" else "hf"
     rollout_args = bench_rollout.parser().parse_args(["--engines", engines, "--reps", str(reps)])
     lens_args = bench_logit_lens.parser().parse_args(["--vocab", "150000", "--hidden", "1024" if args.quick else "3584",
                                                       "--layers", "28", "--repeats", str(min(reps, 3))])
+    patching_args = bench_patching.parser().parse_args(["--repeats", str(min(reps, 3))])
     results = {"machine": machine(), "train_step": train_steps(args.device, reps),
-               "rollout": bench_rollout.run(rollout_args), "logit_lens": bench_logit_lens.run(lens_args)}
+               "rollout": bench_rollout.run(rollout_args), "logit_lens": bench_logit_lens.run(lens_args),
+               "patching": bench_patching.run(patching_args)}
+    if not args.no_peer:
+        steps = "2" if args.quick else "4"
+        results["trl_peer"] = [bench_trl_peer.run(bench_trl_peer.parser().parse_args(["--trainable", kind, "--steps", steps]))
+                               for kind in ("steering", "lora")]
     write_text(HERE / "RESULTS.json", json.dumps(results, indent=2) + "\n")
     lens = results["logit_lens"]
     sections = [
@@ -81,7 +91,10 @@ def main() -> None:
         "## Logit lens\n",
         f"{lens['layers']} layers x {lens['vocab']:,} tokens x d={lens['hidden']} ({lens['dtype']}), "
         f"{lens['threads']} threads: median {lens['median_s']:.2f} s, extra peak memory {lens['extra_peak_gib']:.2f} GiB\n",
+        "## Head patching\n", bench_patching.markdown(results["patching"]) + "\n",
     ]
+    if "trl_peer" in results:
+        sections += ["## Peer: TRL's RLOOTrainer\n", *[bench_trl_peer.markdown(r) + "\n" for r in results["trl_peer"]]]
     write_text(HERE / "RESULTS.md", "\n".join(sections))
     print("\n".join(sections))
 

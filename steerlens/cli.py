@@ -133,6 +133,24 @@ def analyze(
     typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")
 
 
+@app.command()
+@friendly
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory or hub id"),
+    port: int = typer.Option(8000, "--port", help="TCP port on 127.0.0.1"),
+    max_model_len: int = typer.Option(4096, "--max-model-len", help="context length the server accepts"),
+) -> None:
+    """Serve a model on loopback with vLLM's OpenAI-compatible server (no key), e.g. for token clustering."""
+    import os
+
+    from steerlens.serving import server_command
+
+    typer.echo(f"serving {model} at http://127.0.0.1:{port}/v1 (export OPENAI_BASE_URL=http://127.0.0.1:{port}/v1); "
+               "Ctrl-C stops it", err=True)
+    command = server_command(model, port, max_model_len=max_model_len)
+    os.execv(command[0], command)
+
+
 study = typer.Typer(no_args_is_help=True, help="Studies over many vector sets (evaluated with steerlens eval's "
                     "options, given as --key value after the study's own options).")
 app.add_typer(study, name="study")
@@ -209,6 +227,30 @@ def study_pairs(
                                                                                "single vector", zmid=0.0)}))
 
 
+@study.command("singles", context_settings=JOB,
+               epilog=_epilog(__import__("steerlens.rl.config", fromlist=["TrainConfig"]).TrainConfig))
+@friendly
+def study_singles(
+    ctx: typer.Context,
+    layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated layers (default: all)"),
+    out: Path = STUDY_OUT,
+    config: Optional[Path] = CONFIG_FILE,
+) -> None:
+    """Train one single-layer vector per layer (steerlens train's options after these), for `study pairs`."""
+    from steerlens.rl.config import TrainConfig
+    from steerlens.rl.trainer import train_each_layer
+
+    cfg = _job_config(TrainConfig, config, ctx.args + ["--out-dir", str(out)], False)
+    try:
+        chosen = [int(layer) for layer in layers.split(",") if layer.strip()] if layers else None
+    except ValueError:
+        raise typer.BadParameter(f"{layers!r}: expected layer indices separated by commas", param_hint="--layers")
+    files = train_each_layer(cfg, chosen)
+    _report(list(files.values()))
+    typer.echo("next: steerlens study pairs --model " + cfg.model + " --vectors ALL_LAYER_VECTORS "
+               + " ".join(f"--single {path}" for path in files.values()) + " --out PAIRS_DIR")
+
+
 @study.command("magnitude", context_settings=JOB)
 @friendly
 def study_magnitude(
@@ -235,7 +277,7 @@ def study_magnitude(
 
 STUDY_MODEL = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id")
 STUDY_VECTORS = typer.Option(..., "--vectors", help="steering vectors file (.safetensors)")
-STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or toy-arith")
+STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or a generated set (toy-arith, word-arith)")
 STUDY_PROMPTS = typer.Option(8, "--prompts", help="how many problems")
 STUDY_TOKENS = typer.Option(48, "--max-new-tokens", help="greedy completion length")
 
@@ -246,12 +288,10 @@ def _study_inputs(model: str, vectors: Path, data: str, prompts: int) -> tuple[A
     from steerlens.models import load_model
     from steerlens.vectors import SteeringVectors
 
-    if data == "toy-arith":
-        from steerlens.toy import HELDOUT_SEED, generate_problems
+    from steerlens.data.generated import generate, generator_of
 
-        problems = [p.problem for p in generate_problems(prompts, seed=HELDOUT_SEED)]
-    else:
-        problems = [p.problem for p in load_problems(data, limit=prompts)]
+    found = generate(data, prompts, heldout=True) if generator_of(data) else load_problems(data, limit=prompts)
+    problems = [p.problem for p in found]
     hf_model, tokenizer = load_model(model)
     return hf_model, tokenizer, SteeringVectors.load(vectors), [format_prompt(tokenizer, p) for p in problems]
 

@@ -104,6 +104,14 @@ def resolve_model(name_or_path: str | Path) -> str:
     return key
 
 
+def config_shape(model: str) -> ModelShape:
+    """Layer count and hidden size from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
+    return ModelShape(num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size), name=model)
+
+
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
 ) -> tuple[nn.Module, object]:

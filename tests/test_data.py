@@ -76,3 +76,22 @@ def test_prompt_templates() -> None:
     assert chat.endswith("<|im_start|>assistant\n")
     r1 = format_prompt(tok, "What is 1+1?", "r1")
     assert r1.startswith("A conversation") and r1.endswith("<think>") and "What is 1+1?" in r1
+
+
+def test_generated_sets_are_reproducible_separate_and_correct(tmp_path: Path) -> None:
+    import re
+
+    from steerlens.data.generated import generate, materialize
+
+    train = generate("word-arith", 300, seed=0)
+    assert train == generate("word-arith", 300, seed=0) != generate("word-arith", 300, seed=1)
+    heldout = generate("word-arith-heldout", 300)
+    assert heldout == generate("word-arith", 300, heldout=True)
+    assert len({p.problem for p in train} & {p.problem for p in heldout}) < 30  # mostly different problems
+    for p in train:
+        a, b = map(int, re.findall(r"\d+", p.problem))
+        adds = any(w in p.problem for w in ("more", "in all"))
+        assert int(p.answer) == (a + b if adds else a - b) > 0, p
+    path = materialize("word-arith-heldout", tmp_path, n=20)
+    assert [(q.problem, q.answer) for q in load_problems(path)] == [(p.problem, p.answer) for p in heldout[:20]]
+    assert materialize("some/file.jsonl", tmp_path, n=20) == "some/file.jsonl"

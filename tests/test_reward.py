@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steerlens.reward import RewardScorer, extract_answer, extract_boxed, is_correct
+from steerlens.reward import RewardScorer, extract_answer, extract_boxed, extract_last_number, is_correct
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -24,6 +24,27 @@ def test_answer_tag_format_reads_the_last_answer_block() -> None:
     assert extract_answer(text, "answer_tag") == "6"
     assert extract_answer("<answer>\\boxed{5}</answer>", "answer_tag") == "5"
     assert extract_answer("\\boxed{5}", "answer_tag") is None
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("3 + 4 = 7 apples.", "7"),
+    ("#### 1,234", "1234"),
+    ("she has -2.5 left, or 3/4 of it", "3/4"),
+    ("no digits", None),
+])
+def test_extract_last_number(text: str, expected: str | None) -> None:
+    assert extract_last_number(text) == expected
+
+
+def test_last_number_fallback_applies_only_without_a_formatted_answer() -> None:
+    assert extract_answer("3 + 4 = 7. #### 7 The answer is \\boxed{}.", "boxed", "last_number") == "7"
+    assert extract_answer("7 apples, so \\boxed{8} (I checked 9 times)", "boxed", "last_number") == "8"
+    assert extract_answer("<answer>5</answer> 6", "answer_tag", "last_number") == "5"
+    assert is_correct("Tom has 3 + 4 = 7 apples.", "7", fallback="last_number")
+    assert not is_correct("Tom has 3 + 4 = 7 apples.", "7")
+    with RewardScorer(fallback="last_number", in_process_below=1) as scorer:  # through the process pool
+        assert scorer.score(["so 7 apples", "so \\boxed{7}", "so 6", "none"], ["7"] * 4) == [True, True, False, False]
+        assert [scorer.formatted(t) for t in ("so 7", "\\boxed{7}", "\\boxed{}")] == [False, True, False]
 
 
 @pytest.mark.parametrize("completion, gold, ok", [

@@ -32,15 +32,7 @@ VLLM_ATOL = 2e-3
 ENGINE_ARGS = {"kv_cache_memory_bytes": 128 << 20, "max_model_len": 512}
 
 
-def _installed() -> bool:
-    try:
-        smollm.gguf_path()
-    except smollm.SmolLMError:
-        return False
-    return importlib.util.find_spec("gguf") is not None
-
-
-needs_weights = pytest.mark.skipif(not _installed(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}")
+needs_weights = pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}")
 
 
 # ---- the source itself (no model loaded) ---------------------------------------------------------
@@ -81,7 +73,7 @@ def test_gguf_found_without_importing_the_package() -> None:
 # ---- one checkpoint, loaded in every library -------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint() -> Path:
-    if not _installed():
+    if not smollm.available():
         pytest.skip(f"needs the SmolLM2 weights: {smollm.INSTALL}")
     return Path(resolve_model(NAME))
 
@@ -219,19 +211,6 @@ def test_vllm_logprobs_match_hf(rollout: Any, model: tuple[torch.nn.Module, Any]
     engine.push(zeros)
 
 
-PROBLEMS = [  # easy one-step word problems
-    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
-    ("A box holds 5 pens. Sara adds 2 pens. How many pens are in the box?", "7"),
-    ("Ben had 9 marbles and lost 3. How many marbles does he have now?", "6"),
-    ("There are 4 cats and 4 dogs. How many animals are there?", "8"),
-    ("Mia read 2 pages on Monday and 6 pages on Tuesday. How many pages did she read?", "8"),
-    ("A farmer has 10 eggs and sells 5. How many eggs are left?", "5"),
-    ("Lily has 6 stickers and gets 3 more. How many stickers does she have?", "9"),
-    ("A bus has 8 people. 2 get off. How many people are on the bus?", "6"),
-]
-HINT = " Write only the final number inside \\boxed{}, for example \\boxed{5}."
-
-
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -239,19 +218,40 @@ def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path, monkeypatch: 
     from steerlens.rl.config import TrainConfig
     from steerlens.rl.trainer import train
 
-    data = tmp_path / "problems.jsonl"
-    data.write_text("".join(json.dumps({"problem": q + HINT, "answer": a}) + "\n" for q, a in PROBLEMS))
     monkeypatch.setattr(steerlens.rollout, "VLLMRollout", lambda *args, **kwargs: SharedRollout(rollout))
-    cfg = TrainConfig(model=NAME, data=str(data), eval_data=None, engine="vllm", steps=2, prompts_per_step=2,
-                      generations=4, max_new_tokens=24, lr=1e-2, verify_every=1, save_every=2,
-                      out_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(model=NAME, data="word-arith", eval_data=None, engine="vllm", steps=2, prompts_per_step=2,
+                      generations=4, max_new_tokens=24, answer_fallback="last_number", lr=1e-2, verify_every=1,
+                      save_every=2, out_dir=str(tmp_path / "run"), progress=False)
     summary = train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == len(rows) == 2
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)), row
-        assert -1.0 <= row["reward_mean"] <= 1.0
+        assert -1.0 <= row["reward_mean"] <= 1.0 and 0.0 <= row["formatted_rate"] <= 1.0
     print("\nsmollm2 RLOO:", json.dumps({k: summary[k] for k in (
         "reward_first_steps", "reward_last_steps", "accuracy_first_steps", "accuracy_last_steps",
         "mean_step_seconds")}), [{k: v for k, v in r.items() if k.startswith(("reward", "accuracy", "time", "sync"))}
                                  for r in rows])
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_shipped_vectors_raise_heldout_accuracy(rollout: Any, tmp_path: Path) -> None:
+    """The vectors the SmolLM2 preset trained (30 RLOO steps, 22 min here: too long for CI, so they ship)
+    make the real model answer held-out word problems correctly far more often, in vLLM, greedy."""
+    import pandas as pd
+
+    from steerlens.evaluation.config import EvalConfig
+    from steerlens.evaluation.runner import evaluate
+
+    assert smollm.TRAINED_VECTORS.is_file()
+    accuracy, formatted = {}, {}
+    for setup, vectors in (("base", None), ("steered", str(smollm.TRAINED_VECTORS))):
+        cfg = EvalConfig(model=NAME, vectors=vectors, benchmarks=["word-arith"], decoding="greedy", seeds=[0],
+                         limit=32, max_new_tokens=48, answer_fallback="last_number", progress=False,
+                         out_dir=str(tmp_path / setup))
+        accuracy[setup] = float(evaluate(cfg, engine=SharedRollout(rollout))["scores"]["score"].iloc[0])
+        samples = pd.read_json(tmp_path / setup / "samples" / "word-arith.seed0.jsonl", lines=True)
+        formatted[setup] = samples["formatted"].mean()
+    print("\nsmollm2 word-arith greedy accuracy:", accuracy, "boxed share:", formatted)
+    assert accuracy["steered"] >= accuracy["base"] + 0.2, accuracy  # measured: 0.22 -> 0.59 on 64 problems

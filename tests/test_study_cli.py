@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -49,3 +50,30 @@ def test_study_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     missing = CliRunner().invoke(app, ["study", "magnitude", "--model", "toy-arith", "--vectors",
                                        str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
     assert missing.exit_code == 2 and "nope.safetensors" in missing.output and "Traceback" not in missing.output
+
+
+@pytest.mark.slow
+def test_single_layer_runs_in_one_command_feed_the_pair_study(tmp_path: Path) -> None:
+    from steerlens.vectors import SteeringVectors
+
+    train = ["--engine", "hf", "--steps", "2", "--prompts-per-step", "4", "--generations", "2",
+             "--max-new-tokens", "8", "--eval-data", "null", "--no-progress", "--lr", "0.1"]
+    output = invoke("study", "singles", "--layers", "1,3", "--out", str(tmp_path / "singles"), *train)
+    files = {layer: tmp_path / "singles" / f"layer{layer}" / "vectors.safetensors" for layer in (1, 3)}
+    for layer, path in files.items():
+        summary = json.loads((path.parent / "summary.json").read_text())
+        assert SteeringVectors.load(path).layers == (layer,) and summary["steps"] == 2
+        assert summary["config"]["layers"] == [layer]
+        assert f"--single {path}" in output
+    stamps = {layer: path.stat().st_mtime_ns for layer, path in files.items()}
+    invoke("study", "singles", "--layers", "1,3", "--out", str(tmp_path / "singles"), *train)  # finished: kept
+    assert {layer: path.stat().st_mtime_ns for layer, path in files.items()} == stamps
+
+    all_layers = SteeringVectors.merge([SteeringVectors.load(p) for p in files.values()]).save(tmp_path / "all.safetensors")
+    invoke("study", "pairs", "--model", "toy-arith", "--vectors", str(all_layers), "--single", str(files[1]),
+           "--single", str(files[3]), "--out", str(tmp_path / "pairs"), *QUICK_EVAL)
+    accuracy = pd.read_csv(tmp_path / "pairs" / "accuracy.csv", index_col=0)
+    assert accuracy.shape == (2, 2) and accuracy.notna().values.sum() == 3  # L1, L3 and the pair; nothing below
+
+    bad = CliRunner().invoke(app, ["study", "singles", "--layers", "9", "--out", str(tmp_path / "bad"), *train])
+    assert bad.exit_code == 2 and "layers [9] do not exist" in bad.output

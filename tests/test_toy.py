@@ -6,7 +6,8 @@ from pathlib import Path
 
 from steerlens.data import load_problems
 from steerlens.models import load_model, resolve_model
-from steerlens.toy import SHIPPED, evaluate_base, generate_problems, pretrain, write_problems
+from steerlens.data.generated import write_problems
+from steerlens.toy import SHIPPED, evaluate_base, generate_problems, pretrain
 
 
 def test_problems_are_reproducible_and_correct(tmp_path: Path) -> None:
@@ -14,7 +15,7 @@ def test_problems_are_reproducible_and_correct(tmp_path: Path) -> None:
     assert problems == generate_problems(200, seed=3) and problems != generate_problems(200, seed=4)
     for p in problems:
         assert str(eval(p.expression)) == p.answer and int(p.answer) >= 0  # noqa: S307 - our own a±b strings
-    path = write_problems(tmp_path / "train.jsonl", n=50, seed=3)
+    path = write_problems("toy-arith", tmp_path / "train.jsonl", n=50, seed=3)
     assert [(q.problem, q.answer) for q in load_problems(path)] == [(p.problem, p.answer) for p in problems[:50]]
 
 

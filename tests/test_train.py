@@ -16,7 +16,7 @@ import torch
 from steerlens.config import build_config
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train
-from steerlens.toy import write_problems
+from steerlens.data.generated import write_problems
 from steerlens.vectors import SteeringVectors
 
 PYTHON = sys.executable
@@ -24,7 +24,7 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="module")
 def problems_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_problems(tmp_path_factory.mktemp("data") / "train.jsonl", n=200, seed=11)
+    return write_problems("toy-arith", tmp_path_factory.mktemp("data") / "train.jsonl", n=200, seed=11)
 
 
 def small_args(out_dir: Path, data: Path, steps: int = 4, extra: tuple[str, ...] = ()) -> list[str]:

@@ -88,6 +88,7 @@ class ClusteringConfig:
     max_backoff_s: float = option(60.0, "longest delay between retries")
     timeout_s: float = option(300.0, "timeout of one request in seconds")
     concurrency: int = option(4, "requests in flight at once")
+    max_tokens: int = option(2048, "longest answer in tokens (a small local model may otherwise never stop)")
 
     def endpoint(self) -> str | None:
         """The configured endpoint URL (config, then $OPENAI_BASE_URL), or None for OpenAI's."""
@@ -240,7 +241,7 @@ def _ask(client: Any, config: ClusteringConfig, model: str, tokens: list[str],
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": build_prompt(tokens)}]
     reason = ""
     for _ in range(2):
-        text = _with_retries(lambda: _complete(client, model, messages), config, "clustering tokens")
+        text = _with_retries(lambda: _complete(client, model, messages, config.max_tokens), config, "clustering tokens")
         try:
             answer = parse_answer(text, tokens)
         except AnswerError as err:
@@ -253,9 +254,9 @@ def _ask(client: Any, config: ClusteringConfig, model: str, tokens: list[str],
     return None, reason
 
 
-def _complete(client: Any, model: str, messages: list[dict[str, str]]) -> str:
+def _complete(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
     """One chat completion at temperature 0; the reply's text."""
-    response = client.chat.completions.create(model=model, messages=messages, temperature=0)
+    response = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
     return response.choices[0].message.content or ""
 
 

@@ -20,8 +20,8 @@ from steerlens.analysis.patching import Patch
 
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate, start_engine
-from steerlens.models import resolve_model
-from steerlens.vectors import ModelShape, SteeringVectors
+from steerlens.models import config_shape
+from steerlens.vectors import SteeringVectors
 
 BASE = "base"
 
@@ -30,14 +30,6 @@ def headline(summary: pd.DataFrame) -> float:
     """One accuracy per run: the paper's Average when all six benchmarks were run, else the mean over benchmarks."""
     rows = summary.set_index("benchmark")["mean"]
     return float(rows["Average"]) if "Average" in rows.index else float(rows.mean())
-
-
-def config_shape(model: str) -> ModelShape:
-    """Layer count and hidden size from the model's config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
-    return ModelShape(num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size), name=model)
 
 
 def study_config(eval_cfg: EvalConfig, model: str, vectors: str | None = None, **changes: object) -> EvalConfig:

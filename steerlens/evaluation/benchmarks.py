@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "gsm8k": Benchmark("mean@k", 4),
     "math": Benchmark("mean@k", 4),
     "toy-arith": Benchmark("pass@1", 1),
+    "word-arith": Benchmark("pass@1", 1),
 }
 # The paper's "Average" is the mean of these six scores, per seed.
 SIX = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
@@ -54,7 +55,7 @@ class BenchmarkSpec:
 
 
 def parse_benchmark(entry: str) -> BenchmarkSpec:
-    """`NAME=FILE`, a file whose stem names a benchmark (`aime24.jsonl`), or `toy-arith`."""
+    """`NAME=FILE`, a file whose stem names a benchmark (`aime24.jsonl`), or a generated set (`toy-arith`, `word-arith`)."""
     name, sep, source = entry.partition("=")
     if not sep:
         name, source = Path(entry).stem, entry

@@ -19,16 +19,17 @@ from tqdm.auto import tqdm
 
 from steerlens.config import to_yaml
 from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
+from steerlens.data.generated import materialize
 from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import write_run_tables
 from steerlens.io import append_jsonl, atomic_dir, write_text
-from steerlens.reward import RewardScorer, extract_answer
+from steerlens.reward import RewardScorer
 from steerlens.rollout import Rollout, Sampling, make_rollout, sample_seed
 from steerlens.vectors import SteeringVectors
 
-TOY_PROBLEMS = 200
+GENERATED_PROBLEMS = 200
 
 
 class EvalError(SteerlensError, ValueError):
@@ -56,15 +57,8 @@ def read_samples(path: Path) -> list[dict[str, Any]]:
 
 
 def load_benchmark(spec: BenchmarkSpec, cfg: EvalConfig, out_dir: Path) -> list[Problem]:
-    """The benchmark's problems (the toy benchmark is generated into the run directory)."""
-    source = spec.source
-    if source == "toy-arith":
-        from steerlens.toy import HELDOUT_SEED, write_problems
-
-        path = out_dir / "data" / "toy-arith.jsonl"
-        if not path.is_file():
-            write_problems(path, n=TOY_PROBLEMS, seed=HELDOUT_SEED)
-        source = str(path)
+    """The benchmark's problems (a generated benchmark, from the held-out stream, is written into the run directory)."""
+    source = materialize(spec.source, out_dir / "data", GENERATED_PROBLEMS, heldout=True)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key, dataset=spec.name)
     return problems[: cfg.limit] if cfg.limit else problems
 
@@ -130,7 +124,8 @@ def run_benchmark(engine: Rollout, scorer: RewardScorer, template: str, spec: Be
         verdicts = iter(scorer.score(texts, golds))
         rows = [
             {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
-             "prompt": prompt, "completion": c.text, "extracted": extract_answer(c.text, scorer.answer_format),
+             "prompt": prompt, "completion": c.text, "extracted": scorer.extract(c.text),
+             "formatted": scorer.formatted(c.text),
              "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
              "truncated": c.truncated}
             for i, prompt, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
@@ -161,7 +156,7 @@ def evaluate(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.Dat
     total = sum(len(problems) for _, problems in benchmarks) * len(seeds)
     try:
         template = resolve_template(engine.tokenizer, cfg.template)
-        with RewardScorer(answer_format(template)) as scorer, \
+        with RewardScorer(answer_format(template), fallback=cfg.answer_fallback) as scorer, \
                 tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
             for seed in seeds:
                 for spec, problems in benchmarks:

@@ -23,10 +23,10 @@ class TrainConfig:
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
     lora_alpha: float = option(2.0, "LoRA alpha (trainable=lora)")
     # data
-    data: str = option("toy-arith", "training problems: toy-arith, a local JSONL/JSON/parquet/CSV file, or a hub dataset id")
+    data: str = option("toy-arith", "training problems: a generated set (toy-arith, word-arith: easy word problems for small real models), a local JSONL/JSON/parquet/CSV file, or a hub dataset id")
     problem_key: str | None = option(None, "column holding the problem (default: recognised from common names)")
     answer_key: str | None = option(None, "column holding the gold answer (default: recognised from common names)")
-    eval_data: str | None = option("toy-arith-heldout", "held-out problems for the before/after accuracy report (none: skip)")
+    eval_data: str | None = option("toy-arith-heldout", "held-out problems for the before/after accuracy report: a file or a generated <name>-heldout set (none: skip)")
     eval_problems: int = option(64, "how many held-out problems the before/after report uses")
     template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (system prompt asks for \\boxed{}), r1 (plain, for base models), auto")
     # the RLOO step
@@ -37,6 +37,7 @@ class TrainConfig:
     temperature: float = option(1.0, "sampling temperature for rollouts")
     top_p: float = option(1.0, "nucleus sampling for rollouts")
     baseline: Literal["rloo", "group_mean", "grpo"] = option("rloo", "advantage: leave-one-out (RLOO), group mean, or GRPO std-normalised")
+    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a \\boxed{} (or <answer>) answer: none = wrong (the paper), last_number = its last number is verified instead (for models that compute but never box; formatted_rate in metrics.jsonl tracks the boxed share)")
     reward_correct: float = option(1.0, "reward for a verified-correct boxed answer (reference: +1)")
     reward_wrong: float = option(-1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also common)")
     kl_coef: float = option(0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in the paper)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from tqdm import tqdm
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
 from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
+from steerlens.data.generated import HELDOUT, materialize
 from steerlens.io import append_jsonl, write_json, write_text
-from steerlens.models import load_model, resolve_model
+from steerlens.models import config_shape, load_model, resolve_model
 from steerlens.reward import RewardScorer
 from steerlens.rl import distributed as D
 from steerlens.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -45,16 +46,13 @@ def resolve_device(device: str, ctx: D.Dist) -> str:
     return device
 
 
-def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: set[str] = frozenset()) -> list[Problem]:
-    """Problems from `source`; the toy task's sets are generated into the run directory."""
-    if source.startswith("toy-arith"):
-        from steerlens.toy import HELDOUT_SEED, write_problems
+GENERATED_TRAIN_PROBLEMS = 2000
 
-        heldout = source == "toy-arith-heldout"
-        path = out_dir / "data" / ("heldout.jsonl" if heldout else "train.jsonl")
-        if not path.is_file():
-            write_problems(path, n=4 * cfg.eval_problems if heldout else 2000, seed=cfg.seed + (HELDOUT_SEED if heldout else 0))
-        source = str(path)
+
+def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: set[str] = frozenset()) -> list[Problem]:
+    """Problems from `source`; generated sets (toy-arith, word-arith, ...-heldout) are written into the run directory."""
+    n = 4 * cfg.eval_problems if source.endswith(HELDOUT) else GENERATED_TRAIN_PROBLEMS
+    source = materialize(source, out_dir / "data", n, seed=cfg.seed)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key)
     kept = [p for p in problems if p.problem not in exclude]
     if not kept:
@@ -97,7 +95,7 @@ class Trainer:
         seen = {p.problem for p in self.train_set}
         self.eval_set = load_split(cfg.eval_data, cfg, self.out, seen)[: cfg.eval_problems] if cfg.eval_data else []
         self.template = resolve_template(self.tokenizer, cfg.template)
-        self.scorer = RewardScorer(answer_format=answer_format(self.template))
+        self.scorer = RewardScorer(answer_format=answer_format(self.template), fallback=cfg.answer_fallback)
         self.rollout = self._make_rollout()
         self.metrics_path = self.out / "metrics.jsonl"
 
@@ -278,6 +276,7 @@ class Trainer:
         local = {
             "rewards": rewards.flatten().tolist(),
             "correct": [r == self.cfg.reward_correct for r in rewards.flatten().tolist()],
+            "formatted": [self.scorer.formatted(c.text) for g in groups for c in g],
             "adv": adv.tolist(),
             "lengths": [len(c.token_ids) for g in groups for c in g],
             "truncated": [c.truncated for g in groups for c in g],
@@ -288,6 +287,7 @@ class Trainer:
             "step": step,
             "reward_mean": sum(merged["rewards"]) / len(merged["rewards"]),
             "accuracy": sum(merged["correct"]) / len(merged["correct"]),
+            "formatted_rate": sum(merged["formatted"]) / len(merged["formatted"]),
             "adv_mean": float(adv_t.mean()), "adv_std": float(adv_t.std()) if len(adv_t) > 1 else 0.0,
             "adv_min": float(adv_t.min()), "adv_max": float(adv_t.max()),
             "completion_len_mean": sum(merged["lengths"]) / len(merged["lengths"]),
@@ -325,6 +325,8 @@ class Trainer:
                 reward_last_steps=sum(r["reward_mean"] for r in tail) / len(tail),
                 accuracy_first_steps=sum(r["accuracy"] for r in head) / len(head),
                 accuracy_last_steps=sum(r["accuracy"] for r in tail) / len(tail),
+                formatted_first_steps=sum(r["formatted_rate"] for r in head) / len(head),
+                formatted_last_steps=sum(r["formatted_rate"] for r in tail) / len(tail),
                 mean_step_seconds=sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in rows) / len(rows),
                 mean_update_seconds=sum(r["time_forward_backward"] for r in rows) / len(rows),
                 heldout_accuracy_after=self.accuracy(self.eval_set),
@@ -344,7 +346,11 @@ def format_report(summary: dict[str, Any]) -> str:
         f"trained {summary['trainable']} for {summary['steps']} steps -> {summary['artefact']}",
         f"reward   (first vs last fifth of steps): {summary['reward_first_steps']:+.3f} -> {summary['reward_last_steps']:+.3f}",
         f"accuracy (sampled, same windows):        {summary['accuracy_first_steps']:.3f} -> {summary['accuracy_last_steps']:.3f}",
+        f"answers in the asked-for format:         {summary['formatted_first_steps']:.3f} -> {summary['formatted_last_steps']:.3f}",
     ]
+    if summary["config"]["answer_fallback"] != "none":
+        lines.append(f"reward relaxed: answer_fallback={summary['config']['answer_fallback']} verifies the last number "
+                     "of completions without a formatted answer")
     if "heldout_accuracy_before" in summary and not math.isnan(summary["heldout_accuracy_after"]):
         lines.append(f"held-out greedy accuracy:                {summary['heldout_accuracy_before']:.3f} -> "
                      f"{summary['heldout_accuracy_after']:.3f}")
@@ -361,3 +367,26 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return trainer.run()
     finally:
         D.shutdown(trainer.ctx)
+
+
+def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None) -> dict[int, Path]:
+    """One single-layer run per layer (default: all), in `out_dir/layer{i}`, for the pair study.
+
+    As in the reference, every vector is trained on its own with `cfg`'s settings. Finished runs are
+    kept and interrupted ones resumed, so rerunning the same command completes the set. Returns
+    layer -> vectors file.
+    """
+    if cfg.trainable != "steering":
+        raise TrainingError(f"single-layer runs train steering vectors, not trainable={cfg.trainable}")
+    num_layers = config_shape(cfg.model).num_layers
+    layers = list(range(num_layers)) if layers is None else layers
+    bad = [layer for layer in layers if not 0 <= layer < num_layers]
+    if bad:
+        raise TrainingError(f"layers {bad} do not exist: {cfg.model} has layers 0..{num_layers - 1}")
+    done = {}
+    for layer in layers:
+        run_dir = Path(cfg.out_dir) / f"layer{layer}"
+        if not (run_dir / "summary.json").is_file():
+            train(replace(cfg, layers=[layer], out_dir=str(run_dir), resume=latest_checkpoint(run_dir) is not None))
+        done[layer] = run_dir / "vectors.safetensors"
+    return done
