@@ -16,6 +16,7 @@ the model and their parameter is registered on it, every base weight frozen.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -40,6 +41,8 @@ def ensure_trl() -> str:
         print(f"installing trl=={TRL_VERSION} into {TRL_DIR} (benchmark only)", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(TRL_DIR),
                         f"trl=={TRL_VERSION}"], check=True)
+        sys.path_importer_cache.pop(str(TRL_DIR), None)  # the directory did not exist when first looked at
+        importlib.invalidate_caches()
         import trl
     return trl.__version__
 
@@ -51,7 +54,11 @@ def problems(args: argparse.Namespace) -> list[Any]:
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def run_steerlens(args: argparse.Namespace, engine: str) -> dict[str, Any]:

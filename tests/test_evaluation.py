@@ -133,6 +133,11 @@ def test_changed_settings_in_the_same_directory_are_refused(tmp_path: Path) -> N
                              *eval_args(tmp_path, "--benchmarks", bench, "--decoding", "greedy",
                                         "--max-new-tokens", "8")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "max_new_tokens: 4 -> 8" in result.stderr and "Traceback" not in result.stderr
+    saved = json.loads((tmp_path / "eval_config.json").read_text())
+    del saved["answer_fallback"]  # a run written before that field existed had its default
+    (tmp_path / "eval_config.json").write_text(json.dumps(saved))
+    evaluate(build_config(EvalConfig, None, eval_args(tmp_path, "--benchmarks", bench, "--decoding", "greedy",
+                                                      "--max-new-tokens", "4")))
 
 
 def test_bad_benchmark_file_is_reported_clearly(tmp_path: Path) -> None:

@@ -68,7 +68,8 @@ def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
     saved_path = out_dir / "eval_config.json"
     current = asdict(cfg)
     if saved_path.is_file():
-        saved = json.loads(saved_path.read_text())
+        # a field added since that run was written had its default value then
+        saved = {**asdict(EvalConfig()), **json.loads(saved_path.read_text())}
         changed = [k for k in current if k not in NON_RESULT_FIELDS and saved.get(k) != current[k]]
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
