@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,14 +25,7 @@ from steerlens.models import load_model, model_shape
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
 
-
-def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_rollout import median_time  # bench/ is on sys.path: the script's own directory
 
 
 def load(args: argparse.Namespace, workdir: str) -> tuple[torch.nn.Module, str]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,12 +56,22 @@ def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: i
     """The `vllm serve` command line for `model` (a short name, directory or hub id), named as given."""
     from vllm.platforms import current_platform
 
+    from steerlens.backends.vllm import CPU_ENGINE_DEFAULTS
+
     command = [sys.executable, "-m", *_serve_entry(), "--model", resolve_model(model), "--served-model-name", model,
                "--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
-    if current_platform.is_cpu():  # the same reasons as steerlens.backends.vllm.engine_defaults; a bounded KV cache
-        command += ["--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill",
-                    "--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+    if current_platform.is_cpu():  # the in-process engine's CPU settings (see engine_defaults), a bounded KV cache
+        command += [flag for key, value in CPU_ENGINE_DEFAULTS.items() for flag in _cli_flag(key, value)]
+        command += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     return command
+
+
+def _cli_flag(key: str, value: object) -> list[str]:
+    """An engine argument as vLLM's command line spells it (booleans as --name / --no-name)."""
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return [name if value else "--no-" + name[2:]]
+    return [name, str(value)]
 
 
 class LocalServer:
@@ -72,7 +82,7 @@ class LocalServer:
         self.model = model
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}/v1"
-        self.log_path = Path(log_path) if log_path else Path(os.environ.get("TMPDIR", "/tmp")) / f"steerlens-serve-{self.port}.log"
+        self.log_path = Path(log_path or Path(tempfile.gettempdir()) / f"steerlens-serve-{self.port}.log")
         self._log: IO[bytes] = self.log_path.open("wb")
         self.process = subprocess.Popen(server_command(model, self.port, max_model_len=max_model_len),
                                         stdout=self._log, stderr=subprocess.STDOUT)

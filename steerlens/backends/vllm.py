@@ -62,6 +62,9 @@ class SteeredArchitecture:
         return config
 
 
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False}
+
+
 def engine_defaults() -> dict[str, Any]:
     """`vllm.LLM` settings used unless the caller passes others.
 
@@ -74,7 +77,7 @@ def engine_defaults() -> dict[str, Any]:
 
     defaults: dict[str, Any] = {"gpu_memory_utilization": 0.3}
     if current_platform.is_cpu():
-        defaults.update(dtype="float32", enforce_eager=True, enable_chunked_prefill=False)
+        defaults.update(CPU_ENGINE_DEFAULTS)
     return defaults
 
 
