@@ -21,7 +21,8 @@ import torch
 from steerlens.analysis.patching import (DEFAULT_VARIANTS, MODES, head_patching, layer_parts, make_patch, patch_hooks,
                                          variant_patches)
 from steerlens.backends import hf
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
 

@@ -28,7 +28,7 @@ import torch
 from steerlens.data import format_prompt
 from steerlens.models import load_model, resolve_model
 from steerlens.rollout import HFRollout, Sampling, sample_seed
-from steerlens.toy import generate_problems
+from steerlens.data.generated import generate_problems
 from steerlens.vectors import SteeringVectors
 
 
@@ -114,7 +114,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model, _ = load_model(args.model)
-    from steerlens.models import model_shape
+    from steerlens.anatomy import model_shape
 
     vectors = SteeringVectors.from_dense(torch.randn(model_shape(model).num_layers, model_shape(model).hidden_size,
                                                      generator=torch.Generator().manual_seed(0)) * 0.5)

@@ -97,7 +97,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     from steerlens.backends.hf import attach, freeze
     from steerlens.data import format_prompt
-    from steerlens.models import load_model, model_shape, resolve_model
+    from steerlens.anatomy import model_shape
+    from steerlens.models import load_model, resolve_model
     from steerlens.reward import RewardScorer
     from steerlens.vectors import SteeringVectors
 

@@ -17,7 +17,9 @@ import torch
 from safetensors import safe_open
 
 from steerlens.io import atomic_dir
-from steerlens.models import ModelError, load_model, model_shape, resolve_model
+from steerlens.anatomy import model_shape
+from steerlens.errors import ModelError
+from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
 BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.bias$")

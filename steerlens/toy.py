@@ -16,52 +16,18 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from steerlens.data.generated import ToyProblem, generate_problems, make_problem
 from steerlens.data.prompts import SYSTEM_PROMPT, format_prompt
 from steerlens.io import atomic_dir
 from steerlens.reward import extract_boxed, extract_last_number
 
-MAX_OPERAND = 30
-# Phrasings of one problem; {a}, {b} are operands, {op} is "+"/"-" and {word} is "plus"/"minus".
-PHRASINGS = (
-    "What is {a}{op}{b}?",
-    "Compute {a}{op}{b}.",
-    "Calculate {a} {word} {b}.",
-    "{a}{op}{b} = ?",
-)
 SHIPPED = Path(__file__).parent / "assets" / "toy-arith"
-
-
-@dataclass(frozen=True)
-class ToyProblem:
-    """One problem: its text, the expression the model writes out, and the gold answer."""
-
-    problem: str
-    expression: str
-    answer: str
-
-
-def make_problem(rng: random.Random) -> ToyProblem:
-    """A random sum or (non-negative) difference of two numbers in 0..MAX_OPERAND."""
-    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
-    op = rng.choice("+-")
-    if op == "-" and a < b:
-        a, b = b, a
-    phrasing = rng.choice(PHRASINGS)
-    text = phrasing.format(a=a, b=b, op=op, word="plus" if op == "+" else "minus")
-    return ToyProblem(text, f"{a}{op}{b}", str(a + b if op == "+" else a - b))
-
-
-def generate_problems(n: int, seed: int) -> list[ToyProblem]:
-    """`n` problems drawn with a private RNG seeded by `seed` (the same seed gives the same list)."""
-    rng = random.Random(seed)
-    return [make_problem(rng) for _ in range(n)]
 
 
 def answer_text(problem: ToyProblem, boxed: bool) -> str:

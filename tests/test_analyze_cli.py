@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from steerlens.analysis import stats
 from steerlens.cli import app
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 

@@ -18,7 +18,8 @@ from transformer_lens.model_bridge import TransformerBridge
 from steerlens.backends import hf, tlens
 from steerlens.backends import nnsight as nnsight_backend
 from steerlens.bias_checkpoint import export_checkpoint
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
 ATOL = 1e-4

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from steerlens.backends import hf
 from steerlens.bias_checkpoint import export_checkpoint, import_vectors
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
 

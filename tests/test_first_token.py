@@ -10,7 +10,8 @@ import torch
 from steerlens.analysis.first_token import (FirstTokenError, by_position, delta_p, first_token_effect,
                                             generate_greedy, prefix_control)
 from steerlens.backends import hf
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 PROMPTS = ["Hello there", "Steering is fun!"]

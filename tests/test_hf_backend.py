@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from steerlens.backends import hf
-from steerlens.backends.base import add_to_output
-from steerlens.models import ModelError, decoder_layers, load_model, model_shape
+from steerlens.anatomy import add_to_output
+from steerlens.anatomy import decoder_layers, model_shape
+from steerlens.errors import ModelError
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from steerlens.analysis.logit_lens import (LogitLensError, coarsen_histogram, find_final_norm, logit_lens,
                                            model_logit_lens, unembedding)
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 

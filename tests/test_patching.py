@@ -11,7 +11,8 @@ from steerlens.analysis.logit_lens import find_final_norm
 from steerlens.analysis.patching import (LayerPatcher, Patch, PatchingError, head_patching, kl_divergence,
                                          make_patch, patch_hooks, summarize_patching)
 from steerlens.backends import hf
-from steerlens.models import decoder_layers, load_model, model_shape
+from steerlens.anatomy import decoder_layers, model_shape
+from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
 

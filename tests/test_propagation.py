@@ -9,7 +9,8 @@ import torch
 
 from steerlens.analysis.propagation import (PropagationError, effect_propagation, grid, hidden_differences,
                                             propagation_from_prompts)
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 

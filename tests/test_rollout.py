@@ -10,7 +10,8 @@ import torch
 
 from steerlens.backends import hf
 from steerlens.backends.vllm import hf_sequence_logprobs
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.rollout import HFRollout, Sampling, VLLMRollout, encode_prompt
 from steerlens.vectors import SteeringVectors
 

@@ -20,7 +20,9 @@ import torch
 
 from steerlens import smollm
 from steerlens.backends import hf
-from steerlens.models import MODEL_SOURCES, ModelError, load_model, model_shape, resolve_model
+from steerlens.anatomy import model_shape
+from steerlens.errors import ModelError
+from steerlens.models import MODEL_SOURCES, load_model, resolve_model
 from steerlens.vectors import SteeringVectors
 
 pytestmark = pytest.mark.smollm

@@ -7,7 +7,8 @@ from pathlib import Path
 from steerlens.data import load_problems
 from steerlens.models import load_model, resolve_model
 from steerlens.data.generated import write_problems
-from steerlens.toy import SHIPPED, evaluate_base, generate_problems, pretrain
+from steerlens.data.generated import generate_problems
+from steerlens.toy import SHIPPED, evaluate_base, pretrain
 
 
 def test_problems_are_reproducible_and_correct(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from steerlens.backends.vllm import (  # noqa: E402
     sequence_logprobs,
     verify_push,
 )
-from steerlens.models import ModelError, load_model  # noqa: E402
+from steerlens.errors import ModelError  # noqa: E402
+from steerlens.models import load_model
 from steerlens.vectors import ModelShape, SteeringVectors, VectorsError  # noqa: E402
 
 pytestmark = pytest.mark.vllm

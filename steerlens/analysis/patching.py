@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from steerlens.analysis.logit_lens import find_final_norm
-from steerlens.backends.base import add_to_output
+from steerlens.anatomy import add_to_output
 from steerlens.errors import SteerlensError
-from steerlens.models import decoder_layers
+from steerlens.anatomy import decoder_layers
 from steerlens.vectors import SteeringVectors
 
 MODES = ("only", "skip")

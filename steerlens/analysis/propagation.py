@@ -26,7 +26,7 @@ from torch import nn
 from steerlens.analysis.first_token import generate_greedy
 from steerlens.backends import hf
 from steerlens.errors import SteerlensError
-from steerlens.models import decoder_layers
+from steerlens.anatomy import decoder_layers
 from steerlens.vectors import SteeringVectors
 
 METRICS = ("cos_vector", "cos_mean", "mean_cos_vector", "norm", "mean_norm")

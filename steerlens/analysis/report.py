@@ -26,7 +26,8 @@ from steerlens.analysis import stats
 from steerlens.analysis.logit_lens import LogitLensResult, coarsen_histogram, model_logit_lens, unembedding
 from steerlens.errors import SteerlensError
 from steerlens.io import atomic_path, write_json, write_text
-from steerlens.models import load_model, model_shape
+from steerlens.anatomy import model_shape
+from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 ANALYSES = ("logit_lens", "stats", "clustering")

@@ -73,11 +73,3 @@ class SteeringHandle(ABC):
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-
-def add_to_output(output: Any, vector: torch.Tensor) -> Any:
-    """Add `vector` to a decoder layer's hidden-state output, a Tensor (transformers 5) or a tuple (older)."""
-    if isinstance(output, torch.Tensor):
-        return output + vector.to(output.dtype)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (output[0] + vector.to(output[0].dtype),) + output[1:]
-    raise TypeError(f"cannot steer a layer output of type {type(output).__name__}")

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlens.backends.base import SteeringHandle, add_to_output
-from steerlens.models import decoder_layers, model_shape
+from steerlens.backends.base import SteeringHandle
+from steerlens.anatomy import add_to_output, decoder_layers, model_shape
 from steerlens.vectors import SteeringVectors
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from torch import nn
 
 from steerlens.backends import hf
-from steerlens.backends.base import add_to_output
-from steerlens.models import decoder_layers, model_shape
+from steerlens.anatomy import add_to_output
+from steerlens.anatomy import decoder_layers, model_shape
 from steerlens.vectors import SteeringVectors
 
 

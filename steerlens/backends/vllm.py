@@ -24,7 +24,8 @@ from torch import nn
 from steerlens.backends.hf import attach
 from steerlens.backends.vllm_plugin import PREFIX, STEERABLE, WORKER_EXTENSION, from_wire, steered_name, to_wire
 from steerlens.errors import SteerlensError
-from steerlens.models import ModelError, resolve_model
+from steerlens.errors import ModelError
+from steerlens.models import resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it

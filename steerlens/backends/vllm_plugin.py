@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlens.backends.base import add_to_output
+from steerlens.anatomy import add_to_output
 
 # Hugging Face architecture name -> the stock vLLM class ("module:Class") its steered variant extends.
 # Any vLLM model whose decoder layers live in `model.layers` and return (hidden, residual) or the full

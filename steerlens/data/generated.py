@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,10 +42,44 @@ def word_problem(rng: random.Random) -> tuple[str, str]:
     return text, str(a - b if subtract else a + b)
 
 
-def toy_problem(rng: random.Random) -> tuple[str, str]:
-    """The toy model's a±b question (see steerlens.toy)."""
-    from steerlens.toy import make_problem
+MAX_OPERAND = 30
+# Phrasings of one problem; {a}, {b} are operands, {op} is "+"/"-" and {word} is "plus"/"minus".
+PHRASINGS = (
+    "What is {a}{op}{b}?",
+    "Compute {a}{op}{b}.",
+    "Calculate {a} {word} {b}.",
+    "{a}{op}{b} = ?",
+)
 
+
+@dataclass(frozen=True)
+class ToyProblem:
+    """One problem: its text, the expression the model writes out, and the gold answer."""
+
+    problem: str
+    expression: str
+    answer: str
+
+
+def make_problem(rng: random.Random) -> ToyProblem:
+    """A random sum or (non-negative) difference of two numbers in 0..MAX_OPERAND."""
+    a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
+    op = rng.choice("+-")
+    if op == "-" and a < b:
+        a, b = b, a
+    phrasing = rng.choice(PHRASINGS)
+    text = phrasing.format(a=a, b=b, op=op, word="plus" if op == "+" else "minus")
+    return ToyProblem(text, f"{a}{op}{b}", str(a + b if op == "+" else a - b))
+
+
+def generate_problems(n: int, seed: int) -> list[ToyProblem]:
+    """`n` problems drawn with a private RNG seeded by `seed` (the same seed gives the same list)."""
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]
+
+
+def toy_problem(rng: random.Random) -> tuple[str, str]:
+    """The toy model's a±b question (steerlens.toy pretrains the model that answers it)."""
     problem = make_problem(rng)
     return problem.problem, problem.answer
 

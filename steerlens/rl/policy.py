@@ -18,7 +18,7 @@ from torch import nn
 
 from steerlens.backends.hf import HFSteering, attach, freeze
 from steerlens.io import atomic_dir, atomic_path
-from steerlens.models import model_shape
+from steerlens.anatomy import model_shape
 from steerlens.vectors import SteeringVectors
 
 
