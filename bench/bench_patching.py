@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from steerlens.analysis.patching import (DEFAULT_VARIANTS, MODES, head_patching, layer_parts, make_patch, patch_hooks,
+from steerlens.analysis.patching import (DEFAULT_VARIANTS, MODES, head_patching, make_patch, patch_hooks,
                                          variant_patches)
 from steerlens.backends import hf
-from steerlens.anatomy import model_shape
+from steerlens.anatomy import attention_parts, model_shape
 from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layer = shape.num_layers - 2  # the reference's setting: the vector before the last layer
     vectors = SteeringVectors(torch.randn(1, shape.hidden_size) * 4, (layer,), shape.num_layers)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.tokens))
-    parts = layer_parts(model, layer + 1)
+    parts = attention_parts(model, layer + 1)
     variants = len(variant_patches(DEFAULT_VARIANTS, MODES, ("both",), parts.heads, parts.groups))
     with torch.no_grad():
         sweep_s = median_time(lambda: head_patching(model, ids, vectors, layer, batch_size=args.batch_size), args.repeats)

@@ -55,7 +55,7 @@ def bench_hf(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, An
     times: dict[str, list[float]] = {"plain": [], "steered": []}
     for _ in range(args.reps):
         for kind in times:
-            engine.push(vectors if kind == "steered" else None)
+            engine.update(vectors if kind == "steered" else None)
             start = time.perf_counter()
             engine.generate(prompts, args.samples, sampling, seeds=seeds)
             times[kind].append(time.perf_counter() - start)
@@ -67,7 +67,7 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     """Stock vLLM vs the steered engine on the same requests; then the sync costs on the steered one."""
     from vllm import LLM, SamplingParams
 
-    from steerlens.backends.vllm import VLLMSteering, engine_defaults, verify_push
+    from steerlens.backends.vllm import SteeredLLM, engine_defaults, verify_push
 
     path = resolve_model(args.model)
     model, tokenizer = load_model(path)
@@ -83,11 +83,11 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     plain = timed(stock)
     stock.llm_engine.engine_core.shutdown()
     del stock
-    steering = VLLMSteering(path, vectors)
+    steering = SteeredLLM(path, vectors)
     steered = timed(steering.llm)
     sync = {
-        "push_s": median_time(lambda: steering.push(vectors), args.reps),
-        "push_and_verify_s": median_time(lambda: (steering.push(vectors), verify_push(steering, model, tokenizer,
+        "push_s": median_time(lambda: steering.update(vectors), args.reps),
+        "push_and_verify_s": median_time(lambda: (steering.update(vectors), verify_push(steering, model, tokenizer,
                                                                                        vectors)), args.reps),
         "vector_bytes": vectors.values.numel() * 4,
         "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),

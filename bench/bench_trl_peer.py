@@ -162,7 +162,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Each trainer in its own subprocess; the TRL row's ratios are relative to steerlens with HF rollouts."""
-    from steerlens.rollout import vllm_available
+    from steerlens.backends.vllm import vllm_available
 
     workers = ["steerlens:hf", "trl"] + (["steerlens:vllm"] if vllm_available() and args.trainable == "steering" else [])
     rows = []

@@ -80,7 +80,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def model_shape(model: nn.Module, name: str = "") -> ModelShape:
     """Layer count and hidden size of an HF causal LM, for checking vectors against it."""
-    config = model.config
+    config: Any = model.config
     text_config = getattr(config, "get_text_config", lambda: config)()
     return ModelShape(
         num_layers=len(decoder_layers(model)),
@@ -113,7 +113,8 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def unembedding(model: nn.Module) -> torch.Tensor:
     """The `[vocab, d]` unembedding (lm_head) weight, detached."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if head is None or getattr(head, "weight", None) is None:
         raise ModelError(f"{type(model).__name__} has no output embedding (lm_head)")
     return head.weight.detach()
@@ -156,13 +157,14 @@ class AttentionParts:
 
 def attention_parts(model: nn.Module, index: int) -> AttentionParts:
     """The parts of decoder layer `index`; raises for layouts other than pre-norm attention + MLP."""
-    layer = decoder_layers(model)[index]
+    layer: Any = decoder_layers(model)[index]
     attn = getattr(layer, "self_attn", None)
     names = ("input_layernorm", "post_attention_layernorm")
     if attn is None or not all(hasattr(layer, n) for n in names) or hasattr(layer, "pre_feedforward_layernorm") \
             or not all(hasattr(attn, f"{p}_proj") for p in "qkvo"):
         raise ModelError(f"{type(layer).__name__} is not a pre-norm layer with input_layernorm, "
                          "self_attn.{q,k,v,o}_proj and post_attention_layernorm")
-    head_dim = int(getattr(attn, "head_dim", 0)) or attn.q_proj.out_features // model.config.num_attention_heads
+    config: Any = model.config
+    head_dim = int(getattr(attn, "head_dim", 0)) or attn.q_proj.out_features // config.num_attention_heads
     return AttentionParts(layer, layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                           layer.post_attention_layernorm, head_dim)

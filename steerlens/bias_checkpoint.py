@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
@@ -22,7 +23,11 @@ from steerlens.errors import ModelError
 from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
 BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.bias$")
+LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 # Config keys Qwen2 and Llama share with the same meaning.
 SHARED_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -59,7 +64,7 @@ def import_vectors(checkpoint: str | Path) -> SteeringVectors:
     )
 
 
-def _llama_config(config: object) -> object:
+def _llama_config(config: PretrainedConfig) -> PretrainedConfig:
     """A LlamaConfig computing the same function as a Qwen2 config, with every bias switched on."""
     from transformers import LlamaConfig
 
@@ -74,9 +79,12 @@ def export_checkpoint(base: str | Path, vectors: SteeringVectors, out_dir: str |
     """Write `base` with `vectors` folded into `down_proj` biases, loadable by stock transformers."""
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = load_model(base)
+    model, loaded_tokenizer = load_model(base)
     vectors.check_fits(model_shape(model))
-    config = model.config
+    # load_model's annotation is generic (nn.Module, object); what it loads is an HF model and tokenizer.
+    tokenizer = cast("PreTrainedTokenizerBase", loaded_tokenizer)
+    config = cast("PretrainedConfig", model.config)
+    new_config: PretrainedConfig
     state = model.state_dict()
     if hasattr(config, "mlp_bias"):
         new_config = config
@@ -92,7 +100,10 @@ def export_checkpoint(base: str | Path, vectors: SteeringVectors, out_dir: str |
         rows = state[key].shape[0]
         bias = torch.zeros(rows, dtype=state[key].dtype)
         if ".down_proj." in key:
-            bias = dense[int(re.search(r"layers\.(\d+)\.", key).group(1))].to(state[key].dtype)
+            layer = LAYER_INDEX.search(key)
+            if layer is None:
+                raise ModelError(f"export: no layer index in the weight name {key!r}")
+            bias = dense[int(layer.group(1))].to(state[key].dtype)
         state[key.replace(".weight", ".bias")] = bias
     exported = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
     missing, unexpected = exported.load_state_dict(state, strict=False)

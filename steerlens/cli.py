@@ -1,12 +1,15 @@
 """The `steerlens` command line: one subcommand per job, each a thin layer over library functions.
 
 Jobs take `--config FILE.yaml` plus `--key value` overrides of their config dataclass; bad input is
-reported in one line naming what is wrong, without a traceback. Nothing in the library imports this.
+reported in one line naming what is wrong, without a traceback. Commands only turn paths and names into
+objects, call a library function, save what it returns and print where. Nothing in the library imports this.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,9 +23,28 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=N
 JOB = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
+QUIET_ENV = "VLLM_LOGGING_LEVEL"
+
+
 @app.callback()
-def main() -> None:
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show vLLM's and transformers' INFO logs "
+                                      "(e.g. vLLM's ~80 lines of engine configuration); default: only their "
+                                      "warnings and errors")) -> None:
     """steerlens: train and study steering vectors (one vector per layer, base weights frozen)."""
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep vLLM and transformers to warnings and errors, unless the user set $VLLM_LOGGING_LEVEL.
+
+    vLLM reads the variable once, when it is imported, and its worker processes inherit the environment,
+    so this runs before any vLLM import; the loggers cover what is imported already.
+    """
+    if QUIET_ENV not in os.environ:
+        os.environ[QUIET_ENV] = "WARNING"
+        logging.getLogger("vllm").setLevel(logging.WARNING)
+    logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,11 +147,18 @@ def analyze(
     """Analyse steering vectors (logit lens, statistics, token clustering) into one HTML report."""
     from steerlens.analysis.clustering import ClusteringConfig
     from steerlens.analysis.report import analyze as run_analyses
+    from steerlens.models import load_model
+    from steerlens.vectors import SteeringVectors
 
     chosen = [name.strip() for name in analyses.split(",") if name.strip()]
-    result = run_analyses(vectors, model, out, chosen, top_k=top_k, final_norm=final_norm, compare=compare,
+    steering = SteeringVectors.load(vectors)
+    others = {str(path): SteeringVectors.load(path) for path in compare}
+    hf_model, tokenizer = load_model(model)
+    result = run_analyses(steering, hf_model, tokenizer, chosen, name=str(vectors), top_k=top_k,
+                          final_norm=final_norm, compare=others,
                           clustering=ClusteringConfig(model=llm_model, base_url=endpoint))
-    typer.echo(f"report: {result.report}")
+    result.save(out)
+    typer.echo(f"report: {out / 'report.html'}")
     typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")
 
 
@@ -177,8 +206,7 @@ def study_swap(
     config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Apply every run's vectors to every run's model: a donor x recipient accuracy matrix, raw and normalised."""
-    from steerlens.analysis.studies import save_study, swap_matrix
-    from steerlens.plots import matrix_heatmap
+    from steerlens.analysis.studies import run_swap
     from steerlens.vectors import SteeringVectors
 
     runs = {}
@@ -188,12 +216,7 @@ def study_swap(
         if not (name and model and vectors):
             raise typer.BadParameter(f"{entry!r}: expected NAME:MODEL:VECTORS", param_hint="--run")
         runs[name] = (model, SteeringVectors.load(vectors))
-    table = swap_matrix(runs, _study_eval(ctx, config), out)
-    raw = table.pivot(index="donor", columns="recipient", values="accuracy")
-    normalised = table.pivot(index="donor", columns="recipient", values="normalised")
-    _report(save_study(out, {"swap": table.set_index(["donor", "recipient"]), "swap_accuracy": raw},
-                       {"swap_normalised": matrix_heatmap(normalised, "(acc - base) / (acc_own - base)", zmid=0.0),
-                        "swap_accuracy": matrix_heatmap(raw, "Accuracy: donor vectors on recipient model")}))
+    _report(run_swap(runs, _study_eval(ctx, config), out).save(out))
 
 
 @study.command("pairs", context_settings=JOB)
@@ -208,23 +231,17 @@ def study_pairs(
     config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Evaluate each single-layer vector and every pair; relative improvement over the better single."""
-    from steerlens.analysis.studies import pair_study, save_study
-    from steerlens.plots import matrix_heatmap
+    from steerlens.analysis.studies import run_pairs
     from steerlens.vectors import SteeringVectors, VectorsError
 
-    trained = SteeringVectors.load(vectors)
     singles = {}
     for path in single:
         part = SteeringVectors.load(path)
         if len(part.layers) != 1:
             raise VectorsError(f"{path}: --single needs a single-layer vectors file, this one steers {part.layers}")
         singles[part.layers[0]] = part
-    singles = singles or {layer: trained.select([layer]) for layer in trained.layers}
-    result = pair_study(model, singles, trained, _study_eval(ctx, config), out)
-    relative = result["relative"].pivot(index="i", columns="j", values="relative_improvement")
-    _report(save_study(out, result, {"pair_accuracy": matrix_heatmap(result["accuracy"], "Accuracy with layers i and j"),
-                                     "pair_relative": matrix_heatmap(relative, "Relative improvement over the better "
-                                                                               "single vector", zmid=0.0)}))
+    result = run_pairs(model, SteeringVectors.load(vectors), _study_eval(ctx, config), out, singles)
+    _report(result.save(out))
 
 
 @study.command("singles", context_settings=JOB,
@@ -262,17 +279,14 @@ def study_magnitude(
     config: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Accuracy with all vectors scaled by each factor."""
-    from steerlens.analysis.studies import magnitude_sweep, save_study
-    from steerlens.plots import sweep_line
+    from steerlens.analysis.studies import run_magnitude
     from steerlens.vectors import SteeringVectors
 
     try:
         values = [float(f) for f in factors.split(",") if f.strip()]
     except ValueError:
         raise typer.BadParameter(f"{factors!r}: expected numbers separated by commas", param_hint="--factors")
-    table = magnitude_sweep(model, SteeringVectors.load(vectors), values, _study_eval(ctx, config), out)
-    _report(save_study(out, {"magnitude": table.set_index("factor")},
-                       {"magnitude": sweep_line(table, "factor", "accuracy", "Accuracy vs vector scale")}))
+    _report(run_magnitude(model, SteeringVectors.load(vectors), values, _study_eval(ctx, config), out).save(out))
 
 
 STUDY_MODEL = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id")
@@ -285,10 +299,9 @@ STUDY_TOKENS = typer.Option(48, "--max-new-tokens", help="greedy completion leng
 def _study_inputs(model: str, vectors: Path, data: str, prompts: int) -> tuple[Any, Any, Any, list[str]]:
     """The unsteered model, its tokenizer, the vectors, and chat-formatted prompts from `data`."""
     from steerlens.data import format_prompt, load_problems
+    from steerlens.data.generated import generate, generator_of
     from steerlens.models import load_model
     from steerlens.vectors import SteeringVectors
-
-    from steerlens.data.generated import generate, generator_of
 
     found = generate(data, prompts, heldout=True) if generator_of(data) else load_problems(data, limit=prompts)
     problems = [p.problem for p in found]
@@ -303,16 +316,10 @@ def study_patching(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS,
                    data: str = STUDY_DATA, prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS,
                    out: Path = STUDY_OUT) -> None:
     """Head patching on layer l+1 with the vector of layer l, scored on the steered run's own completions."""
-    from steerlens.analysis.first_token import generate_greedy
-    from steerlens.analysis.patching import head_patching, summarize_patching
-    from steerlens.analysis.studies import save_study
+    from steerlens.analysis.mechanisms import run_patching
 
     hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
-    single = steering.select([layer])
-    traj = generate_greedy(hf_model, tokenizer, texts, single, max_new_tokens=max_new_tokens)
-    table = head_patching(hf_model, traj.ids, single, layer, attention_mask=traj.attention_mask,
-                          score_mask=traj.generated)
-    _report(save_study(out, {"patching_tokens": table, "patching": summarize_patching(table)}))
+    _report(run_patching(hf_model, tokenizer, steering, texts, layer, max_new_tokens=max_new_tokens).save(out))
 
 
 @study.command("first-token")
@@ -320,18 +327,10 @@ def study_patching(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS,
 def study_first_token(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
                       prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
     """Change in next-token probabilities at every generated position; the first-token prefix control."""
-    from steerlens.analysis.first_token import by_position, first_token_effect, prefix_control
-    from steerlens.analysis.studies import save_study
-    from steerlens.plots import sweep_line
+    from steerlens.analysis.mechanisms import run_first_token
 
     hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
-    result = first_token_effect(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
-    positions = by_position(result.positions)
-    control = prefix_control(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
-    _report(save_study(out, {"first_token_positions": result.positions, "first_token_tokens": result.tokens,
-                             "first_token_overall": result.overall, "first_token_by_position": positions,
-                             "prefix_control": control},
-                       {"first_token_by_position": sweep_line(positions, "position", "l1", "|Δp| by generated position")}))
+    _report(run_first_token(hf_model, tokenizer, steering, texts, max_new_tokens=max_new_tokens).save(out))
 
 
 @study.command("propagation")
@@ -339,18 +338,10 @@ def study_first_token(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, d
 def study_propagation(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
                       prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
     """For each layer's vector alone: the hidden-state change at every later layer (the L x L grids)."""
-    from steerlens.analysis.propagation import grid, propagation_from_prompts
-    from steerlens.analysis.studies import save_study
-    from steerlens.plots import matrix_heatmap
+    from steerlens.analysis.mechanisms import run_propagation
 
     hf_model, tokenizer, steering, texts = _study_inputs(model, vectors, data, prompts)
-    result = propagation_from_prompts(hf_model, tokenizer, texts, steering, max_new_tokens=max_new_tokens)
-    metrics = {"cos_vector": "cos(mean Δh_j, s_j)", "mean_cos_vector": "mean_t cos(Δh_j(t), s_j)",
-               "cos_mean": "mean_t cos(Δh_j(t), mean_t Δh_j)"}
-    grids = {name: grid(result.table, name, steering.num_layers) for name in metrics}
-    _report(save_study(out, {"propagation": result.table, **{f"propagation_{k}": g for k, g in grids.items()}},
-                       {f"propagation_{k}": matrix_heatmap(g, title, zmid=0.0) for (k, title), g in
-                        zip(metrics.items(), grids.values())}))
+    _report(run_propagation(hf_model, tokenizer, steering, texts, max_new_tokens=max_new_tokens).save(out))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ Where a loaded model keeps its layers, norm and unembedding is `steerlens.anatom
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,11 +17,26 @@ from steerlens.vectors import ModelShape
 
 ASSETS = Path(__file__).parent / "assets"
 
-# Named model sources: a short name -> a function that returns a local checkpoint directory.
-# Other modules add theirs with `register_source` (steerlens.smollm adds "smollm2-135m").
+SOURCE_ENTRY_POINTS = "steerlens.model_sources"  # packages name their models here (steerlens: smollm2-135m)
+
+# Named model sources: a short name -> a function that returns a local checkpoint directory. Besides
+# `register_source`, any installed package can add one as an entry point in the group above.
 MODEL_SOURCES: dict[str, Callable[[], Path]] = {
     "toy-arith": lambda: ASSETS / "toy-arith",
 }
+
+
+def _source(name: str) -> Callable[[], Path] | None:
+    """The registered source called `name`, loading it from its entry point on first use."""
+    if name not in MODEL_SOURCES:
+        for entry in entry_points(group=SOURCE_ENTRY_POINTS, name=name):
+            MODEL_SOURCES[name] = entry.load()
+    return MODEL_SOURCES.get(name)
+
+
+def source_names() -> list[str]:
+    """Every short model name: registered ones and installed entry points."""
+    return sorted(set(MODEL_SOURCES) | {entry.name for entry in entry_points(group=SOURCE_ENTRY_POINTS)})
 
 
 def register_source(name: str, resolve: Callable[[], Path]) -> None:
@@ -31,15 +47,16 @@ def register_source(name: str, resolve: Callable[[], Path]) -> None:
 def resolve_model(name_or_path: str | Path) -> str:
     """A local directory for a registered short name or an existing path; else the string as a hub id."""
     key = str(name_or_path)
-    if key in MODEL_SOURCES:
-        return str(MODEL_SOURCES[key]())
+    source = _source(key)
+    if source is not None:
+        return str(source())
     path = Path(key).expanduser()
     if path.exists():
         if not (path / "config.json").is_file() and not list(path.glob("*.gguf")):
             raise ModelError(f"{path}: a directory without config.json is not a model checkpoint")
         return str(path)
     if key.startswith((".", "/", "~")) or key.count("/") > 1:
-        known = ", ".join(sorted(MODEL_SOURCES)) or "none"
+        known = ", ".join(source_names()) or "none"
         raise ModelError(f"model path {key!r} does not exist (named models: {known})")
     return key
 
@@ -54,7 +71,7 @@ def config_shape(model: str) -> ModelShape:
 
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
-) -> tuple[nn.Module, object]:
+) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer from a short name, a local directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

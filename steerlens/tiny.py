@@ -8,11 +8,16 @@ needs head_dim 64, hence the defaults (hidden 128, 2 heads).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from steerlens.errors import ModelError
 from steerlens.io import atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -21,14 +26,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer():
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per byte, no merges) plus ChatML special tokens."""
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    for tok in SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
+    for special in SPECIAL_TOKENS:
+        vocab[special] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -44,12 +49,13 @@ def byte_tokenizer():
 
 
 def tiny_config(architecture: str = "qwen2", layers: int = 4, hidden: int = 128, heads: int = 2,
-                kv_heads: int = 1, intermediate: int = 256, vocab_size: int = 264, max_positions: int = 1024):
+                kv_heads: int = 1, intermediate: int = 256, vocab_size: int = 264,
+                max_positions: int = 1024) -> PretrainedConfig:
     """An HF config for a tiny Qwen2 or Llama model with the byte tokenizer's vocabulary."""
     from transformers import LlamaConfig, Qwen2Config
 
     tokenizer_ids = dict(bos_token_id=None, eos_token_id=258, pad_token_id=256)
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=False, **tokenizer_ids,
@@ -58,10 +64,11 @@ def tiny_config(architecture: str = "qwen2", layers: int = 4, hidden: int = 128,
         return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
     if architecture == "llama":
         return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
-    raise ValueError(f"tiny_config: architecture must be 'qwen2' or 'llama', got {architecture!r}")
+    raise ModelError(f"tiny_config: architecture must be 'qwen2' or 'llama', got {architecture!r}")
 
 
-def build_tiny_model(out_dir: str | Path, architecture: str = "qwen2", seed: int = 0, **config_kwargs) -> Path:
+def build_tiny_model(out_dir: str | Path, architecture: str = "qwen2", seed: int = 0,
+                     **config_kwargs: Any) -> Path:
     """Save a randomly initialised tiny model and its tokenizer to `out_dir` (atomically)."""
     from transformers import AutoModelForCausalLM
 

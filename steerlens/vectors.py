@@ -7,6 +7,7 @@ was made. Nothing is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -99,6 +100,12 @@ class SteeringVectors:
         out = torch.zeros(self.num_layers, self.hidden_size, dtype=self.values.dtype)
         out[list(self.layers)] = self.values.detach().cpu()
         return out
+
+    def fingerprint(self) -> str:
+        """`sha256:<hex>` of the layers and fp32 values: names vectors that were never saved to a file."""
+        digest = hashlib.sha256(json.dumps([list(self.layers), self.num_layers]).encode())
+        digest.update(self.values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+        return f"sha256:{digest.hexdigest()}"
 
     def norms(self) -> dict[int, float]:
         """L2 norm of each layer's vector."""

@@ -129,7 +129,7 @@ def test_tlens_detach_restores_exactly_and_survives_reset_hooks(models: Models) 
     steered = bridge(ids)
     bridge.reset_hooks()
     assert torch.equal(bridge(ids), steered)
-    handle.detach()
+    handle.remove()
     assert torch.equal(bridge(ids), base)
     assert not any(bridge.hook_dict[tlens.hook_name(layer)].fwd_hooks for layer in range(bridge.cfg.n_layers))
 
@@ -139,7 +139,7 @@ def test_nnsight_detach_restores_exactly(models: Models) -> None:
     base = nnsight_plain_logits(models)
     handle = nnsight_backend.attach(models.lm, random_vectors(models, None))
     assert max_diff(nnsight_plain_logits(models), base) > 1000 * ATOL
-    handle.detach()
+    handle.remove()
     assert torch.equal(nnsight_plain_logits(models), base)
 
 
@@ -157,10 +157,10 @@ def test_nnsight_attach_before_dispatch_steers_the_real_model(models: Models) ->
 def test_tlens_hook_points_run_with_hooks(models: Models) -> None:
     vectors = random_vectors(models, (1, 3))
     handle = tlens.TLensSteering(models.bridge, vectors)
-    steered = models.bridge.run_with_hooks(models.ids, fwd_hooks=tlens.hook_points(handle))
+    steered = models.bridge.run_with_hooks(models.ids, fwd_hooks=handle.as_hooks())
     assert max_diff(steered, hf_logits(models, vectors)) <= ATOL
     with handle, pytest.raises(ValueError, match="already steers"):
-        tlens.hook_points(handle)
+        handle.as_hooks()
 
 
 def test_tlens_trainable_gradient_reaches_only_the_parameter(models: Models) -> None:

@@ -69,7 +69,7 @@ def test_detach_restores_exactly(model_and_ids) -> None:
     base = model(ids).logits
     handle = hf.attach(model, random_vectors(model))
     assert not torch.allclose(model(ids).logits, base)
-    handle.detach()
+    handle.remove()
     assert torch.equal(model(ids).logits, base)
 
 
@@ -87,7 +87,7 @@ def test_only_vectors_get_gradients_and_base_is_bit_identical(model_and_ids) -> 
     opt.step()
     assert not torch.equal(handle.parameter.detach(), start)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    handle.detach()
+    handle.remove()
     current = handle.vectors(step=1)
     assert torch.equal(current.values, handle.parameter.detach()) and current.provenance["step"] == 1
 

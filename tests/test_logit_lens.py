@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from steerlens.analysis.logit_lens import (LogitLensError, coarsen_histogram, find_final_norm, logit_lens,
-                                           model_logit_lens, unembedding)
-from steerlens.anatomy import model_shape
+from steerlens.analysis.logit_lens import LogitLensError, coarsen_histogram, logit_lens, model_logit_lens
+from steerlens.anatomy import final_norm, model_shape, unembedding
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
@@ -65,7 +64,7 @@ def test_planted_unembedding_row_comes_first_with_cosine_one(tiny_qwen_dir: Path
 
 def test_final_norm_mode_differs_and_is_labelled(tiny_qwen_dir: Path) -> None:
     model, tokenizer = load_model(tiny_qwen_dir)
-    norm = find_final_norm(model)
+    norm = final_norm(model)
     with torch.no_grad():  # a trained norm is not all ones; make this one scale dimensions unevenly
         norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(0)) * 2)
     vectors, _ = random_case(d=model.config.hidden_size, layers=4, seed=2)

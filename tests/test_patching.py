@@ -7,11 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steerlens.analysis.logit_lens import find_final_norm
 from steerlens.analysis.patching import (LayerPatcher, Patch, PatchingError, head_patching, kl_divergence,
                                          make_patch, patch_hooks, summarize_patching)
 from steerlens.backends import hf
-from steerlens.anatomy import decoder_layers, model_shape
+from steerlens.anatomy import decoder_layers, final_norm, model_shape
 from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
@@ -157,7 +156,7 @@ def test_head_routed_to_the_residual_only_leaves_the_mlp_clean(qwen) -> None:
     delta[..., 32:64] = heads_in[1][..., 32:64] - heads_in[0][..., 32:64]  # head 1 (head_dim 32)
     with torch.no_grad():
         final = outs[0] + o_proj(delta) - o_proj(torch.zeros_like(delta))
-        expected = model.get_output_embeddings()(find_final_norm(model)(final))
+        expected = model.get_output_embeddings()(final_norm(model)(final))
     patcher = LayerPatcher(model, ids, vectors, LAYER, mask)
     residual, both = patched(patcher, make_patch("head", 1, "only", 4, 2, route="residual"),
                              make_patch("head", 1, "only", 4, 2))

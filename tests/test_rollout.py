@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steerlens.backends import hf
-from steerlens.backends.vllm import hf_sequence_logprobs
+from steerlens.backends.vllm import SteeredLLM, hf_sequence_logprobs
 from steerlens.anatomy import model_shape
 from steerlens.models import load_model
 from steerlens.rollout import HFRollout, Sampling, VLLMRollout, encode_prompt
@@ -24,7 +24,7 @@ def setup(tiny_qwen_dir: Path):
     model, tokenizer = load_model(tiny_qwen_dir)
     vectors = SteeringVectors.zeros(model_shape(model))
     vectors.values = torch.randn(vectors.values.shape, generator=torch.Generator().manual_seed(5)) * 2.0
-    engine = VLLMRollout(tiny_qwen_dir, vectors=vectors)
+    engine = VLLMRollout(SteeredLLM(tiny_qwen_dir, vectors), tokenizer)
     yield model, tokenizer, vectors, engine
     engine.close()
 
@@ -84,10 +84,10 @@ def test_both_engines_sample_the_same_distribution(setup) -> None:
 def test_push_none_means_unsteered(setup) -> None:
     model, tokenizer, vectors, engine = setup
     greedy = Sampling(max_new_tokens=8, temperature=0.0)
-    engine.push(None)
+    engine.update(None)
     try:
         unsteered = engine.generate(PROMPTS, 1, greedy)
         reference = HFRollout(model, tokenizer).generate(PROMPTS, 1, greedy)
         assert [g[0].token_ids for g in unsteered] == [g[0].token_ids for g in reference]
     finally:
-        engine.push(vectors)
+        engine.update(vectors)

@@ -22,7 +22,7 @@ from steerlens import smollm
 from steerlens.backends import hf
 from steerlens.anatomy import model_shape
 from steerlens.errors import ModelError
-from steerlens.models import MODEL_SOURCES, load_model, resolve_model
+from steerlens.models import load_model, resolve_model, source_names
 from steerlens.vectors import SteeringVectors
 
 pytestmark = pytest.mark.smollm
@@ -60,7 +60,7 @@ def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     assert smollm.cache_root() == tmp_path
     monkeypatch.delenv(smollm.CACHE_ENV)
     assert smollm.cache_root() == Path.home() / ".cache" / "steerlens"
-    assert NAME in MODEL_SOURCES
+    assert NAME in source_names()
 
 
 @needs_weights
@@ -153,7 +153,8 @@ def test_every_backend_gives_the_hf_logits(checkpoint: Path, model: tuple[torch.
 # ---- logit lens ----------------------------------------------------------------------------------
 @torch.no_grad()
 def test_logit_lens_finds_a_planted_token(model: tuple[torch.nn.Module, Any], prompt_ids: torch.Tensor) -> None:
-    from steerlens.analysis.logit_lens import model_logit_lens, unembedding
+    from steerlens.analysis.logit_lens import model_logit_lens
+    from steerlens.anatomy import unembedding
 
     lm, tokenizer = model
     (paris,) = tokenizer(" Paris", add_special_tokens=False).input_ids
@@ -174,25 +175,15 @@ def test_logit_lens_finds_a_planted_token(model: tuple[torch.nn.Module, Any], pr
 
 
 # ---- vLLM: the module's one engine ---------------------------------------------------------------
-class SharedRollout:
-    """The module's rollout lent to the trainer: everything passes through except `close`."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def rollout(checkpoint: Path) -> Iterator[Any]:
     pytest.importorskip("vllm")
+    from transformers import AutoTokenizer
+
+    from steerlens.backends.vllm import SteeredLLM
     from steerlens.rollout import VLLMRollout
 
-    engine = VLLMRollout(checkpoint, seed=0, **ENGINE_ARGS)
+    engine = VLLMRollout(SteeredLLM(checkpoint, seed=0, **ENGINE_ARGS), AutoTokenizer.from_pretrained(checkpoint))
     yield engine
     engine.close()
 
@@ -205,26 +196,24 @@ def test_vllm_logprobs_match_hf(rollout: Any, model: tuple[torch.nn.Module, Any]
     engine = rollout.engine
     assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (30, 576, "LlamaForCausalLM")
     zeros = SteeringVectors.zeros(engine.shape)
-    engine.push(zeros)
+    engine.update(zeros)
     assert verify_push(engine, lm, tokenizer, zeros, atol=VLLM_ATOL) <= VLLM_ATOL
     vectors = planted_vectors(engine.shape, layers=(3, 14, 29), scale=0.5, seed=2)
-    engine.push(vectors)
+    engine.update(vectors)
     assert verify_push(engine, lm, tokenizer, vectors, atol=VLLM_ATOL) <= VLLM_ATOL
-    engine.push(zeros)
+    engine.update(zeros)
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import steerlens.rollout
+def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path) -> None:
     from steerlens.rl.config import TrainConfig
     from steerlens.rl.trainer import train
 
-    monkeypatch.setattr(steerlens.rollout, "VLLMRollout", lambda *args, **kwargs: SharedRollout(rollout))
     cfg = TrainConfig(model=NAME, data="word-arith", eval_data=None, engine="vllm", steps=2, prompts_per_step=2,
                       generations=4, max_new_tokens=24, answer_fallback="last_number", lr=1e-2, verify_every=1,
                       save_every=2, out_dir=str(tmp_path / "run"), progress=False)
-    summary = train(cfg)
+    summary = train(cfg, rollout=rollout)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == len(rows) == 2
     for row in rows:
@@ -252,7 +241,7 @@ def test_shipped_vectors_raise_heldout_accuracy(rollout: Any, tmp_path: Path) ->
         cfg = EvalConfig(model=NAME, vectors=vectors, benchmarks=["word-arith"], decoding="greedy", seeds=[0],
                          limit=32, max_new_tokens=48, answer_fallback="last_number", progress=False,
                          out_dir=str(tmp_path / setup))
-        accuracy[setup] = float(evaluate(cfg, engine=SharedRollout(rollout))["scores"]["score"].iloc[0])
+        accuracy[setup] = float(evaluate(cfg, engine=rollout)["scores"]["score"].iloc[0])
         samples = pd.read_json(tmp_path / setup / "samples" / "word-arith.seed0.jsonl", lines=True)
         formatted[setup] = samples["formatted"].mean()
     print("\nsmollm2 word-arith greedy accuracy:", accuracy, "boxed share:", formatted)

@@ -98,3 +98,18 @@ def test_patched_accuracy_matches_the_steered_and_unsteered_runs(tmp_path: Path,
     rest = headline(evaluate(replace(quick_eval(), vectors=str(without), out_dir=str(tmp_path / "b")))["summary"])
     assert scores["steered"] == full and scores["clean"] == rest
     assert 0.0 <= scores["skip-attn"] <= 1.0 and len(scores) == 3
+
+
+@pytest.mark.slow
+def test_run_swap_returns_its_grids_and_figures(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from steerlens.analysis.studies import run_swap
+    from steerlens.models import config_shape
+
+    zeros = SteeringVectors.zeros(config_shape("toy-arith"))
+    result = run_swap({"toy": ("toy-arith", zeros)}, replace(quick_eval(), limit=4), tmp_path)
+    assert result.tables["swap_accuracy"].shape == (1, 1)
+    assert set(result.figures) == {"swap_normalised", "swap_accuracy"}
+    assert {p.name for p in result.save(tmp_path)} == {"swap.csv", "swap_accuracy.csv", "swap_normalised.html",
+                                                        "swap_accuracy.html"}

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 from steerlens.backends.vllm import (  # noqa: E402
     SteeredArchitecture,
     SyncError,
-    VLLMSteering,
+    SteeredLLM,
     hf_sequence_logprobs,
     sequence_logprobs,
     verify_push,
@@ -63,82 +63,82 @@ def initial() -> SteeringVectors:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_qwen_dir: Path, initial: SteeringVectors) -> Iterator[VLLMSteering]:
-    with VLLMSteering(tiny_qwen_dir, vectors=initial, **ENGINE_ARGS) as steering:
+def engine(tiny_qwen_dir: Path, initial: SteeringVectors) -> Iterator[SteeredLLM]:
+    with SteeredLLM(tiny_qwen_dir, vectors=initial, **ENGINE_ARGS) as steering:
         yield steering
 
 
-def test_constructor_pushes_vectors(engine: VLLMSteering, hf: tuple, initial: SteeringVectors) -> None:
+def test_constructor_pushes_vectors(engine: SteeredLLM, hf: tuple, initial: SteeringVectors) -> None:
     # First in the file (pytest keeps file order): the engine still holds what it was built with.
     assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (4, 128, "Qwen2ForCausalLM")
-    assert torch.equal(engine.pull(), initial.dense())
+    assert torch.equal(engine.vectors().values, initial.dense())
     assert verify_push(engine, *hf, initial, atol=ATOL) <= ATOL
 
 
-def test_zero_vectors_match_stock_hf(engine: VLLMSteering, hf: tuple) -> None:
+def test_zero_vectors_match_stock_hf(engine: SteeredLLM, hf: tuple) -> None:
     model, tokenizer = hf
-    engine.push(SteeringVectors.zeros(engine.shape))
+    engine.update(SteeringVectors.zeros(engine.shape))
     prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7, so \\boxed{7}.")
     diff = (sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)).abs()
     assert float(diff.max()) <= ATOL
 
 
-def test_pushed_vectors_match_hf_hooks(engine: VLLMSteering, hf: tuple) -> None:
+def test_pushed_vectors_match_hf_hooks(engine: SteeredLLM, hf: tuple) -> None:
     model, tokenizer = hf
     vectors = random_vectors(engine.shape, seed=1)
-    engine.push(vectors)
+    engine.update(vectors)
     assert verify_push(engine, model, tokenizer, vectors, atol=ATOL) <= ATOL
     prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7.")
     moved = sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)
     assert float(moved.abs().max()) > 100 * ATOL  # the vectors really steer, so the match above means something
 
 
-def test_push_twice_updates_in_place(engine: VLLMSteering, hf: tuple) -> None:
+def test_push_twice_updates_in_place(engine: SteeredLLM, hf: tuple) -> None:
     first, second = random_vectors(engine.shape, seed=2), random_vectors(engine.shape, seed=3)
-    engine.push(first)
+    engine.update(first)
     assert verify_push(engine, *hf, first, atol=ATOL) <= ATOL
-    engine.push(second)
-    assert torch.equal(engine.pull(), second.dense())
+    engine.update(second)
+    assert torch.equal(engine.vectors().values, second.dense())
     assert verify_push(engine, *hf, second, atol=ATOL) <= ATOL
 
 
 @pytest.mark.parametrize("layers", [(3,), (0, 2)], ids=["last-layer-only", "layers-0-2"])
-def test_partial_layers_match_hf(engine: VLLMSteering, hf: tuple, layers: tuple[int, ...]) -> None:
+def test_partial_layers_match_hf(engine: SteeredLLM, hf: tuple, layers: tuple[int, ...]) -> None:
     # A last-layer-only vector that matched to ATOL was added exactly once, after the final decoder layer.
     vectors = random_vectors(engine.shape, seed=4, layers=layers)
-    engine.push(vectors)
-    assert torch.equal(engine.pull(), vectors.dense())
+    engine.update(vectors)
+    assert torch.equal(engine.vectors().values, vectors.dense())
     assert verify_push(engine, *hf, vectors, atol=ATOL) <= ATOL
 
 
-def test_wrong_shape_push_raises_and_keeps_values(engine: VLLMSteering) -> None:
+def test_wrong_shape_push_raises_and_keeps_values(engine: SteeredLLM) -> None:
     kept = random_vectors(engine.shape, seed=5)
-    engine.push(kept)
+    engine.update(kept)
     with pytest.raises(VectorsError, match="hidden size: vectors have 64, vLLM engine has 128"):
-        engine.push(SteeringVectors.zeros(ModelShape(4, 64)))
+        engine.update(SteeringVectors.zeros(ModelShape(4, 64)))
     with pytest.raises(VectorsError, match="layer count: vectors have 6, vLLM engine has 4"):
-        engine.push(SteeringVectors.zeros(ModelShape(6, 128)))
-    assert torch.equal(engine.pull(), kept.dense())
+        engine.update(SteeringVectors.zeros(ModelShape(6, 128)))
+    assert torch.equal(engine.vectors().values, kept.dense())
 
 
-def test_verify_push_detects_mismatch(engine: VLLMSteering, hf: tuple) -> None:
+def test_verify_push_detects_mismatch(engine: SteeredLLM, hf: tuple) -> None:
     pushed, other = random_vectors(engine.shape, seed=6), random_vectors(engine.shape, seed=7)
-    engine.push(pushed)
+    engine.update(pushed)
     with pytest.raises(SyncError, match="max \\|Δ log-prob\\|"):
         verify_push(engine, *hf, other, atol=ATOL)
 
 
-def test_push_clears_prefix_cache(engine: VLLMSteering, hf: tuple) -> None:
+def test_push_clears_prefix_cache(engine: SteeredLLM, hf: tuple) -> None:
     # A prompt longer than a KV block gets cached; its KV was computed under the old vectors.
     from vllm import SamplingParams
 
     model, tokenizer = hf
     prompt = ids(tokenizer, "The quick brown fox jumps over the lazy dog. " * 8)
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, detokenize=False)
-    engine.push(random_vectors(engine.shape, seed=8))
+    engine.update(random_vectors(engine.shape, seed=8))
     engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     vectors = random_vectors(engine.shape, seed=9)
-    engine.push(vectors)
+    engine.update(vectors)
     (output,) = engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     token = output.outputs[0].token_ids[0]
     expected = hf_sequence_logprobs(model, vectors, prompt, [token])[0]
@@ -157,9 +157,9 @@ def test_steered_architecture_override() -> None:
 @pytest.mark.slow
 def test_llama_engine_matches_hf(tiny_llama_dir: Path) -> None:
     model, tokenizer = load_model(tiny_llama_dir)
-    with VLLMSteering(tiny_llama_dir, **ENGINE_ARGS) as engine:
+    with SteeredLLM(tiny_llama_dir, **ENGINE_ARGS) as engine:
         assert engine.shape.architecture == "LlamaForCausalLM"
         assert verify_push(engine, model, tokenizer, SteeringVectors.zeros(engine.shape), atol=ATOL) <= ATOL
         vectors = random_vectors(engine.shape, seed=10)
-        engine.push(vectors)
+        engine.update(vectors)
         assert verify_push(engine, model, tokenizer, vectors, atol=ATOL) <= ATOL

@@ -1,50 +1,38 @@
 """Token clustering: group each layer's top logit-lens tokens into named topics.
 
-With a chat endpoint (any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, ...) the tokens go to an
-LLM at temperature 0, which detects each token's language, translates non-English tokens and groups them
-into English topics of >= 2 tokens, the rest under "Unclassified", answering in JSON. Answers are cached
-on disk by hash(model + prompt), so a rerun makes no request. Without an endpoint, an offline clustering
-(average-linkage on the tokens' unembedding rows) produces the same table with `method="offline"`.
+With a chat endpoint (any OpenAI-compatible server, reached through `llm_client.ChatClient`) the tokens go
+to an LLM at temperature 0, which detects each token's language, translates non-English tokens and groups
+them into English topics of >= 2 tokens, the rest under "Unclassified", answering in JSON. Good answers
+are cached on disk by hash(model + prompt), so a rerun makes no request. Without an endpoint, an offline
+clustering (average-linkage on the tokens' unembedding rows) produces the same table with `method="offline"`.
 
 The output table has one row per (layer, topic): columns `layer, topic, tokens, translation, language,
 method, model, status, error`; `tokens`, `translation` and `language` are aligned lists (translation ""
 for English or unknown). A layer whose answer stays malformed after one reminder gets a single row with
 `status="failed"` and the reason in `error`.
-
-The API key comes from `ClusteringConfig.api_key` or the environment (`OPENAI_API_KEY`) and is never
-logged, cached or written anywhere.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar
+from pathlib import Path  # noqa: F401  (pdoc resolves ClusteringConfig's inherited `cache_dir: Path | None` here)
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from steerlens.analysis.llm_client import ChatClient, ChatConfig, LLMError
 from steerlens.config import option
 from steerlens.errors import SteerlensError
-from steerlens.io import write_json
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 UNCLASSIFIED = "Unclassified"
 FAILED = "(clustering failed)"
 COLUMNS = ["layer", "topic", "tokens", "translation", "language", "method", "model", "status", "error"]
-KEY_ENV = "OPENAI_API_KEY"
-URL_ENV = "OPENAI_BASE_URL"
 
 SYSTEM_PROMPT = "You label vocabulary tokens of a language model. Reply with one JSON object and nothing else."
 USER_PROMPT = """Here is a JSON list of {n} tokens from a language model's vocabulary. Leading or trailing \
@@ -66,7 +54,7 @@ REMINDER = ("That reply could not be used: {reason}. Reply again with only the J
 
 
 class ClusteringError(SteerlensError, RuntimeError):
-    """The chat endpoint cannot be used (bad key, unknown model, unreachable after retries, ...)."""
+    """Clustering cannot run as asked (no unembedding for offline, an unusable chat endpoint, ...)."""
 
 
 class AnswerError(ValueError):
@@ -74,31 +62,10 @@ class AnswerError(ValueError):
 
 
 @dataclass
-class ClusteringConfig:
-    """Where and how to ask a chat model to cluster tokens."""
+class ClusteringConfig(ChatConfig):
+    """Where and how to ask a chat model to cluster tokens (the endpoint's knobs, plus parallel requests)."""
 
-    model: str | None = option(None, "chat model name; None: the endpoint's only served model (e.g. a vLLM server)")
-    base_url: str | None = option(None, f"OpenAI-compatible endpoint (http://host:port/v1); None: ${URL_ENV}, "
-                                        "else OpenAI")
-    api_key: str | None = option(None, f"API key; None: ${KEY_ENV} (local servers need none). Never written "
-                                       "anywhere", repr=False)
-    cache_dir: Path | None = option(None, "answer cache; None: $XDG_CACHE_HOME/steerlens/clustering")
-    max_retries: int = option(5, "retries on HTTP 429 / 5xx / connection errors, with exponential backoff")
-    backoff_s: float = option(1.0, "first retry delay in seconds (doubled each retry, or the server's Retry-After)")
-    max_backoff_s: float = option(60.0, "longest delay between retries")
-    timeout_s: float = option(300.0, "timeout of one request in seconds")
-    concurrency: int = option(4, "requests in flight at once")
-    max_tokens: int = option(2048, "longest answer in tokens (a small local model may otherwise never stop)")
-
-    def endpoint(self) -> str | None:
-        """The configured endpoint URL (config, then $OPENAI_BASE_URL), or None for OpenAI's."""
-        return self.base_url or os.environ.get(URL_ENV) or None
-
-    def cache_path(self) -> Path:
-        """The cache directory to use."""
-        if self.cache_dir is not None:
-            return Path(self.cache_dir)
-        return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "steerlens" / "clustering"
+    concurrency: int = option(4, "requests in flight at once (one layer each)")
 
 
 def choose_method(config: ClusteringConfig | None) -> Literal["llm", "offline"]:
@@ -133,37 +100,37 @@ def build_prompt(tokens: Sequence[str]) -> str:
     return USER_PROMPT.format(n=len(tokens), tokens=json.dumps(list(tokens), ensure_ascii=False))
 
 
-def cache_key(model: str, tokens: Sequence[str]) -> str:
-    """Hash of everything that determines the answer: model, prompts (which contain the tokens)."""
-    blob = json.dumps([model, SYSTEM_PROMPT, build_prompt(tokens)], ensure_ascii=False)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig,
                  progress: bool = False) -> pd.DataFrame:
     """Ask the chat endpoint to cluster each layer's tokens (cached answers make no request)."""
+    try:
+        return _llm_clusters(tokens_by_layer, config, progress)
+    except LLMError as err:
+        raise ClusteringError(str(err)) from None
+
+
+def _llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig,
+                  progress: bool) -> pd.DataFrame:
     unique = {layer: list(dict.fromkeys(tokens)) for layer, tokens in tokens_by_layer.items()}
-    client = _client(config)
-    model = config.model or _served_model(client, config)
-    cache = config.cache_path()
+    client = ChatClient(config)
     rows: dict[int, list[dict[str, Any]]] = {}
     todo = []
     for layer, tokens in unique.items():
-        answer = _read_cache(cache / f"{cache_key(model, tokens)}.json", tokens)
+        answer = _cached_answer(client, tokens)
         if answer is not None:
-            rows[layer] = _answer_rows(layer, answer, model)
+            rows[layer] = _answer_rows(layer, answer, client.model)
         else:
             todo.append(layer)
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, config.concurrency)) as pool:
-            futures = {pool.submit(_ask, client, config, model, unique[layer], cache): layer for layer in todo}
+            futures = {pool.submit(_ask, client, unique[layer]): layer for layer in todo}
             try:
                 for future in tqdm(as_completed(futures), total=len(futures), desc="clustering", unit="layer",
                                    disable=not progress):
                     layer = futures[future]
                     answer, reason = future.result()
-                    rows[layer] = (_answer_rows(layer, answer, model) if answer is not None
-                                   else [_failed_row(layer, unique[layer], model, reason)])
+                    rows[layer] = (_answer_rows(layer, answer, client.model) if answer is not None
+                                   else [_failed_row(layer, unique[layer], client.model, reason)])
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -171,77 +138,28 @@ def llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: Clusterin
     return pd.DataFrame([row for layer in sorted(rows) for row in rows[layer]], columns=COLUMNS)
 
 
-def _client(config: ClusteringConfig) -> Any:
-    """An `openai.OpenAI` client with its own retries off (ours are bounded and logged)."""
+def _cache_key(client: ChatClient, tokens: Sequence[str]) -> str:
+    """The answer's cache key: the model and both prompts (which contain the tokens)."""
+    return client.cache_key(SYSTEM_PROMPT, build_prompt(tokens))
+
+
+def _cached_answer(client: ChatClient, tokens: list[str]) -> dict[str, Any] | None:
+    """A cached answer, or None if absent or no longer valid (it is then asked for again)."""
+    entry = client.cached(_cache_key(client, tokens))
+    if entry is None:
+        return None
     try:
-        import openai
-    except ImportError as err:
-        raise ClusteringError("LLM clustering needs the openai client: pip install 'steerlens[openai]'") from err
-    url = config.endpoint()
-    key = config.api_key or os.environ.get(KEY_ENV)
-    if not key:
-        if url is None:
-            raise ClusteringError(f"no API key for OpenAI: set the environment variable {KEY_ENV}, or point "
-                                  f"{URL_ENV} (--endpoint) at a local OpenAI-compatible server")
-        key = "EMPTY"  # local servers (vLLM, llama.cpp) accept any key
-    return openai.OpenAI(api_key=key, base_url=url, max_retries=0, timeout=config.timeout_s)
-
-
-def _served_model(client: Any, config: ClusteringConfig) -> str:
-    """The endpoint's only model, for servers that serve one (vLLM); otherwise ask for a name."""
-    names = [m.id for m in _with_retries(lambda: list(client.models.list()), config, "listing models")]
-    if len(names) == 1:
-        return names[0]
-    served = ", ".join(names[:20]) or "none listed"
-    raise ClusteringError(f"choose the chat model with --llm-model / ClusteringConfig.model (served: {served})")
-
-
-def _with_retries(call: Callable[[], T], config: ClusteringConfig, what: str) -> T:
-    """Run `call`, retrying 429 / 5xx / connection errors with bounded exponential backoff."""
-    import openai
-
-    where = config.endpoint() or "the OpenAI API"
-    for attempt in range(config.max_retries + 1):
-        try:
-            return call()
-        except openai.AuthenticationError:
-            raise ClusteringError(f"{where} refused the API key (HTTP 401) while {what}: set the environment "
-                                  f"variable {KEY_ENV} to a key this endpoint accepts") from None
-        except openai.PermissionDeniedError:
-            raise ClusteringError(f"{where} denied access (HTTP 403) while {what}: the key in {KEY_ENV} lacks "
-                                  f"access to this model or endpoint; set {KEY_ENV} to a key that has it") from None
-        except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as err:
-            status = getattr(err, "status_code", None)
-            problem = f"HTTP {status}" if status else type(err).__name__
-            if attempt == config.max_retries:
-                raise ClusteringError(f"{where} still failing ({problem}) while {what} after "
-                                      f"{config.max_retries} retries; check the server and try again") from None
-            delay = min(config.max_backoff_s, _retry_after(err) or config.backoff_s * 2 ** attempt)
-            log.warning("%s: %s while %s; retry %d/%d in %.1f s", where, problem, what, attempt + 1,
-                        config.max_retries, delay)
-            time.sleep(delay)
-        except openai.APIStatusError as err:
-            raise ClusteringError(f"{where} answered HTTP {err.status_code} while {what}: {err.message}") from None
-    raise AssertionError("unreachable")
-
-
-def _retry_after(err: Exception) -> float | None:
-    """The server's Retry-After delay in seconds, when it sent a numeric one."""
-    response = getattr(err, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+        return parse_answer(json.dumps(entry["answer"]), tokens)
+    except (ValueError, KeyError, TypeError):
         return None
 
 
-def _ask(client: Any, config: ClusteringConfig, model: str, tokens: list[str],
-         cache: Path) -> tuple[dict[str, Any] | None, str]:
+def _ask(client: ChatClient, tokens: list[str]) -> tuple[dict[str, Any] | None, str]:
     """One layer: ask, reparse once after a reminder, cache a good answer. Returns (answer, failure reason)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": build_prompt(tokens)}]
     reason = ""
     for _ in range(2):
-        text = _with_retries(lambda: _complete(client, model, messages, config.max_tokens), config, "clustering tokens")
+        text = client.complete(messages, "clustering tokens")
         try:
             answer = parse_answer(text, tokens)
         except AnswerError as err:
@@ -249,24 +167,9 @@ def _ask(client: Any, config: ClusteringConfig, model: str, tokens: list[str],
             messages = messages + [{"role": "assistant", "content": text},
                                    {"role": "user", "content": REMINDER.format(reason=reason)}]
             continue
-        write_json(cache / f"{cache_key(model, tokens)}.json", {"model": model, "tokens": tokens, "answer": answer})
+        client.store(_cache_key(client, tokens), {"model": client.model, "tokens": tokens, "answer": answer})
         return answer, ""
     return None, reason
-
-
-def _complete(client: Any, model: str, messages: list[dict[str, str]], max_tokens: int) -> str:
-    """One chat completion at temperature 0; the reply's text."""
-    response = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=max_tokens)
-    return response.choices[0].message.content or ""
-
-
-def _read_cache(path: Path, tokens: list[str]) -> dict[str, Any] | None:
-    """A cached answer, or None if absent or unreadable (it is then asked for again)."""
-    try:
-        entry = json.loads(path.read_text())
-        return parse_answer(json.dumps(entry["answer"]), tokens)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _extract_json(text: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ carries: the unsteered model continues from the prompt plus the steered run's fi
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from steerlens.analysis.logit_lens import decode_tokens
 from steerlens.analysis.patching import kl_divergence
+from steerlens.anatomy import position_ids
 from steerlens.backends import hf
 from steerlens.errors import SteerlensError
 from steerlens.rollout import encode_prompt, stop_token_ids
@@ -45,10 +47,6 @@ class Trajectories:
         if not self.generated.any(dim=1).all():
             raise FirstTokenError("every trajectory needs at least one generated token")
 
-    def position_ids(self) -> torch.Tensor:
-        """Positions counted from each row's first real token (left padding gets 0)."""
-        return (self.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
     def rows(self, start: int, stop: int) -> "Trajectories":
         return Trajectories(self.ids[start:stop], self.attention_mask[start:stop], self.prompt_width,
                             self.generated[start:stop])
@@ -57,6 +55,11 @@ class Trajectories:
         """Each row's generated tokens decoded, special tokens dropped."""
         return [tokenizer.decode(row[mask].tolist(), skip_special_tokens=True)
                 for row, mask in zip(self.ids, self.generated)]
+
+
+def steering(model: nn.Module, vectors: SteeringVectors | None) -> AbstractContextManager:
+    """`model` steered by `vectors` (HF hooks) for a `with` block; unsteered when `vectors` is None."""
+    return hf.attach(model, vectors) if vectors is not None else nullcontext()
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +81,9 @@ def generate_greedy(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Se
     pad = tokenizer.pad_token_id
     ids, mask = _left_pad(encoded, pad, device)
     stops = stop_token_ids(tokenizer, model)
-    handle = hf.attach(model, vectors) if vectors is not None else None
-    try:
+    with steering(model, vectors):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              temperature=None, top_p=None, top_k=None, eos_token_id=stops, pad_token_id=pad)
-    finally:
-        if handle is not None:
-            handle.detach()
     new = out[:, ids.shape[1]:]
     is_stop = torch.isin(new, torch.tensor(stops, device=device))
     after_stop = (is_stop.long().cumsum(-1) - is_stop.long()) > 0  # strictly after the first stop token
@@ -102,13 +101,9 @@ def with_prefix(tokenizer: Any, prompts: Sequence[str | Sequence[int]], prefix: 
 def _log_probs(model: nn.Module, traj: Trajectories, vectors: SteeringVectors | None,
                rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """`[S, V]` next-token log-probabilities (fp32) at (rows, cols), teacher-forced, steered if `vectors`."""
-    handle = hf.attach(model, vectors) if vectors is not None else None
-    try:
-        logits = model(input_ids=traj.ids, attention_mask=traj.attention_mask, position_ids=traj.position_ids(),
-                       use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.detach()
+    with steering(model, vectors):
+        logits = model(input_ids=traj.ids, attention_mask=traj.attention_mask,
+                       position_ids=position_ids(traj.attention_mask), use_cache=False).logits
     return logits[rows, cols].float().log_softmax(-1)
 
 

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from steerlens import anatomy
 from steerlens.errors import SteerlensError
 from steerlens.vectors import SteeringVectors
 
 RAW = "raw"
 FINAL_NORM = "final_norm"
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm")
 EPS = 1e-12
 
 
@@ -51,27 +51,6 @@ class LogitLensResult:
     def table(self) -> pd.DataFrame:
         """Top and bottom tokens in one table (the `side` column tells them apart)."""
         return pd.concat([self.top, self.bottom], ignore_index=True)
-
-
-def unembedding(model: nn.Module) -> torch.Tensor:
-    """The `[vocab, d]` unembedding (lm_head) weight of an HF causal LM, detached."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise LogitLensError(f"{type(model).__name__} has no output embedding (lm_head) to project on")
-    return head.weight.detach()
-
-
-def find_final_norm(model: nn.Module) -> nn.Module:
-    """The normalisation layer an HF causal LM applies before its unembedding."""
-    base = getattr(model, "base_model", model)
-    for name in FINAL_NORM_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise LogitLensError(
-        f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(FINAL_NORM_NAMES)} "
-        f"on {type(base).__name__}); pass norm=YOUR_MODULE to logit_lens, or use the raw projection"
-    )
 
 
 def _rows(vectors: SteeringVectors | torch.Tensor) -> tuple[list[int], torch.Tensor]:
@@ -107,7 +86,7 @@ def logit_lens(
 ) -> LogitLensResult:
     """Cosine projection of every vector on every unembedding row: top/bottom `k` tokens and histograms.
 
-    `norm` (e.g. `find_final_norm(model)`) is applied to the vectors first; the result is labelled
+    `norm` (e.g. `steerlens.anatomy.final_norm(model)`) is applied to the vectors first; the result is labelled
     `projection="final_norm"` then, else `"raw"`. Histograms use `hist_bins` equal bins over [-1, 1].
     Computation runs on `unembed`'s device in fp32, `chunk_size` vocabulary rows at a time.
     """
@@ -204,5 +183,5 @@ def coarsen_histogram(histogram: pd.DataFrame, max_bins: int = 100) -> pd.DataFr
 def model_logit_lens(model: nn.Module, tokenizer: Any, vectors: SteeringVectors | torch.Tensor, *,
                      k: int = 50, final_norm: bool = False, **kwargs: Any) -> LogitLensResult:
     """`logit_lens` against an HF model's lm_head, optionally through its final norm first."""
-    norm = find_final_norm(model) if final_norm else None
-    return logit_lens(vectors, unembedding(model), tokenizer, k=k, norm=norm, **kwargs)
+    norm = anatomy.final_norm(model) if final_norm else None
+    return logit_lens(vectors, anatomy.unembedding(model), tokenizer, k=k, norm=norm, **kwargs)

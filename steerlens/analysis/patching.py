@@ -31,10 +31,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from steerlens.analysis.logit_lens import find_final_norm
-from steerlens.anatomy import add_to_output
+from steerlens.anatomy import AttentionParts, add_to_output, attention_parts, decoder_layers, final_norm, layer_output
 from steerlens.errors import SteerlensError
-from steerlens.anatomy import decoder_layers
 from steerlens.vectors import SteeringVectors
 
 MODES = ("only", "skip")
@@ -144,40 +142,6 @@ def variant_patches(units: Sequence[str], modes: Sequence[str], routes: Sequence
 # ---- the study layer's modules and the hooks that mix clean and steered parts ------------------------------
 
 @dataclass
-class _LayerParts:
-    layer: nn.Module
-    ln1: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    ln2: nn.Module
-    head_dim: int
-
-    @property
-    def heads(self) -> int:
-        return self.q.out_features // self.head_dim
-
-    @property
-    def groups(self) -> int:
-        return self.k.out_features // self.head_dim
-
-
-def layer_parts(model: nn.Module, index: int) -> _LayerParts:
-    """The submodules of decoder layer `index` that patching hooks into (pre-norm Qwen/Llama layout)."""
-    layer = decoder_layers(model)[index]
-    attn = getattr(layer, "self_attn", None)
-    names = ("input_layernorm", "post_attention_layernorm")
-    if attn is None or not all(hasattr(layer, n) for n in names) or hasattr(layer, "pre_feedforward_layernorm") \
-            or not all(hasattr(attn, f"{p}_proj") for p in "qkvo"):
-        raise PatchingError(f"{type(layer).__name__} is not a pre-norm layer with input_layernorm, "
-                            "self_attn.{q,k,v,o}_proj and post_attention_layernorm; patching cannot hook it")
-    head_dim = int(getattr(attn, "head_dim", 0)) or attn.q_proj.out_features // model.config.num_attention_heads
-    return _LayerParts(layer, layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                       layer.post_attention_layernorm, head_dim)
-
-
-@dataclass
 class _Plan:
     """Patches as row tensors: `[n, heads]` / `[n, groups]` masks, head sources (-1 own, 0 clean, 1 steered)."""
 
@@ -224,7 +188,7 @@ class _PatchHooks:
     generation. Head overrides need `refs`, the clean and steered runs' o_proj inputs for the same rows.
     """
 
-    def __init__(self, parts: _LayerParts, vector: torch.Tensor, plan: _Plan,
+    def __init__(self, parts: AttentionParts, vector: torch.Tensor, plan: _Plan,
                  refs: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.parts, self.plan, self.refs = parts, plan, refs
         self.vector = vector
@@ -277,8 +241,7 @@ class _PatchHooks:
         return (hidden, *args[1:])
 
     def _residual(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        like = output if isinstance(output, torch.Tensor) else output[0]
-        return add_to_output(output, self.plan.residual.to(like.dtype) * self.vector.to(like.dtype))
+        return add_to_output(output, self.plan.residual * self.vector)
 
 
 # ---- running the study layer and the rest of the model on stacked variants ---------------------------------
@@ -325,7 +288,7 @@ class LayerPatcher:
                                 f"this {num_layers}-layer model), got {layer}")
         device = next(model.parameters()).device
         self.model, self.layer, self.study = model, layer, layer + 1
-        self.parts = layer_parts(model, self.study)
+        self.parts = attention_parts(model, self.study)
         self.ids = ids.view(1, -1).to(device) if ids.ndim == 1 else ids.to(device)
         self.mask = torch.ones_like(self.ids) if attention_mask is None else attention_mask.to(device)
         self.x, self.kwargs = self._capture_input()
@@ -358,9 +321,8 @@ class LayerPatcher:
         """Layers from the study layer on and the final norm, for `n` variant blocks of the batch."""
         kwargs = _tile(self.kwargs, self.batch, n)
         for layer in decoder_layers(self.model)[self.study:]:
-            out = layer(hidden, **kwargs)
-            hidden = out if isinstance(out, torch.Tensor) else out[0]
-        return find_final_norm(self.model)(hidden)
+            hidden = layer_output(layer(hidden, **kwargs))
+        return final_norm(self.model)(hidden)
 
     def _unembed(self, hidden: torch.Tensor, n: int,
                  positions: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -490,7 +452,7 @@ def patch_hooks(model: nn.Module, vectors: SteeringVectors | torch.Tensor, layer
         raise PatchingError(f"layer must be in 0..{num_layers - 2} for a {num_layers}-layer model, got {layer}")
     if patch.overrides_heads:
         raise PatchingError("head overrides need the steered run's head outputs; use q/k/v parts for generation")
-    parts = layer_parts(model, layer + 1)
+    parts = attention_parts(model, layer + 1)
     param = next(model.parameters())
     vector = steering_vector(vectors, layer).to(device=param.device, dtype=param.dtype)
     with _PatchHooks(parts, vector, _Plan.of([patch], param.device, param.dtype)):

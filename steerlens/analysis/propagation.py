@@ -23,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steerlens.analysis.first_token import generate_greedy
-from steerlens.backends import hf
+from steerlens.analysis.first_token import generate_greedy, steering
+from steerlens.anatomy import decoder_layers, layer_output, position_ids
 from steerlens.errors import SteerlensError
-from steerlens.anatomy import decoder_layers
 from steerlens.vectors import SteeringVectors
 
 METRICS = ("cos_vector", "cos_mean", "mean_cos_vector", "norm", "mean_norm")
@@ -37,30 +36,20 @@ class PropagationError(SteerlensError, ValueError):
     """A propagation request does not fit the model or the vectors."""
 
 
-def _output(out: Any) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
 @torch.no_grad()
 def layer_outputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   vectors: SteeringVectors | None = None) -> list[torch.Tensor]:
     """Every decoder layer's output `[B, T, d]` as the next layer sees it (steered by `vectors` if given)."""
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     captured: list[torch.Tensor] = []
-    handle = hf.attach(model, vectors) if vectors is not None else None
-    hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(_output(out)))
-             for layer in decoder_layers(model)]
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        if handle is not None:
-            handle.detach()
+    with steering(model, vectors):  # attached first, so the capture hooks below see the steering
+        hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(layer_output(out)))
+                 for layer in decoder_layers(model)]
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
     return captured
 
 
@@ -105,22 +94,21 @@ def _source_rows(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, score:
     means = torch.zeros(len(layers), base[0].shape[-1])
 
     def measure(j: int, module: nn.Module, args: Any, out: Any) -> None:
-        delta = (_output(out) - base[j])[score].float()
+        delta = (layer_output(out) - base[j])[score].float()
         vector = None
         if reference is not None and j in reference.layers:
             vector = reference.values[reference.layers.index(j)].to(delta.device, torch.float32)
         rows.append({"source": source, "target": j, **_metrics(delta, vector)})
         means[j] = delta.mean(0).cpu()
 
-    handle = hf.attach(model, single)
-    hooks = [layers[j].register_forward_hook(lambda m, a, out, j=j: measure(j, m, a, out))
-             for j in range(source, len(layers))]
-    try:
-        model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        handle.detach()
+    with steering(model, single):
+        hooks = [layers[j].register_forward_hook(lambda m, a, out, j=j: measure(j, m, a, out))
+                 for j in range(source, len(layers))]
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
     return rows, means
 
 

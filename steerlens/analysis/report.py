@@ -1,9 +1,9 @@
-"""Run chosen analyses on a vectors file and write one self-contained HTML report plus its tables.
+"""Run chosen analyses on steering vectors and a loaded model: one self-contained HTML report plus its tables.
 
-`out_dir` receives `report.html` (plotly.js embedded once, every figure and table inline, viewable
-offline), `tables/NAME.csv` and `tables/NAME.parquet` for every table, `figures/NAME.json` (plotly
-figure data) and `summary.json` (what was run, on what, how long it took). List-valued columns are JSON
-strings in the CSV files and real lists in parquet.
+`analyze` returns an `AnalysisReport`; its `save(out_dir)` writes `report.html` (plotly.js embedded once,
+every figure and table inline, viewable offline), `tables/NAME.csv` and `tables/NAME.parquet` for every
+table, `figures/NAME.json` (plotly figure data) and `summary.json` (what was run, on what, how long it
+took). List-valued columns are JSON strings in the CSV files and real lists in parquet.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import html
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -23,11 +23,10 @@ from torch import nn
 from steerlens import plots
 from steerlens.analysis import clustering as clustering_mod
 from steerlens.analysis import stats
-from steerlens.analysis.logit_lens import LogitLensResult, coarsen_histogram, model_logit_lens, unembedding
+from steerlens.analysis.logit_lens import LogitLensResult, coarsen_histogram, model_logit_lens
+from steerlens.anatomy import model_shape, unembedding
 from steerlens.errors import SteerlensError
 from steerlens.io import atomic_path, write_json, write_text
-from steerlens.anatomy import model_shape
-from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
 ANALYSES = ("logit_lens", "stats", "clustering")
@@ -38,49 +37,56 @@ class AnalysisError(SteerlensError, ValueError):
 
 
 @dataclass
-class AnalysisOutput:
-    """What `analyze` wrote: the report, the tables by name, and the summary."""
+class AnalysisReport:
+    """What `analyze` found: tables and figures by name, the summary, and the report page; `save` writes them."""
 
-    out_dir: Path
-    report: Path
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame]
+    figures: dict[str, go.Figure]
+    summary: dict[str, Any]
+    html: str
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write report.html, tables/ (CSV and parquet), figures/ (plotly JSON) and summary.json into `out_dir`."""
+        out_dir = Path(out_dir)
+        written = [path for name, table in self.tables.items()
+                   for path in _write_table(out_dir / "tables", name, table)]
+        for name, fig in self.figures.items():
+            written.append(out_dir / "figures" / f"{name}.json")
+            write_text(written[-1], fig.to_json())
+        written.append(out_dir / "summary.json")
+        write_json(written[-1], self.summary)
+        written.append(out_dir / "report.html")
+        write_text(written[-1], self.html)
+        return written
 
 
 def analyze(
-    vectors_path: str | Path,
-    model: str | Path | tuple[nn.Module, Any],
-    out_dir: str | Path,
+    vectors: SteeringVectors,
+    model: nn.Module,
+    tokenizer: Any,
     analyses: Sequence[str] = ANALYSES,
     *,
+    name: str = "",
     top_k: int = 50,
     final_norm: bool = False,
     clustering: clustering_mod.ClusteringConfig | None = None,
     clustering_method: str = "auto",
-    compare: Sequence[str | Path] = (),
+    compare: Mapping[str, SteeringVectors] | None = None,
     chunk_size: int = 8192,
     progress: bool = True,
-) -> AnalysisOutput:
-    """Run `analyses` on the vectors at `vectors_path` against `model` and write the report to `out_dir`.
+) -> AnalysisReport:
+    """Run `analyses` on `vectors` against a loaded HF `model` and its tokenizer; `save` the result to write it.
 
-    `model` is a name/path for `steerlens.models.load_model` or an already loaded (model, tokenizer).
-    `compare` adds other runs' vectors files (e.g. other seeds) to the stats: per-layer cosine with each.
-    Clustering groups each layer's top-k logit-lens tokens; it asks an LLM when `clustering` (or
-    $OPENAI_BASE_URL) names an endpoint, else clusters offline (`clustering_method` forces either).
+    `name` is what the report calls the vectors (e.g. their file). `compare` adds other runs' vectors by
+    name (e.g. other seeds) to the stats: per-layer cosine with each. Clustering groups each layer's top-k
+    logit-lens tokens; it asks an LLM when `clustering` (or $OPENAI_BASE_URL) names an endpoint, else
+    clusters offline (`clustering_method` forces either).
     """
     unknown = [a for a in analyses if a not in ANALYSES]
     if unknown or not analyses:
         raise AnalysisError(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
-    out_dir = Path(out_dir)
-    vectors = SteeringVectors.load(vectors_path)
-    if isinstance(model, tuple):
-        lm, tokenizer = model
-        model_name = str(getattr(lm.config, "_name_or_path", "")) or type(lm).__name__
-    else:
-        lm, tokenizer = load_model(model)
-        model_name = str(model)
-    vectors.check_fits(model_shape(lm))
-    others = {str(path): SteeringVectors.load(path) for path in compare}
+    vectors.check_fits(model_shape(model))
+    others = dict(compare or {})
 
     timings: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {}
@@ -89,7 +95,7 @@ def analyze(
     lens: LogitLensResult | None = None
     if "logit_lens" in analyses or "clustering" in analyses:
         start = time.perf_counter()
-        lens = model_logit_lens(lm, tokenizer, vectors, k=top_k, final_norm=final_norm, chunk_size=chunk_size,
+        lens = model_logit_lens(model, tokenizer, vectors, k=top_k, final_norm=final_norm, chunk_size=chunk_size,
                                 progress=progress)
         timings["logit_lens"] = time.perf_counter() - start
     if "stats" in analyses:
@@ -103,7 +109,7 @@ def analyze(
         start = time.perf_counter()
         config = clustering or clustering_mod.ClusteringConfig()
         method = clustering_mod.choose_method(config) if clustering_method == "auto" else clustering_method
-        clusters = clustering_mod.cluster_tokens(lens.top, config, method=method, unembed=unembedding(lm),
+        clusters = clustering_mod.cluster_tokens(lens.top, config, method=method, unembed=unembedding(model),
                                                  progress=progress)
         tables["clusters"] = clusters
         clustering_info = {"method": method, "model": clusters["model"].iloc[0] if len(clusters) else "",
@@ -112,8 +118,9 @@ def analyze(
         sections.append(_clusters_section(clusters, method))
         timings["clustering"] = time.perf_counter() - start
 
+    model_name = str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
     summary = {
-        "vectors": str(vectors_path), "model": model_name, "layers": list(vectors.layers),
+        "vectors": name, "model": model_name, "layers": list(vectors.layers),
         "num_layers": vectors.num_layers, "hidden_size": vectors.hidden_size, "analyses": list(analyses),
         "top_k": top_k, "projection": lens.projection if lens is not None else None,
         "compare": list(others), "clustering": clustering_info, "seconds": timings,
@@ -121,14 +128,7 @@ def analyze(
     }
     if "stats" in analyses:
         summary["stable_rank"] = stats.stable_rank(vectors)
-    for name, table in tables.items():
-        _write_table(out_dir / "tables", name, table)
-    for name, fig in figures.items():
-        write_text(out_dir / "figures" / f"{name}.json", fig.to_json())
-    write_json(out_dir / "summary.json", summary)
-    report = out_dir / "report.html"
-    write_text(report, _page(summary, sections))
-    return AnalysisOutput(out_dir=out_dir, report=report, tables=tables, summary=summary)
+    return AnalysisReport(tables, figures, summary, _page(summary, sections))
 
 
 # ---- sections -------------------------------------------------------------------------------------
@@ -206,14 +206,16 @@ def _section(anchor: str, title: str, body: str) -> str:
     return f"<section id='{anchor}'><h2>{html.escape(title)}</h2>{body}</section>"
 
 
-def _write_table(directory: Path, name: str, table: pd.DataFrame) -> None:
+def _write_table(directory: Path, name: str, table: pd.DataFrame) -> list[Path]:
     """CSV (lists as JSON strings) and parquet, each written atomically."""
     listy = [c for c in table.columns if table[c].map(lambda v: isinstance(v, list)).any()]
     flat = table.assign(**{c: table[c].map(lambda v: json.dumps(v, ensure_ascii=False)) for c in listy})
-    with atomic_path(directory / f"{name}.csv") as tmp:
+    csv, parquet = directory / f"{name}.csv", directory / f"{name}.parquet"
+    with atomic_path(csv) as tmp:
         flat.to_csv(tmp, index=False)
-    with atomic_path(directory / f"{name}.parquet") as tmp:
+    with atomic_path(parquet) as tmp:
         table.rename(columns=str).to_parquet(tmp, index=False)
+    return [csv, parquet]
 
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -227,7 +229,7 @@ def _page(summary: dict[str, Any], sections: list[str]) -> str:
     """The whole report: plotly.js once in the head, then the sections."""
     from plotly.offline import get_plotlyjs
 
-    meta = {"vectors": summary["vectors"], "model": summary["model"],
+    meta = {"vectors": summary["vectors"] or "-", "model": summary["model"],
             "layers": f"{len(summary['layers'])} of {summary['num_layers']} (hidden size {summary['hidden_size']})",
             "projection": summary["projection"] or "-", "created": summary["created"]}
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())

@@ -5,6 +5,9 @@ Every set is evaluated by `steerlens.evaluation` into its own folder (per-sample
 one engine per model: the vectors are pushed into the running engine between sets, so a study costs
 one engine start per model, not per set. All sets of a study use the same decoding (`decoding=auto`
 means sampling here, so the unsteered baseline is measured the same way as the steered sets).
+
+`run_swap`, `run_pairs` and `run_magnitude` are `steerlens study swap | pairs | magnitude`: the tables
+above plus their grids and figures, as a `StudyResult`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Mapping
 import pandas as pd
 
 from steerlens.analysis.patching import Patch
-
+from steerlens.analysis.results import StudyResult
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate, start_engine
 from steerlens.models import config_shape
+from steerlens.plots import matrix_heatmap, sweep_line
 from steerlens.vectors import SteeringVectors
 
 BASE = "base"
@@ -51,9 +55,8 @@ def evaluate_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_c
     scores: dict[str, float] = {}
     try:
         for name, vectors in sets.items():
-            path = vectors.save(out_dir / "vectors" / f"{name}.safetensors") if vectors is not None else None
-            cfg = replace(base_cfg, vectors=str(path) if path else None, label=name, out_dir=str(out_dir / name))
-            scores[name] = headline(evaluate(cfg, engine=engine)["summary"])
+            cfg = replace(base_cfg, label=name, out_dir=str(out_dir / name))
+            scores[name] = headline(evaluate(cfg, vectors, engine=engine)["summary"])
     finally:
         engine.close()
     return pd.Series(scores, name="accuracy")
@@ -158,15 +161,34 @@ def patched_accuracy(model: str, vectors: SteeringVectors, layer: int, patches: 
     return pd.Series(scores, name="accuracy")
 
 
-def save_study(out_dir: Path, tables: Mapping[str, pd.DataFrame], figures: Mapping[str, object] | None = None) -> list[Path]:
-    """Write each table as CSV and each plotly figure as standalone HTML into `out_dir`, atomically."""
-    from steerlens.io import write_text
+def run_swap(runs: Mapping[str, tuple[str, SteeringVectors]], eval_cfg: EvalConfig, out_dir: Path) -> StudyResult:
+    """`swap_matrix` with its donor x recipient grids of accuracy and normalised gain, and their heatmaps."""
+    table = swap_matrix(runs, eval_cfg, out_dir)
+    raw = table.pivot(index="donor", columns="recipient", values="accuracy")
+    normalised = table.pivot(index="donor", columns="recipient", values="normalised")
+    return StudyResult({"swap": table.set_index(["donor", "recipient"]), "swap_accuracy": raw},
+                       {"swap_normalised": matrix_heatmap(normalised, "(acc - base) / (acc_own - base)", zmid=0.0),
+                        "swap_accuracy": matrix_heatmap(raw, "Accuracy: donor vectors on recipient model")})
 
-    written = []
-    for name, table in tables.items():
-        written.append(out_dir / f"{name}.csv")
-        write_text(written[-1], table.to_csv())
-    for name, figure in (figures or {}).items():
-        written.append(out_dir / f"{name}.html")
-        write_text(written[-1], figure.to_html(include_plotlyjs="cdn"))
-    return written
+
+def run_pairs(model: str, all_layers: SteeringVectors, eval_cfg: EvalConfig, out_dir: Path,
+              singles: Mapping[int, SteeringVectors] | None = None) -> StudyResult:
+    """`pair_study` with heatmaps of the pair accuracy and the relative improvement.
+
+    `singles` maps each layer to its single-layer vectors (separately trained runs); None: each layer of
+    `all_layers` alone.
+    """
+    singles = singles or {layer: all_layers.select([layer]) for layer in all_layers.layers}
+    tables = pair_study(model, singles, all_layers, eval_cfg, out_dir)
+    relative = tables["relative"].pivot(index="i", columns="j", values="relative_improvement")
+    return StudyResult(tables, {"pair_accuracy": matrix_heatmap(tables["accuracy"], "Accuracy with layers i and j"),
+                                "pair_relative": matrix_heatmap(relative, "Relative improvement over the better "
+                                                                          "single vector", zmid=0.0)})
+
+
+def run_magnitude(model: str, vectors: SteeringVectors, factors: list[float], eval_cfg: EvalConfig,
+                  out_dir: Path) -> StudyResult:
+    """`magnitude_sweep` and its accuracy-against-scale line."""
+    table = magnitude_sweep(model, vectors, factors, eval_cfg, out_dir)
+    return StudyResult({"magnitude": table.set_index("factor")},
+                       {"magnitude": sweep_line(table, "factor", "accuracy", "Accuracy vs vector scale")})

@@ -1,24 +1,38 @@
-"""The one protocol every backend follows.
+"""The one handle protocol every backend follows.
 
-`attach(model, vectors, trainable=False)` returns a `SteeringHandle`: the steering values live in
-`handle.parameter` (`[k, d]`, one row per steered layer, fp32 unless asked otherwise), the model is
-steered until `handle.detach()` is called, and the handle is a context manager that detaches itself.
-Base weights are never touched; with `trainable=True` only `handle.parameter` requires grad.
+`steerlens.steer(model, vectors)` (or a backend's `attach`) returns a `SteeringHandle`: the model is
+steered until `remove()` is called or a `with` block ends. The same verbs exist on every backend:
+
+- `update(vectors)`: new values in place (same layers), taking effect on the next forward pass;
+- `vectors()`: the current values as a `SteeringVectors`;
+- `remove()`: the model runs unsteered again (`attach()` puts the steering back);
+- `as_hooks()`: `[(name, fn)]` for running the steering as one-off hooks instead (TransformerLens's
+  `run_with_hooks` / `run_with_cache`; module paths and forward hooks on HF).
+
+The values live in `handle.parameter` (`[k, d]`, one row per steered layer, fp32). Base weights are
+never touched; with `trainable=True` only `handle.parameter` requires grad.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable, Self
 
 import torch
 
-from steerlens.vectors import SteeringVectors
+from steerlens.errors import SteerlensError
+from steerlens.vectors import SteeringVectors, VectorsError
+
+Hook = tuple[str, Callable[..., Any]]
+
+
+class BackendError(SteerlensError, ValueError):
+    """A steering request the backend cannot carry out (wrong model type, handle state)."""
 
 
 class SteeringHandle(ABC):
-    """Steering attached to one model; removes itself on `detach()` or on leaving a `with` block."""
+    """Steering attached to one model; removes itself on `remove()` or on leaving a `with` block."""
 
     def __init__(self, vectors: SteeringVectors, trainable: bool, device: torch.device | str,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -43,33 +57,51 @@ class SteeringHandle(ABC):
         return replace(self.template, values=values, provenance={**self.template.provenance, **provenance})
 
     @torch.no_grad()
-    def set(self, vectors: SteeringVectors | torch.Tensor) -> None:
+    def update(self, vectors: SteeringVectors | torch.Tensor) -> None:
         """Overwrite the values in place (same layers), keeping the parameter object."""
-        values = vectors.values if isinstance(vectors, SteeringVectors) else vectors
         if isinstance(vectors, SteeringVectors) and vectors.layers != self.layers:
-            raise ValueError(f"set: layers {vectors.layers} differ from the attached {self.layers}")
+            raise VectorsError(f"update: vectors steer layers {list(vectors.layers)}, the handle steers "
+                               f"{list(self.layers)}; steer again to change layers")
+        values = vectors.values if isinstance(vectors, SteeringVectors) else vectors
+        if tuple(values.shape) != tuple(self.parameter.shape):
+            raise VectorsError(f"update: values of shape {tuple(values.shape)}, the handle holds "
+                               f"{tuple(self.parameter.shape)}")
         self.parameter.copy_(values.to(self.parameter.dtype))
+
+    def as_hooks(self) -> list[Hook]:
+        """The steering as one-off `(name, fn)` hooks, for a handle that is not attached.
+
+        An attached handle already steers every run: adding these on top would add each vector twice.
+        """
+        if self.attached:
+            raise BackendError("as_hooks: this handle is attached, so it already steers every run; "
+                               "call remove() first or run the model without extra hooks")
+        return self._hooks()
+
+    @abstractmethod
+    def _hooks(self) -> list[Hook]: ...
 
     @abstractmethod
     def _install(self) -> None: ...
 
     @abstractmethod
-    def _remove(self) -> None: ...
+    def _uninstall(self) -> None: ...
 
-    def attach(self) -> "SteeringHandle":
+    def attach(self) -> Self:
+        """Steer the model (again); a no-op when already attached."""
         if not self.attached:
             self._install()
             self.attached = True
         return self
 
-    def detach(self) -> None:
+    def remove(self) -> None:
+        """Stop steering the model; the values stay in the handle for `attach()` or `vectors()`."""
         if self.attached:
-            self._remove()
+            self._uninstall()
             self.attached = False
 
-    def __enter__(self) -> "SteeringHandle":
+    def __enter__(self) -> Self:
         return self.attach()
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
-
+        self.remove()

@@ -5,11 +5,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import torch
 from torch import nn
 
-from steerlens.backends.base import SteeringHandle
-from steerlens.anatomy import add_to_output, decoder_layers, model_shape
+from steerlens.anatomy import add_to_output, decoder_layers, layer_output, model_shape
+from steerlens.backends.base import Hook, SteeringHandle
 from steerlens.vectors import SteeringVectors
 
 
@@ -21,23 +20,28 @@ class HFSteering(SteeringHandle):
         device = next(model.parameters()).device
         super().__init__(vectors, trainable, device)
         self.model = model
-        self._hooks: list[Any] = []
+        self._handles: list[Any] = []
 
     def _hook(self, layer: int, module: nn.Module, args: Any, output: Any) -> Any:
-        return add_to_output(output, self.vector(layer, output if isinstance(output, torch.Tensor) else output[0]))
+        return add_to_output(output, self.vector(layer, layer_output(output)))
+
+    def _hooks(self) -> list[Hook]:
+        """`(module path, forward hook)` per steered layer, for `model.get_submodule(path).register_forward_hook`."""
+        layers = decoder_layers(self.model)
+        paths = {id(module): name for name, module in self.model.named_modules()}
+        return [(paths[id(layers[layer])], partial(self._hook, layer)) for layer in self.layers]
 
     def _install(self) -> None:
-        layers = decoder_layers(self.model)
-        self._hooks = [layers[layer].register_forward_hook(partial(self._hook, layer)) for layer in self.layers]
+        self._handles = [self.model.get_submodule(path).register_forward_hook(fn) for path, fn in self._hooks()]
 
-    def _remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+    def _uninstall(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def attach(model: nn.Module, vectors: SteeringVectors, trainable: bool = False) -> HFSteering:
-    """Steer `model` with `vectors` until the handle is detached (also usable as `with attach(...)`)."""
+    """Steer `model` with `vectors` until the handle is removed (also usable as `with attach(...)`)."""
     return HFSteering(model, vectors, trainable).attach()
 
 

@@ -1,42 +1,84 @@
-"""nnsight backend: steer one trace from inside it, or every run of the model until detached.
+"""nnsight backend: steering as an nnsight persistent edit, or inside one trace.
 
-Works with any nnsight wrapper of a `transformers` causal LM (`TransformersModel`, or the deprecated
-`LanguageModel`), loaded from a local directory without the hub, e.g.
-`TransformersModel(path, task="text-generation", dispatch=True)`. Its envoy tree mirrors the HF
-module tree, so decoder layer l is at the same path as in `steerlens.models.LAYER_PATHS`
-(`lm.model.layers[l]` for Qwen2 and Llama).
+Works with any nnsight wrapper of a `transformers` causal LM (`LanguageModel`, `TransformersModel`),
+loaded from a local directory without the hub, e.g. `LanguageModel(path, dispatch=True)`.
 
-This module's name does not shadow the `nnsight` package: Python 3 imports are absolute, so
-`import nnsight` (in this package too) finds the installed package; import this module as
-`from steerlens.backends import nnsight as nnsight_backend` to keep both names usable side by side.
+- `attach(lm, vectors)` (what `steerlens.steer` calls) stores the steering with nnsight's own
+  `lm.edit(inplace=True)`, so every later trace, `generate` and plain call of `lm` is steered. The
+  edit reads `handle.parameter` at run time, so `update()` takes effect on the next run and gradients
+  reach it (`trainable=True`). nnsight 0.8 removes edits only all at once (`lm.clear_edits()`), so
+  `remove()` clears every edit stored on `lm`.
+- `steer(lm, vectors)` inside a `with lm.trace(...)` block steers that trace only.
+
+The envoy tree mirrors the HF module tree, so the decoder layers are found by `steerlens.anatomy`'s
+rule on the envoys' names. This module does not shadow the `nnsight` package (imports are absolute).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-from torch import nn
+import torch
 
-from steerlens.backends import hf
-from steerlens.anatomy import add_to_output
-from steerlens.anatomy import decoder_layers, model_shape
-from steerlens.vectors import SteeringVectors
-
-
-def hf_model(lm: Any) -> nn.Module:
-    """The `transformers` model an nnsight wrapper runs (what its envoy tree mirrors)."""
-    return lm._module
+from steerlens.anatomy import add_to_output, architecture, layers_path
+from steerlens.backends.base import Hook, SteeringHandle
+from steerlens.vectors import ModelShape, SteeringVectors
 
 
-def layer_envoys(lm: Any) -> Any:
-    """The envoy of the model's decoder-layer list, found at the same path as in the HF model."""
-    model = hf_model(lm)
-    layers = decoder_layers(model)
-    path = next(name for name, module in model.named_modules() if module is layers)
-    envoy = lm
-    for attr in path.split("."):
-        envoy = getattr(envoy, attr)
-    return envoy
+def envoy_layers_path(lm: Any) -> str:
+    """The dotted path of the decoder-layer list below the nnsight model `lm`."""
+    root = type(lm).__name__
+    names = [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
+    return layers_path(names, architecture(lm), root)
+
+
+def nnsight_model_shape(lm: Any) -> ModelShape:
+    """Layer count and width of the model an nnsight wrapper runs, from its envoys and config."""
+    config = lm.config
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    return ModelShape(num_layers=len(lm.get(envoy_layers_path(lm))), hidden_size=int(text_config.hidden_size),
+                      name=str(getattr(config, "_name_or_path", "")), architecture=architecture(lm))
+
+
+def _device(lm: Any) -> torch.device:
+    """Where the model's weights are; CPU for a model not dispatched yet (its weights are on "meta")."""
+    device = lm.device
+    return torch.device("cpu") if device is None or device.type == "meta" else device
+
+
+def _add(vector: torch.Tensor, output: Any) -> Any:
+    return add_to_output(output, vector)
+
+
+class NNsightSteering(SteeringHandle):
+    """Steering on an nnsight model, stored as a persistent edit."""
+
+    def __init__(self, lm: Any, vectors: SteeringVectors, trainable: bool = False) -> None:
+        vectors.check_fits(nnsight_model_shape(lm))
+        super().__init__(vectors, trainable, _device(lm))
+        self.lm = lm
+        self.path = envoy_layers_path(lm)
+
+    def _hooks(self) -> list[Hook]:
+        """`(envoy path, fn)` per steered layer, in forward order: inside a trace,
+        `envoy = lm.get(path); envoy.output = fn(envoy.output)`."""
+        return [(f"{self.path}.{layer}", partial(_add, self.parameter[self.rows[layer]]))
+                for layer in sorted(self.layers)]
+
+    def _install(self) -> None:
+        with self.lm.edit(inplace=True):
+            for path, fn in self._hooks():
+                envoy = self.lm.get(path)
+                envoy.output = fn(envoy.output)
+
+    def _uninstall(self) -> None:
+        self.lm.clear_edits()
+
+
+def attach(lm: Any, vectors: SteeringVectors, trainable: bool = False) -> NNsightSteering:
+    """Steer every run of `lm` until the handle is removed (also usable as `with attach(...)`)."""
+    return NNsightSteering(lm, vectors, trainable).attach()
 
 
 def steer(lm: Any, vectors: SteeringVectors) -> None:
@@ -44,30 +86,13 @@ def steer(lm: Any, vectors: SteeringVectors) -> None:
 
     Call it inside the `with` block, before reading anything downstream of the first steered layer::
 
-        from steerlens.backends import nnsight as nnsight_backend
-
         with lm.trace(tokens):
-            nnsight_backend.steer(lm, vectors)
+            steer(lm, vectors)
             logits = lm.output.logits.save()
-
-    Layers are edited in forward order, as nnsight requires. The layer output may be a tensor
-    (transformers 5) or a tuple whose first element is the hidden state (older versions).
     """
-    vectors.check_fits(model_shape(hf_model(lm)))
-    layers = layer_envoys(lm)
-    values = vectors.values.to(lm.device)
+    vectors.check_fits(nnsight_model_shape(lm))
+    path = envoy_layers_path(lm)
+    values = vectors.values.to(_device(lm))
     for row, layer in sorted(enumerate(vectors.layers), key=lambda pair: pair[1]):
-        layers[layer].output = add_to_output(layers[layer].output, values[row])
-
-
-def attach(lm: Any, vectors: SteeringVectors, trainable: bool = False) -> hf.HFSteering:
-    """Steer every trace, generate and plain call of `lm` until the handle is detached.
-
-    HF forward hooks on the wrapped model do the work, so this is the HF backend's handle. A model
-    built lazily (`dispatch=False`) gets its real weights loaded first: nnsight swaps the meta model
-    for a new one on dispatch, which would silently drop hooks placed on the meta model.
-    """
-    dispatch = getattr(lm, "dispatch", None)
-    if dispatch is not None:
-        dispatch()
-    return hf.attach(hf_model(lm), vectors, trainable)
+        envoy = lm.get(f"{path}.{layer}")
+        envoy.output = add_to_output(envoy.output, values[row])

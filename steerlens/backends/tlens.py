@@ -15,8 +15,8 @@ the HF backend; `enable_compatibility_mode()` folds LayerNorms and centres weigh
 the residual stream a vector is added to.
 
 Attached steering uses permanent TransformerLens hooks, so `bridge.reset_hooks()` leaves it in
-place; only `detach()` removes it. For a one-off run, `hook_points(handle)` gives the same hooks as
-`fwd_hooks` for `bridge.run_with_hooks` on a handle that is not attached.
+place; only `remove()` removes it. For a one-off run, `handle.as_hooks()` on a handle that is not
+attached gives the same hooks as `fwd_hooks` for `bridge.run_with_hooks` / `run_with_cache`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from steerlens.backends.base import SteeringHandle
+from steerlens.backends.base import Hook, SteeringHandle
 from steerlens.vectors import ModelShape, SteeringVectors
 
 
@@ -54,42 +54,31 @@ class TLensSteering(SteeringHandle):
         device = next(model.parameters()).device
         super().__init__(vectors, trainable, device)
         self.model = model
-        self._hooks: list[tuple[Any, Callable[..., torch.Tensor]]] = []
+        self._installed: list[tuple[Any, Callable[..., torch.Tensor]]] = []
 
     def _hook(self, layer: int, activation: torch.Tensor, hook: Any) -> torch.Tensor:
         return activation + self.vector(layer, activation)
 
-    def hook_fns(self) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+    def _hooks(self) -> list[Hook]:
         """`(hook name, hook function)` for each steered layer."""
         return [(hook_name(layer), partial(self._hook, layer)) for layer in self.layers]
 
     def _install(self) -> None:
-        for name, fn in self.hook_fns():
+        for name, fn in self._hooks():
             self.model.add_hook(name, fn, is_permanent=True)
-            self._hooks.append((self.model.hook_dict[name], fn))
+            self._installed.append((self.model.hook_dict[name], fn))
 
-    def _remove(self) -> None:
+    def _uninstall(self) -> None:
         # `bridge.add_hook` returns no handle; find ours by the function it wraps and remove only it.
-        for point, fn in self._hooks:
+        for point, fn in self._installed:
             for handle in point.fwd_hooks:
                 if handle.user_hook is fn:
                     handle.hook.remove()
             point.fwd_hooks = [handle for handle in point.fwd_hooks if handle.user_hook is not fn]
-        self._hooks = []
+        self._installed = []
 
 
 def attach(model: Any, vectors: SteeringVectors, trainable: bool = False) -> TLensSteering:
-    """Steer a TransformerLens model with `vectors` until the handle is detached (or a `with` block ends)."""
+    """Steer a TransformerLens model with `vectors` until the handle is removed (or a `with` block ends)."""
     return TLensSteering(model, vectors, trainable).attach()
 
-
-def hook_points(handle: TLensSteering) -> list[tuple[str, Callable[..., torch.Tensor]]]:
-    """The steering as `fwd_hooks` for `model.run_with_hooks(tokens, fwd_hooks=...)`.
-
-    Only for a handle that is not attached: an attached one already steers every run, and adding
-    these on top would add each vector twice.
-    """
-    if handle.attached:
-        raise ValueError("hook_points: this handle is attached, so it already steers every run; "
-                         "detach it first or run the model without extra hooks")
-    return handle.hook_fns()

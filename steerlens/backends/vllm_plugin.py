@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from steerlens.anatomy import add_to_output
+from steerlens.errors import ModelError
+from steerlens.vectors import VectorsError
 
 # Hugging Face architecture name -> the stock vLLM class ("module:Class") its steered variant extends.
 # Any vLLM model whose decoder layers live in `model.layers` and return (hidden, residual) or the full
@@ -115,9 +117,9 @@ def steering_buffer(model: nn.Module) -> torch.Tensor:
     """The `[L, d]` steering buffer of a steered vLLM model."""
     buffer = getattr(model, BUFFER, None)
     if not isinstance(buffer, torch.Tensor):
-        raise TypeError(
+        raise ModelError(
             f"{type(model).__name__} is not a steerlens-steered model (no {BUFFER} buffer); build the engine "
-            "with steerlens.backends.vllm.VLLMSteering"
+            "with steerlens.backends.vllm.SteeredLLM"
         )
     return buffer
 
@@ -143,7 +145,7 @@ class SteeringWorkerExtension:
         """Copy the `[L, d]` values in `data` (see `to_wire`) into this worker's steering buffer, in place."""
         buffer = steering_buffer(self.model_runner.get_model())
         if list(shape) != list(buffer.shape):
-            raise ValueError(f"steering values of shape {list(shape)} for a buffer of {list(buffer.shape)}")
+            raise VectorsError(f"steering values of shape {list(shape)} for a buffer of {list(buffer.shape)}")
         buffer.copy_(from_wire(data, shape).to(device=buffer.device, dtype=buffer.dtype))
 
     def steerlens_pull(self) -> tuple[bytes, list[int]]:

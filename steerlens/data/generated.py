@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from steerlens.data.problems import Problem
+from steerlens.data.problems import DataError, Problem
 from steerlens.io import atomic_path
 
 HELDOUT_SEED = 7919
@@ -100,7 +100,7 @@ def generate(source: str, n: int, seed: int = 0, heldout: bool = False) -> list[
     """`n` problems of a generated source; the same (source, seed) always gives the same list."""
     name = generator_of(source)
     if name is None:
-        raise KeyError(f"{source!r} is not a generated set; known: {', '.join(GENERATORS)}")
+        raise DataError(f"{source!r} is not a generated set; known: {', '.join(GENERATORS)}")
     heldout = heldout or source.endswith(HELDOUT)
     rng = random.Random(seed + (HELDOUT_SEED if heldout else 0))
     make = GENERATORS[name]

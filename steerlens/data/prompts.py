@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from steerlens.data.problems import DataError
+
 Template = Literal["auto", "chat", "r1"]
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 R1_TEMPLATE = (
@@ -19,7 +21,7 @@ def resolve_template(tokenizer: Any, template: Template = "auto") -> Literal["ch
     if template == "auto":
         return "chat" if getattr(tokenizer, "chat_template", None) else "r1"
     if template not in ("chat", "r1"):
-        raise ValueError(f"template must be auto, chat or r1, got {template!r}")
+        raise DataError(f"template must be auto, chat or r1, got {template!r}")
     return template
 
 

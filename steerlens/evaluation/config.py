@@ -6,34 +6,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 from steerlens.config import ConfigError, option
+from steerlens.options import DataOptions, ModelOptions, SamplingOptions, option_checks
+from steerlens.rollout import Sampling
 
 # Fields that do not change any number: a finished or interrupted evaluation may be continued with other values.
 NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
     """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks."""
 
-    model: str = option("toy-arith", "base model: a short name (toy-arith, smollm2-135m), a local checkpoint directory, or a hub id")
     vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine; none: the unsteered model")
     adapter: str | None = option(None, "LoRA adapter directory from a trainable=lora run, merged into the model before evaluating")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file whose name starts with a known benchmark (aime24.jsonl), or a generated set (toy-arith, word-arith)")
-    problem_key: str | None = option(None, "column holding the problem in every benchmark file (default: recognised per benchmark)")
-    answer_key: str | None = option(None, "column holding the gold answer (default: recognised per benchmark)")
     samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol: 32 for AIME/AMC, 4 for GSM8K/MATH, 1 otherwise)")
     seeds: list[int] = option([0, 1, 2], "evaluation seeds; tables report mean ± std over them")
     decoding: Literal["auto", "greedy", "sample"] = option("auto", "greedy (one sample, one seed), sample at --temperature, or auto: greedy for the base model, sampling with vectors or an adapter")
-    temperature: float = option(1.0, "sampling temperature (decoding=sample)")
-    top_p: float = option(1.0, "nucleus sampling (decoding=sample)")
-    max_new_tokens: int = option(48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 for others)")
-    template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (system prompt asks for \\boxed{}), r1 (plain, for base models), auto")
-    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a \\boxed{} (or <answer>) answer: none = wrong (the paper), last_number = its last number is verified instead (the samples record whether the answer was formatted)")
     limit: int | None = option(None, "evaluate only the first N problems of each benchmark")
-    engine: Literal["auto", "vllm", "hf"] = option("auto", "rollout engine: vLLM with the vectors in-engine, or HF generate; auto = vLLM if installed")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype")
-    gpu_memory_utilization: float = option(0.3, "vLLM memory fraction (GPU) / KV-cache share (CPU)")
     chunk_problems: int = option(64, "problems generated and saved at a time (the unit of resumption)")
     out_dir: str = option("runs/eval", "where samples/*.jsonl and the tables go; an interrupted run continues there")
     progress: bool = option(True, "show a live progress bar")
@@ -43,13 +34,11 @@ class EvalConfig:
             (bool(self.benchmarks), "benchmarks must name at least one benchmark"),
             (bool(self.seeds), "seeds must list at least one seed"),
             (self.samples is None or self.samples >= 1, "samples must be >= 1"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature > 0, "temperature must be > 0 (use decoding=greedy for greedy decoding)"),
             (self.limit is None or self.limit >= 1, "limit must be >= 1"),
             (self.chunk_problems >= 1, "chunk_problems must be >= 1"),
             (not (self.vectors and self.adapter), "give vectors or adapter, not both"),
         ]
-        problems = [message for ok, message in checks if not ok]
+        problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:
             raise ConfigError("EvalConfig: " + "; ".join(problems))
 
@@ -61,3 +50,7 @@ class EvalConfig:
     @property
     def greedy(self) -> bool:
         return self.decoding == "greedy" or (self.decoding == "auto" and not (self.vectors or self.adapter))
+
+    def decoding_sampling(self) -> Sampling:
+        """Greedy or sampled decoding, as `decoding` asks."""
+        return self.greedy_sampling() if self.greedy else self.sampling()

@@ -10,7 +10,7 @@ resumed run produces the same samples as an uninterrupted one.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,15 +18,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from steerlens.config import to_yaml
-from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
+from steerlens.data import Problem, load_problems
 from steerlens.data.generated import materialize
 from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import write_run_tables
 from steerlens.io import append_jsonl, atomic_dir, write_text
-from steerlens.reward import RewardScorer
-from steerlens.rollout import Rollout, Sampling, make_rollout, sample_seed
+from steerlens.rollout import Rollout, make_rollout, sample_seed
+from steerlens.task import MathReward, PromptFn, template_prompt
 from steerlens.vectors import SteeringVectors
 
 GENERATED_PROBLEMS = 200
@@ -106,62 +106,66 @@ def chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def run_benchmark(engine: Rollout, scorer: RewardScorer, template: str, spec: BenchmarkSpec,
+def run_benchmark(engine: Rollout, reward: MathReward, prompt: PromptFn, spec: BenchmarkSpec,
                   problems: list[Problem], seed: int, cfg: EvalConfig, out_dir: Path, bar: tqdm) -> None:
-    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk; `scorer`
-    reads answers in the format `template` asks for."""
+    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk; `reward`
+    reads answers in the format `prompt` asks for."""
     k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
-    sampling = Sampling(cfg.max_new_tokens, temperature=0.0 if cfg.greedy else cfg.temperature,
-                        top_p=1.0 if cfg.greedy else cfg.top_p)
+    sampling = cfg.decoding_sampling()
     path = samples_path(out_dir, spec.name, seed)
     done = {row["index"] for row in read_samples(path)}
     todo = [i for i in range(len(problems)) if i not in done]
     bar.update(len(problems) - len(todo))
     for chunk in chunks(todo, cfg.chunk_problems):
-        prompts = [format_prompt(engine.tokenizer, problems[i].problem, template) for i in chunk]
+        prompts = [prompt(problems[i]) for i in chunk]
         groups = engine.generate(prompts, k, sampling, seeds=[sample_seed(seed, 0, i) for i in chunk])
         texts = [c.text for group in groups for c in group]
-        golds = [problems[i].answer for i, group in zip(chunk, groups) for _ in group]
-        verdicts = iter(scorer.score(texts, golds))
+        verdicts = iter(reward.verdicts(texts, [problems[i] for i, group in zip(chunk, groups) for _ in group]))
         rows = [
             {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
-             "prompt": prompt, "completion": c.text, "extracted": scorer.extract(c.text),
-             "formatted": scorer.formatted(c.text),
+             "prompt": text, "completion": c.text, "extracted": reward.extract(c.text),
+             "formatted": reward.formatted(c.text),
              "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
              "truncated": c.truncated}
-            for i, prompt, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
+            for i, text, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
         ]
         append_jsonl(path, rows)
         bar.update(len(chunk))
 
 
-def evaluate(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
+def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
+             engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
     """Run (or continue) the evaluation and write its tables; returns them.
 
-    `engine` reuses a running engine of `cfg.model` (studies evaluate many vector sets on one model):
-    the vectors are pushed into it and it is left open. Without it, one is started and closed here.
+    `vectors` steer the model (default: the file `cfg.vectors` names, if any); vectors given without
+    a file are recorded in the run by their fingerprint. `engine` reuses a running engine of
+    `cfg.model` (studies evaluate many vector sets on one model): the vectors are pushed into it and
+    it is left open. Without it, one is started and closed here.
     """
+    if vectors is None and cfg.vectors:
+        vectors = SteeringVectors.load(cfg.vectors)
+    elif vectors is not None and not cfg.vectors:
+        cfg = replace(cfg, vectors=vectors.fingerprint())
     out_dir = Path(cfg.out_dir)
     specs = [parse_benchmark(entry) for entry in cfg.benchmarks]
     check_resumable(cfg, out_dir)
     benchmarks = [(spec, load_benchmark(spec, cfg, out_dir)) for spec in specs]
     seeds = cfg.seeds[:1] if cfg.greedy else cfg.seeds
-    vectors = SteeringVectors.load(cfg.vectors) if cfg.vectors else None
     own_engine = engine is None
-    if own_engine:
+    if engine is None:
         engine = start_engine(cfg, out_dir, vectors)
     elif cfg.adapter:
         raise EvalError("an adapter is merged into the model at start-up: evaluate it without a shared engine")
     else:
-        engine.push(vectors)
+        engine.update(vectors)
     total = sum(len(problems) for _, problems in benchmarks) * len(seeds)
     try:
-        template = resolve_template(engine.tokenizer, cfg.template)
-        with RewardScorer(answer_format(template), fallback=cfg.answer_fallback) as scorer, \
+        prompt = template_prompt(engine.tokenizer, cfg.template)
+        with MathReward.for_template(engine.tokenizer, cfg.template, cfg.answer_fallback) as reward, \
                 tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
             for seed in seeds:
                 for spec, problems in benchmarks:
-                    run_benchmark(engine, scorer, template, spec, problems, seed, cfg, out_dir, bar)
+                    run_benchmark(engine, reward, prompt, spec, problems, seed, cfg, out_dir, bar)
     finally:
         if own_engine:
             engine.close()
@@ -172,7 +176,5 @@ def evaluate(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.Dat
 
 def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None) -> Rollout:
     """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`."""
-    kwargs: dict[str, Any] = {"dtype": cfg.dtype}
-    if cfg.engine != "hf":
-        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-    return make_rollout(model_path(cfg, out_dir), cfg.engine, vectors, **kwargs)
+    return make_rollout(model_path(cfg, out_dir), engine=cfg.engine, vectors=vectors, dtype=cfg.dtype,
+                        gpu_memory_utilization=cfg.gpu_memory_utilization)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -17,6 +18,9 @@ from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import SIX
 from steerlens.evaluation.metrics import benchmark_scores, length_stats, summarize, with_average
 from steerlens.io import write_json, write_text
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 class TableError(SteerlensError, ValueError):
@@ -71,7 +75,7 @@ def combine_runs(run_dirs: list[Path], out_prefix: Path) -> pd.DataFrame:
     return table
 
 
-def _figure(scores: pd.DataFrame):
+def _figure(scores: pd.DataFrame) -> go.Figure:
     import plotly.express as px
 
     stats = scores.groupby(["model", "setup", "benchmark"], sort=False)["score"].agg(["mean", "std"]).reset_index()

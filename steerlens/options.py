@@ -1,0 +1,58 @@
+"""Option groups shared by the jobs' configs: the model and engine, the data and its reward, sampling.
+
+`TrainConfig` and `EvalConfig` inherit these, so each shared option is declared (and documented) once,
+and YAML files and `--key value` flags stay flat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from steerlens.config import option
+from steerlens.rollout import Sampling
+
+
+@dataclass
+class ModelOptions:
+    """Which model, in which dtype, on which generation engine."""
+
+    model: str = option("toy-arith", "base model: a short name (toy-arith, smollm2-135m), a local checkpoint directory, or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype (training log-probs are always computed in fp32)")
+    engine: Literal["auto", "vllm", "hf"] = option("auto", "generation engine: vLLM (steering held in the engine, updated in place) or HF generate; auto = vLLM if installed")
+    gpu_memory_utilization: float = option(0.3, "vLLM memory fraction (GPU) / KV-cache share (CPU)")
+
+
+@dataclass
+class DataOptions:
+    """How problems are read, prompted and scored."""
+
+    problem_key: str | None = option(None, "column holding the problem (default: recognised from common names per dataset)")
+    answer_key: str | None = option(None, "column holding the gold answer (default: recognised from common names per dataset)")
+    template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (system prompt asks for \\boxed{}), r1 (plain, for base models), auto")
+    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a \\boxed{} (or <answer>) answer: none = wrong (the paper), last_number = its last number is verified instead (for models that compute but never box; the boxed share is reported as formatted_rate)")
+
+
+@dataclass
+class SamplingOptions:
+    """How completions are sampled (training rollouts; evaluation with decoding=sample)."""
+
+    max_new_tokens: int = option(48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 for others)")
+    temperature: float = option(1.0, "sampling temperature (> 0; greedy decoding is its own setting)")
+    top_p: float = option(1.0, "nucleus sampling")
+
+    def sampling(self) -> Sampling:
+        """These options as the engines' `Sampling`."""
+        return Sampling(self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
+
+    def greedy_sampling(self) -> Sampling:
+        return Sampling.greedy(self.max_new_tokens)
+
+
+def option_checks(opts: SamplingOptions) -> list[tuple[bool, str]]:
+    """The shared options' range checks, as (ok, message) pairs for a config's `__post_init__`."""
+    return [
+        (opts.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+        (opts.temperature > 0, "temperature must be > 0 (greedy decoding is decoding=greedy in eval)"),
+        (opts.top_p > 0 and opts.top_p <= 1, "top_p must be in (0, 1]"),
+    ]
