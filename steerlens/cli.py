@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,19 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show vLLM'
     """steerlens: train and study steering vectors (one vector per layer, base weights frozen)."""
     if not verbose:
         quiet_libraries()
+    show_messages()
+
+
+def show_messages() -> None:
+    """steerlens's own messages (a checkpoint skipped, a torn log repaired, answers dropped) on stderr,
+    one plain line each; replaces the handler of an earlier command in the same process."""
+    logger = logging.getLogger("steerlens")
+    logger.handlers = [h for h in logger.handlers if h.get_name() != "steerlens-cli"]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name("steerlens-cli")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def quiet_libraries() -> None:
@@ -141,6 +155,9 @@ def analyze(
                                            "(default $OPENAI_BASE_URL; none: offline clustering)"),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="chat model for clustering (default: the "
                                             "endpoint's only model); the key comes from $OPENAI_API_KEY"),
+    llm_timeout: float = typer.Option(__import__("steerlens.analysis.llm_client", fromlist=["ChatConfig"]).ChatConfig
+                                      .deadline_s, "--llm-timeout", metavar="SECONDS", help="most seconds one "
+                                      "clustering request may take, retries included"),
     compare: list[Path] = typer.Option([], "--compare", metavar="PATH", help="another run's vectors (e.g. a "
                                        "seed) to compare per layer; repeatable"),
 ) -> None:
@@ -151,12 +168,12 @@ def analyze(
     from steerlens.vectors import SteeringVectors
 
     chosen = [name.strip() for name in analyses.split(",") if name.strip()]
+    clustering = ClusteringConfig(model=llm_model, base_url=endpoint, deadline_s=llm_timeout)
     steering = SteeringVectors.load(vectors)
     others = {str(path): SteeringVectors.load(path) for path in compare}
     hf_model, tokenizer = load_model(model)
     result = run_analyses(steering, hf_model, tokenizer, chosen, name=str(vectors), top_k=top_k,
-                          final_norm=final_norm, compare=others,
-                          clustering=ClusteringConfig(model=llm_model, base_url=endpoint))
+                          final_norm=final_norm, compare=others, clustering=clustering)
     result.save(out)
     typer.echo(f"report: {out / 'report.html'}")
     typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")

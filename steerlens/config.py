@@ -2,13 +2,17 @@
 
 Each field carries its help text in `field(metadata={"help": ...})`. A config is built from defaults,
 then a YAML file, then `--key value` / `key=value` overrides; unknown keys and ill-typed values are
-errors that name the key, the source and what was expected.
+errors that name the key, the source and what was expected. Numbers must be finite, and config files
+are read with limits (size, UTF-8 text, YAML aliases), so a damaged or hostile file fails fast in one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -19,10 +23,73 @@ import yaml
 from steerlens.errors import SteerlensError
 
 T = TypeVar("T")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_ALIASES = 20  # real configs use a few; a "billion laughs" needs many aliases of aliases
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 4
+_SHORT.maxlevel = 2
 
 
 class ConfigError(SteerlensError, ValueError):
     """A config file or override is wrong; the message says where and how."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses more than `MAX_ALIASES` aliases while composing, before any expansion."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name); refused "
+                                                  "rather than expanded", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """`text` as YAML (safe types only); any YAML problem is a one-line ConfigError naming `source`."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        if isinstance(err, yaml.MarkedYAMLError) and mark is not None and err.problem:
+            context = f"{err.context}: " if err.context else ""
+            where = f"line {mark.line + 1}, column {mark.column + 1}: {context}{err.problem}"
+        else:
+            where = " ".join(str(err).split()).replace(' in "<unicode string>",', " at")
+        raise ConfigError(f"{source}: not valid YAML ({where})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
+
+
+def _read_config(path: Path) -> dict[Any, Any]:
+    """The mapping in the YAML file `path`; a missing, oversized, binary or malformed file is a ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; a config file is a short YAML text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); a config file is YAML text") from None
+    content = _parse_yaml(text, str(path))
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
+                          f"got {type(content).__name__}")
+    return content
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -48,42 +115,54 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{source}: {name}: cannot be None")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{source}: {name} must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be one of {list(args)}, got {_show(value)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, (int, str)) and not isinstance(value, bool):  # "a,b" or 3 on the command line
             value = [v.strip() for v in str(value).split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {name} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be a list, got {_show(value)}")
         item = args[0] if args else Any
-        items = [_coerce(name, v, item, source) for v in value]
+        items = [_coerce(f"{name}[{i}]", v, item, source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {name} must be a mapping, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be a mapping, got {_show(value)}")
         return dict(value)
     if hint is Any:
         return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{source}: {name} must be true or false, got {value!r}")
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if hint is bool and isinstance(value, bool):
+        return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if hint is int and isinstance(value, str) and value.lstrip("-").isdigit():
+    if hint is int and isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+", value.strip()):
         return int(value)
-    if hint is str:
-        return str(value)
-    if hint is Path:
-        return Path(str(value))
-    raise ConfigError(f"{source}: {name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    number = _number(value) if hint is float else None
+    if number is not None:
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {name} must be a finite number, got {_show(value)}")
+        return number
+    if hint in (str, Path) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return hint(str(value))
+    expected = "true or false" if hint is bool else getattr(hint, "__name__", hint)
+    raise ConfigError(f"{source}: {name} must be {expected}, got {_show(value)}")
+
+
+def _number(value: Any) -> float | None:
+    """`value` as a float (an int, a float, or a numeric string: YAML 1.1 reads 1e-3 as a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+    except ValueError:
+        return None
+
+
+def _show(value: Any) -> str:
+    """A short one-line repr, bounded however large or deeply nested `value` is."""
+    return _SHORT.repr(value)
 
 
 def _unknown(cls: type, key: str, source: str) -> ConfigError:
@@ -123,32 +202,38 @@ def build_config(cls: type[T], path: str | Path | None = None, overrides: Sequen
     """Defaults, then the YAML file at `path`, then overrides; every value checked against its type."""
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
+    sources = []
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        for key, value in data.items():
+        sources.append(str(path))
+        for key, value in _read_config(path).items():
             if key not in hints:
-                raise _unknown(cls, key, str(path))
+                raise _unknown(cls, str(key), str(path))
             values[key] = _coerce(key, value, hints[key], str(path))
     raw = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    if raw:
+        sources.append("command line")
     for key, value in raw.items():
         key = key.replace("-", "_")
         if key not in hints:
             raise _unknown(cls, key, "command line")
-        parsed = yaml.safe_load(value) if isinstance(value, str) and hints[key] is not str else value
-        values[key] = _coerce(key, parsed, hints[key], "command line")
+        values[key] = _coerce(key, _flag_value(key, value, hints[key]), hints[key], "command line")
+    origin = " + ".join(sources) or "defaults"
     try:
-        config = cls(**values)
+        return cls(**values)
+    except ConfigError as err:  # the class's own checks, already "Class: problem"
+        raise ConfigError(f"{origin}: {err}") from None
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{cls.__name__}: {err}") from err
-    return config
+        raise ConfigError(f"{origin}: {cls.__name__}: {err}") from err
+
+
+def _flag_value(key: str, value: Any, hint: Any) -> Any:
+    """A command-line value read as YAML (numbers, lists, null); text fields keep a scalar as typed."""
+    if not isinstance(value, str) or hint is str:
+        return value
+    parsed = _parse_yaml(value, f"command line: --{key.replace('_', '-')}")
+    keep_text = str in typing.get_args(hint) and parsed is not None and not isinstance(parsed, (list, dict))
+    return value if keep_text else parsed
 
 
 def to_yaml(config: Any) -> str:

@@ -30,6 +30,7 @@ class DataOptions:
     problem_key: str | None = option(None, "column holding the problem (default: recognised from common names per dataset)")
     answer_key: str | None = option(None, "column holding the gold answer (default: recognised from common names per dataset)")
     template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (system prompt asks for \\boxed{}), r1 (plain, for base models), auto")
+    bad_answers: Literal["error", "drop", "keep"] = option("error", "gold answers of a dataset file that math-verify cannot read (no completion could ever be scored correct on them): error = stop before the run and list them, drop those problems, or keep them (reported either way)")
     answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a \\boxed{} (or <answer>) answer: none = wrong (the paper), last_number = its last number is verified instead (for models that compute but never box; the boxed share is reported as formatted_rate)")
 
 
@@ -54,5 +55,5 @@ def option_checks(opts: SamplingOptions) -> list[tuple[bool, str]]:
     return [
         (opts.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (opts.temperature > 0, "temperature must be > 0 (greedy decoding is decoding=greedy in eval)"),
-        (opts.top_p > 0 and opts.top_p <= 1, "top_p must be in (0, 1]"),
+        (0 < opts.top_p <= 1, "top_p must be in (0, 1]"),
     ]

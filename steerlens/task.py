@@ -8,14 +8,16 @@ reward on the answer format the prompt template asks for.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, Sequence
 
-from steerlens.data import Problem, answer_format, format_prompt, resolve_template
+from steerlens.data import DataError, Problem, answer_format, format_prompt, resolve_template
 from steerlens.data.prompts import Template
 from steerlens.reward import AnswerFormat, Fallback, RewardScorer
 
 PromptFn = Callable[[Problem], str]
+LOG = logging.getLogger("steerlens")
 
 
 class Reward(Protocol):
@@ -68,6 +70,28 @@ class MathReward:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_answers(problems: Sequence[Problem], source: str,
+                  policy: Literal["error", "drop", "keep"] = "error") -> list[Problem]:
+    """`problems` whose gold answers math-verify can read; the others stop the run (`error`), are
+    dropped, or kept, and are reported in one line with the first examples either way.
+
+    An answer counts as readable when `\\boxed{answer}` verifies against itself, so what this passes,
+    the math reward can score correct.
+    """
+    with RewardScorer() as scorer:
+        verdicts = scorer.score([f"\\boxed{{{p.answer}}}" for p in problems], [p.answer for p in problems])
+    bad = [p for p, ok in zip(problems, verdicts) if not ok]
+    if not bad:
+        return list(problems)
+    examples = "; ".join(f"problem {p.id}: {p.answer[:40]!r}" for p in bad[:3])
+    message = (f"{source}: {len(bad)} of {len(problems)} gold answers cannot be read by math-verify "
+               f"(e.g. {examples}), so no completion can be scored correct on them")
+    if policy == "error":
+        raise DataError(f"{message}; fix them, or pass --bad-answers drop (or keep)")
+    LOG.warning("%s; %s", message, "dropped them" if policy == "drop" else "kept them")
+    return [p for p, ok in zip(problems, verdicts) if ok] if policy == "drop" else list(problems)
 
 
 def template_prompt(tokenizer: Any, template: Template = "auto") -> PromptFn:

@@ -28,6 +28,11 @@ class VectorsError(SteerlensError, ValueError):
     """A vectors file or set does not fit what it is used with."""
 
 
+def _is_index(value: Any) -> bool:
+    """A whole number that is not a bool (JSON and YAML give ints, floats, strings and bools alike)."""
+    return isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What a set of vectors must agree with: the model's layer count and hidden size."""
@@ -53,7 +58,15 @@ class SteeringVectors:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.values, torch.Tensor) or not self.values.is_floating_point():
+            kind = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
+            raise VectorsError(f"values must be a floating-point tensor, got {kind}")
+        if not isinstance(self.layers, (list, tuple)) or not all(_is_index(layer) for layer in self.layers):
+            raise VectorsError(f"layers must be a list of layer indices, got {self.layers!r}")
+        if not _is_index(self.num_layers):
+            raise VectorsError(f"num_layers must be a whole number, got {self.num_layers!r}")
         self.layers = tuple(int(layer) for layer in self.layers)
+        self.num_layers = int(self.num_layers)
         if self.values.ndim != 2:
             raise VectorsError(f"values must be [layers, hidden], got shape {tuple(self.values.shape)}")
         if len(self.layers) != self.values.shape[0]:
@@ -65,6 +78,11 @@ class SteeringVectors:
         bad = [layer for layer in self.layers if not 0 <= layer < self.num_layers]
         if bad:
             raise VectorsError(f"layer indices {bad} outside the model's 0..{self.num_layers - 1}")
+        finite = torch.isfinite(self.values.detach()).all(dim=1)
+        if not bool(finite.all()):
+            broken = [layer for layer, ok in zip(self.layers, finite.tolist()) if not ok]
+            raise VectorsError(f"values are not finite (NaN or Inf) at layers {broken}: vectors from a diverged "
+                               "run cannot steer")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -201,16 +219,26 @@ class SteeringVectors:
                 f"tensors={sorted(tensors)}); for a checkpoint with down_proj biases use "
                 "steerlens.bias_checkpoint.import_vectors"
             )
+        fields = {}
+        for name in ("layers", "num_layers", "provenance"):
+            raw = meta.get(name, "{}" if name == "provenance" else None)
+            if raw is None:
+                raise VectorsError(f"{path}: header field {name} is missing")
+            try:
+                fields[name] = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise VectorsError(f"{path}: header field {name} is not valid JSON ({raw[:40]!r})") from err
+        layers, num_layers, provenance = fields["layers"], fields["num_layers"], fields["provenance"]
+        if not isinstance(provenance, dict):
+            raise VectorsError(f"{path}: header field provenance must be a JSON object, got {provenance!r}")
         try:
             return cls(
                 values=tensors[TENSOR_KEY],
-                layers=tuple(json.loads(meta["layers"])),
-                num_layers=int(meta["num_layers"]),
+                layers=layers,
+                num_layers=num_layers,
                 model=meta.get("model", ""),
                 architecture=meta.get("architecture", ""),
-                provenance=json.loads(meta.get("provenance", "{}")),
+                provenance=provenance,
             )
-        except (KeyError, json.JSONDecodeError) as err:
-            raise VectorsError(f"{path}: damaged header field {err}") from err
         except VectorsError as err:
             raise VectorsError(f"{path}: {err}") from err

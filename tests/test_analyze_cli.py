@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,25 @@ def test_analyze_reports_bad_input_in_one_line(tiny_qwen_dir: Path, vector_files
     result = runner.invoke(app, ["analyze", str(wide.save(tmp_path / "w.safetensors")), "--model",
                                  str(tiny_qwen_dir), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "hidden size: vectors have 64" in result.output
+
+
+def test_llm_timeout_bounds_a_silent_endpoint(tiny_qwen_dir: Path, vector_files: tuple[Path, Path],
+                                              tmp_path: Path) -> None:
+    runner = CliRunner()
+    args = ["analyze", str(vector_files[0]), "--model", str(tiny_qwen_dir), "--out", str(tmp_path / "o"),
+            "--analyses", "clustering", "--top-k", "3"]
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        start = time.monotonic()
+        result = runner.invoke(app, args + ["--endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+                                            "--llm-timeout", "2"])
+        elapsed = time.monotonic() - start
+    assert result.exit_code == 2 and elapsed < 30, (elapsed, result.output)
+    last = result.output.strip().splitlines()[-1]  # after the model's and the logit lens' progress bars
+    assert last.startswith("error: http://127.0.0.1:") and "within 2 s: --llm-timeout" in last
+    assert result.output.count("error:") == 1 and "Traceback" not in result.output
+    for bad in ("0", "nan", "-inf"):
+        result = runner.invoke(app, args + ["--llm-timeout", bad])
+        assert result.exit_code == 2 and "deadline_s (--llm-timeout) must be a number of seconds > 0" in result.output
 
 
 def test_stack_statistics() -> None:

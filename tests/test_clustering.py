@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 
 from steerlens.analysis.clustering import (FAILED, UNCLASSIFIED, ClusteringConfig, ClusteringError, cluster_tokens,
                                            llm_clusters, parse_answer)
+from steerlens.config import ConfigError
 
 KEY = "sk-test-secret-123"
 TOKENS = {3: [" the", "Haus", "Katze", "+", "-"]}
@@ -31,10 +34,13 @@ GOOD = {
 
 
 class ChatServer:
-    """A stdlib HTTP server answering /v1/chat/completions from a script of (status, content) and counting."""
+    """A stdlib HTTP server answering /v1/chat/completions from a script of (status, content) and counting.
+
+    Text content is the chat reply; bytes content is sent as the whole body (status 200, text/html).
+    """
 
     def __init__(self) -> None:
-        self.script: deque[tuple[int, str]] = deque()
+        self.script: deque[tuple[int, str | bytes]] = deque()
         self.requests: list[dict[str, Any]] = []
         server = self
 
@@ -59,6 +65,13 @@ class ChatServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
                 status, content = server.script.popleft() if server.script else (500, "script exhausted")
+                if isinstance(content, bytes):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                    return
                 if status != 200:
                     self._send(status, {"error": {"message": content, "type": "scripted", "code": status}})
                     return
@@ -151,6 +164,36 @@ def test_unauthorised_gives_a_clear_error_naming_the_variable(server: ChatServer
     with pytest.raises(ClusteringError, match="HTTP 401.*set the environment variable OPENAI_API_KEY") as err:
         llm_clusters(TOKENS, config(server, tmp_path, model="m"))
     assert KEY not in str(err.value) and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("body, needle", [(b"<html><p>It works!</p></html>", "with a body that is not JSON"),
+                                          (b'{"object": "error"}', "answered JSON without choices")])
+def test_an_answer_that_is_not_the_api_json_is_one_line(server: ChatServer, tmp_path: Path, body: bytes,
+                                                        needle: str) -> None:
+    server.script.append((200, body))
+    with pytest.raises(ClusteringError, match=needle) as err:
+        llm_clusters(TOKENS, config(server, tmp_path, model="m"))
+    assert server.url in str(err.value) and "\n" not in str(err.value) and len(server.chats()) == 1
+
+
+@pytest.mark.parametrize("model, what", [(None, "listing models"), ("m", "clustering tokens")])
+def test_an_endpoint_that_never_answers_fails_within_the_deadline(tmp_path: Path, model: str | None,
+                                                                  what: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody ever answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        start = time.monotonic()
+        with pytest.raises(ClusteringError, match=rf"still failing \(APITimeoutError\) while {what}.*within 1.5 s"):
+            llm_clusters(TOKENS, ClusteringConfig(base_url=url, model=model, cache_dir=tmp_path, deadline_s=1.5,
+                                                  api_key="local", backoff_s=0.01))
+        assert time.monotonic() - start < 1.5 + 1.0
+
+
+def test_time_limits_must_be_positive_numbers() -> None:
+    with pytest.raises(ConfigError, match=r"ClusteringConfig: deadline_s \(--llm-timeout\) must be a number of "
+                                          r"seconds > 0, got nan"):
+        ClusteringConfig(deadline_s=float("nan"))
+    with pytest.raises(ConfigError, match="timeout_s must be .* got 0"):
+        ClusteringConfig(timeout_s=0)
 
 
 def test_parse_answer_is_lenient_but_keeps_the_rules() -> None:

@@ -54,6 +54,22 @@ def test_bad_files_are_named(tmp_path: Path) -> None:
         build_config(TrainConfig, listy)
 
 
+def test_class_checks_name_the_config_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 0\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(TrainConfig, path, ["--seed", "1"])
+    assert str(err.value) == f"{path} + command line: TrainConfig: steps must be >= 1"
+
+
+def test_a_few_anchors_and_command_line_text_work(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("steps: &n 3\nsave_every: *n\nlayers: &l [1, 2]\n")
+    cfg = build_config(TrainConfig, path, ["--eval-data", "1.50", "--problem-key", "yes"])
+    assert (cfg.steps, cfg.save_every, cfg.layers) == (3, 3, [1, 2])
+    assert (cfg.eval_data, cfg.problem_key) == ("1.50", "yes")  # text fields keep what was typed
+
+
 def test_parse_overrides_forms() -> None:
     assert parse_overrides(["--a=1", "--b", "2", "c=3", "--flag", "--no-other"]) == {
         "a": "1", "b": "2", "c": "3", "flag": "true", "other": "false"}

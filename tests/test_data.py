@@ -49,7 +49,7 @@ def test_known_dataset_formats_read_their_answers(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content, needle", [
     ('{"problem": "p", "reply": "2"}\n', "no answer column"),
-    ('{"problem": "p"\n', "cannot be read as jsonl"),
+    ('{"problem": "p"\n', "line 1 is not valid JSON"),
     ("", "the dataset is empty"),
 ])
 def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, content: str, needle: str) -> None:
@@ -58,6 +58,16 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, content: str, n
     with pytest.raises(DataError, match=needle) as err:
         load_problems(path)
     assert str(path) in str(err.value)
+
+
+def test_numbers_ids_and_line_separators_survive(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"problem": "a\u2028b", "answer": 3, "id": "x"}, {"problem": "c", "answer": 2.5}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [(p.id, p.problem, p.answer) for p in load_problems(path)] == [("x", "a\u2028b", "3"), ("1", "c", "2.5")]
+    columns = tmp_path / "columns.json"
+    pd.DataFrame(ROWS).to_json(columns)  # pandas' default layout: {"problem": {"0": ...}, "answer": {...}}
+    assert [(p.problem, p.answer) for p in load_problems(columns)] == [(r["problem"], r["answer"]) for r in ROWS]
 
 
 def test_missing_file_and_wrong_column_are_clear(tmp_path: Path) -> None:

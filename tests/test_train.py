@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,8 +15,12 @@ import pytest
 import torch
 
 from steerlens.config import build_config
+from steerlens.data import load_problems
+from steerlens.errors import SteerlensError
+from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.trainer import train
+from steerlens.rl.trainer import Trainer, train
+from steerlens.task import Task
 from steerlens.data.generated import write_problems
 from steerlens.vectors import SteeringVectors
 
@@ -101,16 +106,23 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, problems_file: Path) -
     assert [r["reward_mean"] for r in metrics(single)] == [r["reward_mean"] for r in metrics(double)]
 
 
+def nan_reward_trainer(out_dir: Path, problems_file: Path, steps: int) -> Trainer:
+    """A trainer whose reward is NaN for every completion (configs refuse NaN, a reward callable cannot)."""
+    cfg = build_config(TrainConfig, None, small_args(out_dir, problems_file, steps=steps))
+    model, tokenizer = load_model(cfg.model)
+    task = Task(load_problems(problems_file), reward=lambda completions, _: [math.nan] * len(completions))
+    return Trainer(model, tokenizer, task, cfg)
+
+
 def test_nan_step_is_not_applied(tmp_path: Path, problems_file: Path) -> None:
-    cfg = build_config(TrainConfig, None, small_args(tmp_path, problems_file, steps=2, extra=("--reward-wrong", "nan")))
-    train(cfg)
+    nan_reward_trainer(tmp_path, problems_file, steps=2).train()
     assert [r["applied"] for r in metrics(tmp_path)] == [False, False]
     assert not SteeringVectors.load(tmp_path / "vectors.safetensors").values.any()
 
 
 def test_nan_three_steps_running_stops_with_a_clear_error(tmp_path: Path, problems_file: Path) -> None:
-    result = cli(small_args(tmp_path, problems_file, steps=4, extra=("--reward-wrong", "nan")))
-    assert result.returncode == 2 and "not finite 3 steps running" in result.stderr
+    with pytest.raises(SteerlensError, match="not finite 3 steps running"):  # the CLI prints these in one line
+        nan_reward_trainer(tmp_path, problems_file, steps=4).train()
 
 
 def test_bad_input_is_reported_clearly(tmp_path: Path, problems_file: Path) -> None:

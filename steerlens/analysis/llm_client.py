@@ -2,9 +2,11 @@
 
 Endpoint and key come from `ChatConfig` or the environment (`OPENAI_BASE_URL`, `OPENAI_API_KEY`); a local
 server needs no key. Requests run at temperature 0 and are retried on HTTP 429 / 5xx / connection errors
-with bounded exponential backoff (the openai package's own retries are off, so ours are the only ones and
-are logged). Answers can be cached on disk as JSON under a key derived from the model and the request, so
-a rerun makes no request. The API key is never logged, cached or written anywhere.
+and timeouts with bounded exponential backoff (the openai package's own retries are off, so ours are the
+only ones and are logged), all within one deadline per call: a server that never answers costs at most
+`deadline_s`. An answer that is not the JSON the API defines is a one-line `LLMError`. Answers can be
+cached on disk as JSON under a key derived from the model and the request, so a rerun makes no request.
+The API key is never logged, cached or written anywhere.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from steerlens.config import option
+from steerlens.config import ConfigError, option
 from steerlens.errors import SteerlensError
 from steerlens.io import write_json
 
@@ -43,11 +46,28 @@ class ChatConfig:
     api_key: str | None = option(None, f"API key; None: ${KEY_ENV} (local servers need none). Never written "
                                        "anywhere", repr=False)
     cache_dir: Path | None = option(None, "answer cache; None: $XDG_CACHE_HOME/steerlens/llm")
-    max_retries: int = option(5, "retries on HTTP 429 / 5xx / connection errors, with exponential backoff")
+    max_retries: int = option(5, "retries on HTTP 429 / 5xx / connection errors / timeouts, with exponential backoff")
     backoff_s: float = option(1.0, "first retry delay in seconds (doubled each retry, or the server's Retry-After)")
     max_backoff_s: float = option(60.0, "longest delay between retries")
-    timeout_s: float = option(300.0, "timeout of one request in seconds")
+    deadline_s: float = option(300.0, "most seconds one call may take, all tries and the waits between them "
+                                      "included (steerlens analyze --llm-timeout)")
+    timeout_s: float = option(300.0, "timeout of one try in seconds (at most what is left of deadline_s)")
     max_tokens: int = option(2048, "longest answer in tokens (a small local model may otherwise never stop)")
+
+    def __post_init__(self) -> None:
+        """Refuse times and retry counts that would leave a call unbounded or make it fail at once."""
+        checks = [
+            (math.isfinite(self.deadline_s) and self.deadline_s > 0,
+             f"deadline_s (--llm-timeout) must be a number of seconds > 0, got {self.deadline_s}"),
+            (math.isfinite(self.timeout_s) and self.timeout_s > 0,
+             f"timeout_s must be a number of seconds > 0, got {self.timeout_s}"),
+            (self.max_retries >= 0, "max_retries must be >= 0"),
+            (math.isfinite(self.backoff_s + self.max_backoff_s) and min(self.backoff_s, self.max_backoff_s) >= 0,
+             "backoff_s and max_backoff_s must be seconds >= 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ConfigError(f"{type(self).__name__}: " + "; ".join(problems))
 
     def endpoint(self) -> str | None:
         """The configured endpoint URL (config, then $OPENAI_BASE_URL), or None for OpenAI's."""
@@ -76,12 +96,16 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, str]], what: str = "asking") -> str:
         """The reply's text to `messages` at temperature 0; `what` names the request in errors and logs."""
-        def call() -> str:
-            response = self._openai.chat.completions.create(model=self.model, messages=messages, temperature=0,
-                                                            max_tokens=self.config.max_tokens)
-            return response.choices[0].message.content or ""
-
-        return self._with_retries(call, what)
+        body = self._request(lambda timeout: self._openai.chat.completions.with_raw_response.create(
+            model=self.model, messages=messages, temperature=0, max_tokens=self.config.max_tokens, timeout=timeout),
+            what)
+        try:
+            content = body["choices"][0]["message"]["content"]
+            if content is None or isinstance(content, str):
+                return content or ""
+        except (KeyError, IndexError, TypeError):
+            pass
+        raise self._unexpected(what, "choices[0].message.content text")
 
     def cache_key(self, *parts: Any) -> str:
         """Hash of the model and `parts` (everything else that determines the answer, e.g. the prompts)."""
@@ -101,20 +125,46 @@ class ChatClient:
 
     def _served_model(self) -> str:
         """The endpoint's only model, for servers that serve one (vLLM); otherwise ask for a name."""
-        names = [m.id for m in self._with_retries(lambda: list(self._openai.models.list()), "listing models")]
+        what = "listing models"
+        body = self._request(lambda timeout: self._openai.models.with_raw_response.list(timeout=timeout), what)
+        try:
+            names = [str(model["id"]) for model in body["data"]]
+        except (KeyError, TypeError):
+            raise self._unexpected(what, 'a "data" list of models with ids') from None
         if len(names) == 1:
             return names[0]
         served = ", ".join(names[:20]) or "none listed"
         raise LLMError(f"choose the chat model with --llm-model / the config's model (served: {served})")
 
-    def _with_retries(self, call: Callable[[], T], what: str) -> T:
-        """Run `call`, retrying 429 / 5xx / connection errors with bounded exponential backoff."""
+    def _request(self, call: Callable[[float], Any], what: str) -> Any:
+        """The JSON body of the raw response that `call(timeout)` returns, with retries; any other body is an
+        LLMError."""
+        response = self._with_retries(call, what).http_response
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type") or "no content type"
+            raise LLMError(f"{self.where} answered HTTP {response.status_code} with a body that is not JSON "
+                           f"({kind}: {response.text[:60]!r}) while {what}; is it an OpenAI-compatible endpoint "
+                           "(the URL usually ends in /v1)?") from None
+
+    def _unexpected(self, what: str, expected: str) -> LLMError:
+        return LLMError(f"{self.where} answered JSON without {expected} while {what}; is it an OpenAI-compatible "
+                        "endpoint?")
+
+    def _with_retries(self, call: Callable[[float], T], what: str) -> T:
+        """Run `call(timeout)`, retrying 429 / 5xx / connection errors and timeouts with bounded exponential
+        backoff, all within `deadline_s`: each try gets what is left of it (at most `timeout_s`)."""
         import openai
 
         config, where = self.config, self.where
-        for attempt in range(config.max_retries + 1):
+        start = time.monotonic()
+        deadline = start + config.deadline_s
+        tries, problem = 0, "no time left"
+        while tries <= config.max_retries and time.monotonic() < deadline:
+            tries += 1
             try:
-                return call()
+                return call(min(config.timeout_s, deadline - time.monotonic()))
             except openai.AuthenticationError:
                 raise LLMError(f"{where} refused the API key (HTTP 401) while {what}: set the environment "
                                f"variable {KEY_ENV} to a key this endpoint accepts") from None
@@ -124,16 +174,19 @@ class ChatClient:
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as err:
                 status = getattr(err, "status_code", None)
                 problem = f"HTTP {status}" if status else type(err).__name__
-                if attempt == config.max_retries:
-                    raise LLMError(f"{where} still failing ({problem}) while {what} after "
-                                   f"{config.max_retries} retries; check the server and try again") from None
-                delay = min(config.max_backoff_s, _retry_after(err) or config.backoff_s * 2 ** attempt)
-                log.warning("%s: %s while %s; retry %d/%d in %.1f s", where, problem, what, attempt + 1,
+                delay = min(config.max_backoff_s, _retry_after(err) or config.backoff_s * 2 ** (tries - 1))
+                if tries > config.max_retries or time.monotonic() + delay >= deadline:
+                    break
+                log.warning("%s: %s while %s; retry %d/%d in %.1f s", where, problem, what, tries,
                             config.max_retries, delay)
                 time.sleep(delay)
             except openai.APIStatusError as err:
-                raise LLMError(f"{where} answered HTTP {err.status_code} while {what}: {err.message}") from None
-        raise AssertionError("unreachable")
+                message = " ".join(str(err.message).split())[:300]
+                raise LLMError(f"{where} answered HTTP {err.status_code} while {what}: {message}") from None
+        retries = f"{tries - 1} retr{'y' if tries == 2 else 'ies'}"
+        raise LLMError(f"{where} still failing ({problem}) while {what} after {retries}"
+                       f" in {time.monotonic() - start:.1f} s (at most {config.max_retries} retries within "
+                       f"{config.deadline_s:g} s: --llm-timeout); check the server and try again")
 
 
 def _openai_client(config: ChatConfig) -> Any:
@@ -153,10 +206,11 @@ def _openai_client(config: ChatConfig) -> Any:
 
 
 def _retry_after(err: Exception) -> float | None:
-    """The server's Retry-After delay in seconds, when it sent a numeric one."""
+    """The server's Retry-After delay in seconds, when it sent a finite, non-negative number."""
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
     try:
-        return float(value) if value is not None else None
+        delay = float(value) if value is not None else math.nan
     except ValueError:
         return None
+    return delay if math.isfinite(delay) and delay >= 0 else None

@@ -10,6 +10,8 @@ resumed run produces the same samples as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,17 +21,18 @@ from tqdm.auto import tqdm
 
 from steerlens.config import to_yaml
 from steerlens.data import Problem, load_problems
-from steerlens.data.generated import materialize
+from steerlens.data.generated import generator_of, materialize
 from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import write_run_tables
-from steerlens.io import append_jsonl, atomic_dir, write_text
+from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_text
 from steerlens.rollout import Rollout, make_rollout, sample_seed
-from steerlens.task import MathReward, PromptFn, template_prompt
+from steerlens.task import MathReward, PromptFn, check_answers, template_prompt
 from steerlens.vectors import SteeringVectors
 
 GENERATED_PROBLEMS = 200
+LOG = logging.getLogger("steerlens")
 
 
 class EvalError(SteerlensError, ValueError):
@@ -40,27 +43,27 @@ def samples_path(out_dir: Path, benchmark: str, seed: int) -> Path:
     return out_dir / "samples" / f"{benchmark}.seed{seed}.jsonl"
 
 
-def read_samples(path: Path) -> list[dict[str, Any]]:
-    """Rows already written; a torn last line (the process was killed mid-write) is dropped from the file."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    rows: list[dict[str, Any]] = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    if len(rows) < len(lines):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+def finished_samples(path: Path, k: int) -> list[dict[str, Any]]:
+    """The rows of problems whose `k` samples are all on disk; a torn last line and the rows of a
+    problem left incomplete (the run stopped, or the disk filled, mid-problem) are removed from the
+    file, so those problems are generated again."""
+    rows, torn = read_jsonl(path)
+    count = Counter(row["index"] for row in rows)
+    kept = [row for row in rows if count[row["index"]] >= k]
+    if torn or len(kept) < len(rows):
+        partial = sorted({row["index"] for row in rows} - {row["index"] for row in kept})
+        LOG.warning("%s: %s%s; they are generated again", path, "a torn last line, " if torn else "",
+                    f"{len(partial)} problem(s) with fewer than {k} samples" if partial else "no partial problem")
+        write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept
 
 
 def load_benchmark(spec: BenchmarkSpec, cfg: EvalConfig, out_dir: Path) -> list[Problem]:
     """The benchmark's problems (a generated benchmark, from the held-out stream, is written into the run directory)."""
     source = materialize(spec.source, out_dir / "data", GENERATED_PROBLEMS, heldout=True)
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key, dataset=spec.name)
-    return problems[: cfg.limit] if cfg.limit else problems
+    problems = problems[: cfg.limit] if cfg.limit else problems
+    return problems if generator_of(spec.source) else check_answers(problems, source, cfg.bad_answers)
 
 
 def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
@@ -113,7 +116,7 @@ def run_benchmark(engine: Rollout, reward: MathReward, prompt: PromptFn, spec: B
     k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
     sampling = cfg.decoding_sampling()
     path = samples_path(out_dir, spec.name, seed)
-    done = {row["index"] for row in read_samples(path)}
+    done = {row["index"] for row in finished_samples(path, k)}
     todo = [i for i in range(len(problems)) if i not in done]
     bar.update(len(problems) - len(todo))
     for chunk in chunks(todo, cfg.chunk_problems):
@@ -170,7 +173,7 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
         if own_engine:
             engine.close()
     samples = pd.DataFrame([row for spec, _ in benchmarks for seed in seeds
-                            for row in read_samples(samples_path(out_dir, spec.name, seed))])
+                            for row in read_jsonl(samples_path(out_dir, spec.name, seed))[0]])
     return write_run_tables(samples, out_dir, model=cfg.model, setup=cfg.setup)
 
 

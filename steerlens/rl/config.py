@@ -13,6 +13,11 @@ from steerlens.config import ConfigError, option
 from steerlens.options import DataOptions, ModelOptions, SamplingOptions, option_checks
 
 
+# Settings a resumed run may change without changing any number it computes.
+RESUME_FREE_FIELDS = ("out_dir", "resume", "allow_config_change", "progress", "engine", "gpu_memory_utilization",
+                      "verify_every", "verify_atol", "save_every", "keep_last", "device", "micro_batch")
+
+
 @dataclass
 class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
     """RLOO training of steering vectors (or the paper's LoRA / full-tuning baselines)."""
@@ -47,7 +52,9 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
     seed: int = option(0, "seed for data order, sampling and initialisation")
     out_dir: str = option("runs/toy-arith", "where checkpoints, metrics.jsonl and the final vectors go")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    resume: bool = option(False, "continue from the latest checkpoint in out_dir")
+    keep_last: int = option(0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the whole model)")
+    resume: bool = option(False, "continue from the newest valid checkpoint in out_dir (never restarts over an existing run)")
+    allow_config_change: bool = option(False, "let --resume continue with changed result-affecting settings (the change is recorded in config_changes.jsonl)")
     progress: bool = option(True, "show a live progress bar")
 
     def __post_init__(self) -> None:
@@ -59,6 +66,13 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.micro_batch >= 1, "micro_batch must be >= 1"),
             (self.save_every >= 1, "save_every must be >= 1"),
+            (self.keep_last >= 0, "keep_last must be >= 0"),
+            (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank must be >= 1 and lora_alpha > 0"),
+            (self.eval_problems >= 1, "eval_problems must be >= 1 (use --eval-data null for none)"),
+            (self.kl_coef >= 0 and self.weight_decay >= 0, "kl_coef and weight_decay must be >= 0"),
+            (self.max_grad_norm > 0 and self.verify_atol > 0, "max_grad_norm and verify_atol must be > 0"),
+            (self.verify_every >= 0, "verify_every must be >= 0"),
+            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.trainable == "steering" or self.layers is None, "layers applies only to trainable=steering"),
         ]
         problems = [message for ok, message in checks + option_checks(self) if not ok]

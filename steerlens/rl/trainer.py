@@ -10,8 +10,11 @@ checkpoint when due.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import AbstractSet, Any
@@ -24,16 +27,20 @@ from steerlens.backends.vllm import SteeredLLM, verify_push
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
 from steerlens.data import Problem, load_problems
-from steerlens.data.generated import HELDOUT, materialize
-from steerlens.io import append_jsonl, write_json, write_text
+from steerlens.data.generated import HELDOUT, generator_of, materialize
+from steerlens.io import append_jsonl, read_jsonl, write_json, write_text
 from steerlens.models import config_shape, load_model
 from steerlens.rl import distributed as D
-from steerlens.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from steerlens.rl.checkpoint import load_checkpoint, save_checkpoint
+from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages, completion_logprobs, policy_loss
 from steerlens.rl.policy import Policy, make_policy
 from steerlens.rollout import Completion, HFRollout, Rollout, make_rollout, sample_seed, use_vllm
-from steerlens.task import MathReward, Task, is_success
+from steerlens.task import MathReward, Task, check_answers, is_success
+
+
+LOG = logging.getLogger("steerlens")
 
 
 class TrainingError(SteerlensError, RuntimeError):
@@ -223,6 +230,9 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 nan_streak = 0
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    raise TrainingError(f"step {step}: the update made the trained values non-finite (lr={lr}); "
+                                        "nothing of this step was saved or pushed: lower --lr and --resume")
             else:
                 nan_streak += 1
                 if nan_streak >= 3:
@@ -247,25 +257,32 @@ class Trainer:
         return self._finish(summary)
 
     def _start(self) -> tuple[int, dict[str, Any]]:
-        """Resume from the latest checkpoint, or refuse to overwrite an existing run."""
-        latest = latest_checkpoint(self.out)
-        if latest is not None and not self.cfg.resume:
-            raise TrainingError(f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to "
-                                "continue it or choose another --out-dir")
-        if latest is None or not self.cfg.resume:
+        """Resume from the newest valid checkpoint, start fresh, or refuse (see `rl.resume`)."""
+        plan = plan_resume(self.cfg)
+        for line in plan.skipped:
+            LOG.warning("skipped checkpoint %s", line)
+        if plan.checkpoint is None:
             if self.ctx.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
-                self.metrics_path.unlink(missing_ok=True)
                 write_text(self.out / "config.yaml", to_yaml(self.cfg))
             return 0, {}
-        state = load_checkpoint(latest, self.policy, self.optimizer)
+        state = load_checkpoint(plan.checkpoint, self.policy, self.optimizer)
         step = int(state["step"])
-        for _ in range(step):
-            self.scheduler.step()
-        if self.ctx.is_main and self.metrics_path.is_file():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] < step]
-            write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        LOG.warning("resuming %s from %s (step %d)", self.out, plan.checkpoint.name, step)
+        with warnings.catch_warnings():  # replaying the schedule, not skipping an optimizer step
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            for _ in range(step):
+                self.scheduler.step()
+        if self.ctx.is_main:
+            if plan.changes:
+                append_jsonl(self.out / CHANGES, {"step": step, "changes": plan.changes})
+                write_text(self.out / "config.yaml", to_yaml(self.cfg))
+                LOG.warning("continuing with changed settings: %s (recorded in %s)",
+                            ", ".join(plan.changes), CHANGES)
+            rows, torn = read_jsonl(self.metrics_path)
+            if torn:
+                LOG.warning("%s: dropped a torn last line (the write was interrupted)", self.metrics_path)
+            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows if row["step"] < step))
         return step, dict(state.get("summary", {}))
 
     def _metrics(self, step: int, groups: list[list[Completion]], rewards: torch.Tensor, adv: torch.Tensor,
@@ -305,7 +322,8 @@ class Trainer:
 
     def _save(self, step: int, summary: dict[str, Any]) -> None:
         if self.ctx.is_main:
-            save_checkpoint(self.out, step, self.policy, self.optimizer, to_yaml(self.cfg), {"summary": summary})
+            save_checkpoint(self.out, step, self.policy, self.optimizer, to_yaml(self.cfg), {"summary": summary},
+                            keep_last=self.cfg.keep_last)
         D.barrier(self.ctx)
 
     def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -371,23 +389,33 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def math_task(cfg: TrainConfig, tokenizer: Any) -> Task:
-    """The job's task: `cfg.data` (and `cfg.eval_data`, minus training problems) with the math reward."""
+def math_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
+    """The job's training and held-out problems (`cfg.data`, `cfg.eval_data` minus training problems),
+    their gold answers checked as `cfg.bad_answers` asks."""
     out = Path(cfg.out_dir)
     problems = load_split(cfg.data, cfg, out)
     seen = {p.problem for p in problems}
     held_out = load_split(cfg.eval_data, cfg, out, seen)[: cfg.eval_problems] if cfg.eval_data else []
-    reward = MathReward.for_template(tokenizer, cfg.template, cfg.answer_fallback, cfg.reward_correct, cfg.reward_wrong)
-    return Task(problems=problems, reward=reward, prompt=cfg.template, eval_problems=held_out)
+    if generator_of(cfg.data) is None:
+        problems = check_answers(problems, cfg.data, cfg.bad_answers)
+    if cfg.eval_data and generator_of(cfg.eval_data) is None:
+        held_out = check_answers(held_out, cfg.eval_data, cfg.bad_answers)
+    return problems, held_out
 
 
 def train(cfg: TrainConfig, rollout: Rollout | None = None) -> dict[str, Any]:
     """Run (or resume) a training job from its config alone: the model by name, the math task from
-    `cfg.data`. Returns the summary written to `out_dir/summary.json`."""
+    `cfg.data`. The cheap checks (run directory, data) come before the model loads. Returns the
+    summary written to `out_dir/summary.json`."""
+    plan_resume(cfg)
+    problems, held_out = math_problems(cfg)
     ctx = D.init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device, ctx))
-        return Trainer(model, tokenizer, math_task(cfg, tokenizer), cfg, rollout).train()
+        reward = MathReward.for_template(tokenizer, cfg.template, cfg.answer_fallback, cfg.reward_correct,
+                                         cfg.reward_wrong)
+        task = Task(problems=problems, reward=reward, prompt=cfg.template, eval_problems=held_out)
+        return Trainer(model, tokenizer, task, cfg, rollout).train()
     finally:
         D.shutdown(ctx)
 
@@ -410,6 +438,6 @@ def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None) -> dict[
     for layer in layers:
         run_dir = Path(cfg.out_dir) / f"layer{layer}"
         if not (run_dir / "summary.json").is_file():
-            train(replace(cfg, layers=[layer], out_dir=str(run_dir), resume=latest_checkpoint(run_dir) is not None))
+            train(replace(cfg, layers=[layer], out_dir=str(run_dir), resume=run_dir.exists()))
         done[layer] = run_dir / "vectors.safetensors"
     return done
