@@ -105,13 +105,22 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def _jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(row, default=str) + "\n" for row in rows)
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write `rows` as JSON lines, atomically (replacing the file)."""
+    write_text(path, _jsonl(rows))
+
+
 def append_jsonl(path: str | Path, rows: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
     """Append one JSON line per row in a single write and flush it to disk (a crash loses at most the
     lines being written; readers drop a torn last line). On a failed write the file is cut back to
     its old length (or removed, if this call created it), so no partial line stays behind."""
     path = Path(path)
     rows = [rows] if isinstance(rows, dict) else rows
-    data = "".join(json.dumps(row, default=str) + "\n" for row in rows).encode()
+    data = _jsonl(rows).encode()
     with _reported(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
@@ -151,6 +160,6 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
             if number < len(lines):
                 raise SteerlensError(f"{path}: line {number} is damaged ({err.msg}); only a torn last line "
                                      "can be repaired") from err
-            write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(path, rows)
             return rows, True
     return rows, False

@@ -26,7 +26,7 @@ from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import write_run_tables
-from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_text
+from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_json, write_jsonl, write_text
 from steerlens.rollout import Rollout, make_rollout, sample_seed
 from steerlens.task import MathReward, PromptFn, check_answers, template_prompt
 from steerlens.vectors import SteeringVectors
@@ -54,7 +54,7 @@ def finished_samples(path: Path, k: int) -> list[dict[str, Any]]:
         partial = sorted({row["index"] for row in rows} - {row["index"] for row in kept})
         LOG.warning("%s: %s%s; they are generated again", path, "a torn last line, " if torn else "",
                     f"{len(partial)} problem(s) with fewer than {k} samples" if partial else "no partial problem")
-        write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+        write_jsonl(path, kept)
     return kept
 
 
@@ -79,7 +79,7 @@ def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
             raise EvalError(f"{out_dir} holds an evaluation with other settings ({diffs}); "
                             "use another --out-dir to evaluate these")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(saved_path, json.dumps(current, indent=2) + "\n")
+    write_json(saved_path, current)
     write_text(out_dir / "eval_config.yaml", to_yaml(cfg))
 
 

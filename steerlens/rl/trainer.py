@@ -9,7 +9,6 @@ checkpoint when due.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -28,7 +27,7 @@ from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
 from steerlens.data import Problem, load_problems
 from steerlens.data.generated import HELDOUT, generator_of, materialize
-from steerlens.io import append_jsonl, read_jsonl, write_json, write_text
+from steerlens.io import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
 from steerlens.models import config_shape, load_model
 from steerlens.rl import distributed as D
 from steerlens.rl.checkpoint import load_checkpoint, save_checkpoint
@@ -282,7 +281,7 @@ class Trainer:
             rows, torn = read_jsonl(self.metrics_path)
             if torn:
                 LOG.warning("%s: dropped a torn last line (the write was interrupted)", self.metrics_path)
-            write_text(self.metrics_path, "".join(json.dumps(row) + "\n" for row in rows if row["step"] < step))
+            write_jsonl(self.metrics_path, [row for row in rows if row["step"] < step])
         return step, dict(state.get("summary", {}))
 
     def _metrics(self, step: int, groups: list[list[Completion]], rewards: torch.Tensor, adv: torch.Tensor,
@@ -330,7 +329,7 @@ class Trainer:
         """Final artefacts and the report: reward and held-out accuracy before/after, resources."""
         ctx = self.ctx
         if ctx.is_main:
-            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+            rows, _ = read_jsonl(self.metrics_path)
             head, tail = rows[: max(1, len(rows) // 5)], rows[-max(1, len(rows) // 5):]
             opt_bytes = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
                             for t in s.values() if isinstance(t, torch.Tensor))
