@@ -2,6 +2,8 @@
 
     python bench/bench_trl_peer.py                  # toy model, 16 prompts x 8 samples, 48 tokens, 4 timed steps
     python bench/bench_trl_peer.py --trainable lora # LoRA r=1 on down_proj in both
+    python bench/bench_trl_peer.py --model smollm2-135m --data word-arith --answer-fallback last_number \
+        --prompts 8 --generations 4 --steps 2 --micro-batch 32 --lr 2e-2   # a real model, a reward with signal
 
 TRL is installed only for this benchmark, into bench/.trl (`pip install --no-deps --target`; its own
 dependencies — accelerate, datasets, peft — are already steerlens's). Each trainer runs in its own
@@ -50,7 +52,7 @@ def ensure_trl() -> str:
 def problems(args: argparse.Namespace) -> list[Any]:
     from steerlens.data.generated import generate
 
-    return generate("toy-arith", args.prompts * (args.steps + 1), seed=args.seed)
+    return generate(args.data, args.prompts * (args.steps + 1), seed=args.seed)
 
 
 def peak_rss_mib() -> float:
@@ -68,12 +70,13 @@ def run_steerlens(args: argparse.Namespace, engine: str) -> dict[str, Any]:
     from steerlens.rl.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_problems("toy-arith", Path(tmp) / "train.jsonl", args.prompts * (args.steps + 1), seed=args.seed)
+        data = write_problems(args.data, Path(tmp) / "train.jsonl", args.prompts * (args.steps + 1), seed=args.seed)
         cfg = TrainConfig(model=args.model, trainable=args.trainable, data=str(data), eval_data=None,
                           steps=args.steps + 1, prompts_per_step=args.prompts, generations=args.generations,
                           max_new_tokens=args.max_new_tokens, lr=args.lr, micro_batch=args.micro_batch,
                           engine=engine, verify_every=0, seed=args.seed, out_dir=str(Path(tmp) / "run"),
-                          save_every=10_000, progress=False, warmup_ratio=0.0)
+                          save_every=10_000, progress=False, warmup_ratio=0.0, answer_fallback=args.answer_fallback,
+                          update_autocast=args.update_autocast)
         t0 = time.perf_counter()
         summary = train(cfg)
         total = time.perf_counter() - t0
@@ -114,7 +117,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
         peft_config = LoraConfig(r=1, lora_alpha=2, target_modules=["down_proj"], lora_dropout=0.0)
     rows = [{"prompt": format_prompt(tokenizer, p.problem), "answer": p.answer} for p in problems(args)]
-    scorer = RewardScorer()
+    scorer = RewardScorer(fallback=args.answer_fallback)
 
     def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
         return [1.0 if ok else -1.0 for ok in scorer.score(completions, answer)]
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference = rows[0]
     for row in rows:
         row["step_vs_steerlens_hf"] = round(row["step_s"] / reference["step_s"], 2)
-    batch = f"{args.prompts} prompts x {args.generations} samples, {args.max_new_tokens} new tokens"
+    batch = (f"{args.prompts} prompts x {args.generations} samples, {args.max_new_tokens} new tokens, {args.data}, "
+             f"fallback {args.answer_fallback}, steerlens autocast {args.update_autocast}")
     return {"bench": "trl_peer", "model": args.model, "trainable": args.trainable, "batch": batch,
             "timed_steps": args.steps, "rows": rows}
 
@@ -199,6 +203,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy-arith")
     p.add_argument("--trainable", choices=["steering", "lora"], default="steering")
+    p.add_argument("--data", default="toy-arith", help="generated training problems (toy-arith, word-arith)")
+    p.add_argument("--answer-fallback", choices=["none", "last_number"], default="none",
+                   help="reward: verify the last number when nothing is boxed (both trainers)")
+    p.add_argument("--update-autocast", choices=["off", "bfloat16"], default="off",
+                   help="steerlens's update under bf16 autocast (TRL keeps fp32: bf16=False)")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)

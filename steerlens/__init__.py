@@ -6,6 +6,7 @@
     with sl.steer(model, vectors) as handle:        # HF, TransformerLens or nnsight model
         ...
     engine = sl.vllm.SteeredLLM("path/to/model", vectors)   # vLLM, same verbs
+    sl.write_vectors(vectors, "vectors.gguf", drop_layer0=True)  # llama.cpp, EasySteer, vllm-lens files
 
     task = sl.Task(problems, reward=my_reward)      # reward(completions, problems) -> floats
     sl.Trainer(model, tokenizer, task, sl.TrainConfig(steps=20)).train()
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from steerlens.data import Problem, load_problems
     from steerlens.errors import ModelError, SteerlensError
     from steerlens.evaluation import EvalConfig, evaluate
+    from steerlens.formats import read_vectors, write_vectors
     from steerlens.models import load_model, register_source, resolve_model
     from steerlens.rl.config import TrainConfig
     from steerlens.rl.trainer import Trainer, train
@@ -41,6 +43,7 @@ _HOMES = {
     "steerlens.data": ("Problem", "load_problems"),
     "steerlens.errors": ("ModelError", "SteerlensError"),
     "steerlens.evaluation": ("EvalConfig", "evaluate"),
+    "steerlens.formats": ("read_vectors", "write_vectors"),
     "steerlens.models": ("load_model", "register_source", "resolve_model"),
     "steerlens.rl.config": ("TrainConfig",),
     "steerlens.rl.trainer": ("Trainer", "train"),

@@ -197,6 +197,34 @@ def serve(
     os.execv(command[0], command)
 
 
+@app.command()
+@friendly
+def convert(
+    source: Path = typer.Argument(..., help="vectors file to read"),
+    target: Path = typer.Argument(..., help="file to write"),
+    to: str = typer.Option("auto", "--to", help="format to write: steerlens, llama.cpp, easysteer, vllm-lens "
+                           "(auto: from TARGET's suffix)"),
+    source_format: str = typer.Option("auto", "--from", help="format of SOURCE (auto: from its suffix)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the model the vectors steer: gives the layer "
+                                        "count to formats that lack it and checks the vectors fit"),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="the model's layer count, without --model"),
+    drop_layer0: bool = typer.Option(False, "--drop-layer0", help="llama.cpp: leave out layer 0's vector, which it "
+                                     "cannot express (this changes the steering)"),
+) -> None:
+    """Convert steering vectors between steerlens, llama.cpp (GGUF control vectors, also repeng's files),
+    EasySteer and vllm-lens; layer n means "after decoder block n" in every one (docs/formats.md)."""
+    from steerlens.formats import detect_format, read_vectors, write_vectors
+    from steerlens.models import config_shape
+
+    shape = config_shape(model) if model else None
+    vectors = read_vectors(source, source_format, num_layers or (shape.num_layers if shape else None))
+    if shape is not None:
+        vectors.check_fits(shape)
+    written = write_vectors(vectors, target, to, **({"drop_layer0": True} if drop_layer0 else {}))
+    dropped = "; layer 0 left out" if drop_layer0 and 0 in vectors.layers else ""
+    typer.echo(f"wrote {written} ({to if to != 'auto' else detect_format(target)}{dropped})")
+
+
 study = typer.Typer(no_args_is_help=True, help="Studies over many vector sets (evaluated with steerlens eval's "
                     "options, given as --key value after the study's own options).")
 app.add_typer(study, name="study")

@@ -15,7 +15,8 @@ from steerlens.options import DataOptions, ModelOptions, SamplingOptions, option
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = ("out_dir", "resume", "allow_config_change", "progress", "engine", "gpu_memory_utilization",
-                      "verify_every", "verify_atol", "save_every", "keep_last", "device", "micro_batch")
+                      "verify_every", "verify_atol", "save_every", "keep_last", "device", "micro_batch",
+                      "max_tokens_per_micro_batch", "logprob_chunk_tokens", "activation_checkpointing")
 
 
 @dataclass
@@ -43,7 +44,11 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
     warmup_ratio: float = option(0.03, "fraction of steps with linear LR warmup, then constant")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(2.0, "gradient-norm clipping (reference: 2.0)")
-    micro_batch: int = option(64, "sequences per forward/backward pass (gradient accumulation over the step)")
+    micro_batch: int = option(64, "at most this many sequences per forward/backward pass (gradient accumulation over the step)")
+    max_tokens_per_micro_batch: int = option(16384, "token budget of one forward/backward pass: sequences are sorted by length and grouped so that each group, padded, holds at most this many tokens (a longer sequence goes alone)")
+    logprob_chunk_tokens: int = option(1024, "completion tokens unembedded at a time (recomputed in the backward pass): bounds the log-prob step's memory at this many x vocab fp32 values")
+    update_autocast: Literal["off", "bfloat16"] = option("off", "run the update's forward and backward under bf16 autocast (weights and trained parameters stay in their dtype, log-softmax in fp32): ~1.4x faster on CPUs with avx512_bf16, log-probs differ from fp32 by up to ~0.25 on rare tokens")
+    activation_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, ~1 more forward; on in the GPU presets)")
     # engines and hardware
     verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at start)")
     verify_atol: float = option(2e-3, "largest allowed per-token log-prob difference between vLLM and the trainer")
@@ -65,6 +70,8 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.micro_batch >= 1, "micro_batch must be >= 1"),
+            (self.max_tokens_per_micro_batch >= 1 and self.logprob_chunk_tokens >= 1,
+             "max_tokens_per_micro_batch and logprob_chunk_tokens must be >= 1"),
             (self.save_every >= 1, "save_every must be >= 1"),
             (self.keep_last >= 0, "keep_last must be >= 0"),
             (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank must be >= 1 and lora_alpha > 0"),

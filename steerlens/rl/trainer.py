@@ -9,6 +9,8 @@ checkpoint when due.
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import re
@@ -33,7 +35,8 @@ from steerlens.rl import distributed as D
 from steerlens.rl.checkpoint import load_checkpoint, save_checkpoint
 from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.objective import advantages, completion_logprobs, policy_loss
+from steerlens.rl.objective import advantages, policy_loss
+from steerlens.rl.update import layer_checkpointing, sequence_logprobs, token_budget_batches
 from steerlens.rl.policy import Policy, make_policy
 from steerlens.rollout import Completion, HFRollout, Rollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import MathReward, Task, check_answers, is_success
@@ -149,28 +152,35 @@ class Trainer:
         return torch.tensor([float(v) for v in values], dtype=torch.float32).view(len(groups), -1)
 
     def backward(self, completions: list[Completion], adv: torch.Tensor, total_tokens: int) -> float:
-        """Accumulate gradients of the policy loss over micro-batches; returns this rank's loss."""
+        """Accumulate gradients of the policy loss over token-budget micro-batches; returns this rank's loss."""
         model = self.policy.model
-        pad = self.tokenizer.pad_token_id
+        cfg = self.cfg
+        lengths = [len(c.prompt_ids) + len(c.token_ids) for c in completions]
         loss_sum = 0.0
-        for start in range(0, len(completions), self.cfg.micro_batch):
-            chunk = range(start, min(start + self.cfg.micro_batch, len(completions)))
-            seqs = [completions[i].prompt_ids + completions[i].token_ids for i in chunk]
-            width = max(map(len, seqs))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-            attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            p_lens = [len(completions[i].prompt_ids) for i in chunk]
-            c_lens = [len(completions[i].token_ids) for i in chunk]
-            logp = completion_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, p_lens, c_lens)
-            mask = torch.arange(logp.shape[1], device=self.device)[None] < torch.tensor(c_lens, device=self.device)[:, None]
-            ref = None
-            if self.cfg.kl_coef > 0:
-                with torch.no_grad(), self.policy.base_policy() as base:
-                    ref = completion_logprobs(base(input_ids=ids, attention_mask=attn).logits, ids, p_lens, c_lens)
-            loss = policy_loss(logp, mask, adv[list(chunk)].to(self.device), total_tokens, ref, self.cfg.kl_coef)
-            loss.backward()
-            loss_sum += float(loss.detach())
+        autocast = (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+                    if cfg.update_autocast == "bfloat16" else contextlib.nullcontext())
+        with layer_checkpointing(model, cfg.activation_checkpointing), autocast:
+            for chunk in token_budget_batches(lengths, cfg.max_tokens_per_micro_batch, cfg.micro_batch):
+                ids, attn, p_lens, c_lens = self._padded(completions, chunk)
+                logp = sequence_logprobs(model, ids, attn, p_lens, c_lens, cfg.logprob_chunk_tokens)
+                mask = torch.arange(logp.shape[1], device=self.device)[None] < torch.tensor(c_lens, device=self.device)[:, None]
+                ref = None
+                if cfg.kl_coef > 0:
+                    with torch.no_grad(), self.policy.base_policy() as base:
+                        ref = sequence_logprobs(base, ids, attn, p_lens, c_lens, cfg.logprob_chunk_tokens)
+                loss = policy_loss(logp, mask, adv[chunk].to(self.device), total_tokens, ref, cfg.kl_coef)
+                loss.backward()
+                loss_sum += float(loss.detach())
         return loss_sum
+
+    def _padded(self, completions: list[Completion], chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+        """Prompt + completion ids of `chunk`, right-padded, with their attention mask and lengths."""
+        pad = self.tokenizer.pad_token_id
+        seqs = [completions[i].prompt_ids + completions[i].token_ids for i in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
+        return ids, attn, [len(completions[i].prompt_ids) for i in chunk], [len(completions[i].token_ids) for i in chunk]
 
     def accuracy(self, problems: list[Problem]) -> float:
         """Greedy success rate of the current policy on `problems` (this rank's engine)."""

@@ -1,0 +1,60 @@
+"""Vectors as the objects of two other steering libraries: repeng's `ControlVector` and
+steering-vectors' `SteeringVector`.
+
+Both add layer k's vector to the output of decoder block k, as steerlens does, so layer numbers carry
+over unchanged (repeng wraps `model.layers[k]`; steering-vectors hooks the `decoder_block` module k).
+Neither object knows the model's layer count, so reading one needs `num_layers`. Files: repeng saves
+and loads a llama.cpp control vector (see `steerlens.formats.llama_cpp`); steering-vectors has no file
+format of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from steerlens.vectors import SteeringVectors, VectorsError
+
+
+def to_repeng(vectors: SteeringVectors, model_type: str = "") -> Any:
+    """A `repeng.ControlVector` with one fp32 direction per steered layer."""
+    from repeng import ControlVector
+
+    directions = {layer: row.detach().float().cpu().numpy() for layer, row in zip(vectors.layers, vectors.values)}
+    return ControlVector(model_type=model_type or vectors.architecture, directions=directions)
+
+
+def from_repeng(control: Any, num_layers: int, model: str = "") -> SteeringVectors:
+    """Steering vectors from a `repeng.ControlVector` for a model with `num_layers` decoder layers."""
+    rows = {int(layer): torch.as_tensor(np.asarray(d, dtype=np.float32)) for layer, d in control.directions.items()}
+    return _from_rows(rows, num_layers, model, {"format": "repeng", "model_hint": getattr(control, "model_type", "")})
+
+
+def to_steering_vector(vectors: SteeringVectors) -> Any:
+    """A `steering_vectors.SteeringVector` on decoder blocks (its `multiplier` plays steerlens's scale)."""
+    from steering_vectors import SteeringVector
+
+    rows = {layer: row.detach().clone() for layer, row in zip(vectors.layers, vectors.values)}
+    return SteeringVector(layer_activations=rows, layer_type="decoder_block")
+
+
+def from_steering_vector(vector: Any, num_layers: int, model: str = "") -> SteeringVectors:
+    """Steering vectors from a `steering_vectors.SteeringVector` whose layer type is `decoder_block`."""
+    if vector.layer_type != "decoder_block":
+        raise VectorsError(f"a SteeringVector on {vector.layer_type!r} layers adds inside the block, not after it; "
+                           "only layer_type='decoder_block' converts to steering vectors")
+    rows = {int(layer): torch.as_tensor(act).detach().float().cpu() for layer, act in vector.layer_activations.items()}
+    return _from_rows(rows, num_layers, model, {"format": "steering-vectors"})
+
+
+def _from_rows(rows: Mapping[int, torch.Tensor], num_layers: int, model: str,
+               provenance: dict[str, Any]) -> SteeringVectors:
+    """Resolve negative layer numbers (both libraries allow them) and build the set."""
+    if not rows:
+        raise VectorsError("the vector has no layers")
+    resolved = {layer + num_layers if layer < 0 else layer: row.reshape(-1) for layer, row in rows.items()}
+    layers = sorted(resolved)
+    return SteeringVectors(values=torch.stack([resolved[layer] for layer in layers]), layers=tuple(layers),
+                           num_layers=num_layers, model=model, provenance=provenance)

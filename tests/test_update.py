@@ -1,0 +1,92 @@
+"""The memory-bounded update computes the same numbers as the straightforward one.
+
+Straightforward: full `[batch, sequence, vocab]` logits, each row's completion slice log-softmaxed.
+Bounded: hidden states of completion positions only, unembedded a few tokens at a time and recomputed in
+the backward pass, micro-batches grouped by a token budget, optionally decoder-layer checkpointing. For
+steering, LoRA and full tuning on tiny models, log-probs and gradients agree to fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from steerlens.models import load_model
+from steerlens.rl.objective import completion_logprobs
+from steerlens.rl.policy import make_policy
+from steerlens.rl.update import layer_checkpointing, sequence_logprobs, token_budget_batches
+from steerlens.tiny import build_tiny_model
+
+ATOL = 1e-5
+PROMPT_LENS = [5, 9, 3, 7]
+COMPLETION_LENS = [7, 2, 11, 4]
+
+
+def batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, vocab, (p + c,), generator=generator).tolist() for p, c in zip(PROMPT_LENS, COMPLETION_LENS)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+def gradients(policy, loss: torch.Tensor) -> list[torch.Tensor]:
+    params = policy.parameters()
+    return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+
+@pytest.mark.parametrize("trainable", ["steering", "lora", "full"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # gemma2: final-logit soft-capping in the head path
+def test_bounded_logprobs_and_gradients_equal_full_logits(trainable: str, family: str, tmp_path: Path) -> None:
+    model, _ = load_model(build_tiny_model(tmp_path / family, family, seed=3))
+    policy = make_policy(model, trainable, None, family)
+    if trainable == "steering":  # start away from zero so the vectors matter
+        policy.load_state({name: torch.randn_like(t) for name, t in policy.named_state().items()})
+    model.train()
+    ids, mask = batch(model.config.vocab_size)
+    weights = torch.randn(len(PROMPT_LENS), max(COMPLETION_LENS))
+    reference = completion_logprobs(policy.model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    expected = gradients(policy, (reference * weights).sum())
+    for checkpointed in (False, True):
+        with layer_checkpointing(policy.model, checkpointed):
+            bounded = sequence_logprobs(policy.model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=5)
+            got = gradients(policy, (bounded * weights).sum())
+        assert (bounded - reference).abs().max() <= ATOL
+        for g, e in zip(got, expected, strict=True):
+            assert torch.allclose(g, e, atol=ATOL, rtol=1e-4), (trainable, checkpointed, (g - e).abs().max())
+
+
+def test_no_vocabulary_sized_tensor_is_kept_for_backward(tmp_path: Path) -> None:
+    """What autograd saves for the log-prob step is bounded by the chunk, not by tokens x vocab."""
+    model, _ = load_model(build_tiny_model(tmp_path / "q", "qwen2", seed=0))
+    make_policy(model, "steering", None, "q")
+    ids, mask = batch(model.config.vocab_size)
+    vocab, tokens = model.config.vocab_size, sum(COMPLETION_LENS)
+    for chunk, bounded in ((4, True), (None, False)):
+        shapes: list[torch.Size] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            if bounded:
+                sequence_logprobs(model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=chunk)
+            else:
+                completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+        vocab_sized = [shape.numel() for shape in shapes if shape and shape[-1] == vocab and shape.numel() > vocab]
+        if bounded:
+            assert not vocab_sized, vocab_sized  # only hidden states and ids are saved; chunks are recomputed
+        else:
+            assert sum(vocab_sized) >= tokens * vocab  # the straightforward path keeps full logits
+
+
+def test_token_budget_batches_respect_the_budget() -> None:
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
+        budget, cap = rng.randint(1, 2000), rng.randint(1, 16)
+        groups = token_budget_batches(lengths, budget, cap)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        for g in groups:
+            assert len(g) <= cap
+            assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget
