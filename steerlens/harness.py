@@ -158,7 +158,8 @@ class SteerlensLM(TemplateLM):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
         for members in groups.values():
             params, budget = self._sampling(dict(requests[members[0]].args[1]))
-            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - budget):] for i in members]
+            room = max(self.max_length - budget, 1)  # the prompt's tail that leaves room for the completion
+            prompts = [self.tok_encode(requests[i].args[0])[-room:] for i in members]
             outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
             for i, output in zip(members, outputs, strict=True):
                 results[i] = output.outputs[0].text

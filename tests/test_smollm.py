@@ -228,7 +228,7 @@ def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path) -> None:
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_shipped_vectors_raise_heldout_accuracy(rollout: Any, tmp_path: Path) -> None:
-    """The vectors the SmolLM2 preset trained (30 RLOO steps, 22 min here: too long for CI, so they ship)
+    """The vectors the SmolLM2 preset trained (30 RLOO steps, 15 min here: too long for CI, so they ship)
     make the real model answer held-out word problems correctly far more often, in vLLM, greedy."""
     import pandas as pd
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from steerlens.errors import ModelError
+
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: int) -> list[list[int]]:
     """Indices of `lengths` grouped so that each group, padded to its longest, holds at most `max_tokens`
@@ -38,7 +40,7 @@ def decoder_trunk(model: nn.Module) -> nn.Module:
     get_decoder = getattr(model, "get_decoder", None)
     trunk = get_decoder() if callable(get_decoder) else None
     if not isinstance(trunk, nn.Module):
-        raise TypeError(f"{type(model).__name__} has no get_decoder(): cannot compute log-probs from hidden states")
+        raise ModelError(f"{type(model).__name__} has no get_decoder(): cannot compute log-probs from hidden states")
     return trunk
 
 
