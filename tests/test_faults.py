@@ -152,12 +152,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> None:
-    """Take every free byte of `disk`."""
-    with open(disk / "filler", "wb") as handle:
+    """Take every free byte of `disk` (unbuffered: nothing is left to flush, and fail, when the file closes)."""
+    with open(disk / "filler", "wb", buffering=0) as handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
-                handle.flush()
         except OSError:
             pass
 
