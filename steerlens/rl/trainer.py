@@ -35,8 +35,8 @@ from steerlens.rl import distributed as D
 from steerlens.rl.checkpoint import load_checkpoint, save_checkpoint
 from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.objective import advantages, policy_loss
-from steerlens.rl.update import layer_checkpointing, sequence_logprobs, token_budget_batches
+from steerlens.rl.objective import advantages
+from steerlens.rl.update import layer_checkpointing, micro_batch_loss, token_budget_batches
 from steerlens.rl.policy import Policy, make_policy
 from steerlens.rollout import Completion, HFRollout, Rollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import MathReward, Task, check_answers, is_success
@@ -162,13 +162,8 @@ class Trainer:
         with layer_checkpointing(model, cfg.activation_checkpointing), autocast:
             for chunk in token_budget_batches(lengths, cfg.max_tokens_per_micro_batch, cfg.micro_batch):
                 ids, attn, p_lens, c_lens = self._padded(completions, chunk)
-                logp = sequence_logprobs(model, ids, attn, p_lens, c_lens, cfg.logprob_chunk_tokens)
-                mask = torch.arange(logp.shape[1], device=self.device)[None] < torch.tensor(c_lens, device=self.device)[:, None]
-                ref = None
-                if cfg.kl_coef > 0:
-                    with torch.no_grad(), self.policy.base_policy() as base:
-                        ref = sequence_logprobs(base, ids, attn, p_lens, c_lens, cfg.logprob_chunk_tokens)
-                loss = policy_loss(logp, mask, adv[chunk].to(self.device), total_tokens, ref, cfg.kl_coef)
+                loss = micro_batch_loss(self.policy, ids, attn, p_lens, c_lens, adv[chunk], total_tokens,
+                                        cfg.logprob_chunk_tokens, cfg.kl_coef)
                 loss.backward()
                 loss_sum += float(loss.detach())
         return loss_sum

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from steerlens.errors import ModelError
+from steerlens.rl.objective import policy_loss
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, max_sequences: int) -> list[list[int]]:
@@ -69,6 +70,22 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     out = torch.zeros(len(completion_lens), max(completion_lens), dtype=torch.float32, device=hidden.device)
     out[rows, steps] = torch.cat(pieces) if pieces else out.new_zeros(0)
     return out
+
+
+def micro_batch_loss(policy: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: list[int],
+                     completion_lens: list[int], advantage: torch.Tensor, total_tokens: int, chunk_tokens: int = 1024,
+                     kl_coef: float = 0.0) -> torch.Tensor:
+    """The policy loss of one right-padded micro-batch, ready for `backward()`: completion log-probs masked
+    to each row's length and, with `kl_coef > 0`, the KL to `policy.base_policy()` (its log-probs without
+    gradient). One function for the trainer and the benches, so what they measure is what trains."""
+    logp = sequence_logprobs(policy.model, input_ids, attention_mask, prompt_lens, completion_lens, chunk_tokens)
+    lengths = torch.tensor(completion_lens, device=logp.device)
+    mask = torch.arange(logp.shape[1], device=logp.device)[None] < lengths[:, None]
+    ref = None
+    if kl_coef > 0:
+        with torch.no_grad(), policy.base_policy() as base:
+            ref = sequence_logprobs(base, input_ids, attention_mask, prompt_lens, completion_lens, chunk_tokens)
+    return policy_loss(logp, mask, advantage.to(logp.device), total_tokens, ref, kl_coef)
 
 
 @contextlib.contextmanager
