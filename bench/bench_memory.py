@@ -410,7 +410,8 @@ def gpu_row(path: Path, f: dict[str, Any], budget: int | None = None,
     """
     cfg = preset_settings(path)
     shape = cfg.model
-    layers, d, mlp, heads, kv, vocab, tied, max_len = HUB[shape]
+    layers, d, mlp, heads, kv, vocab, tied, hub_len = HUB[shape]
+    max_len = cfg.max_model_len or hub_len  # vLLM's context: the preset's cap, else the model's own
     budget = budget if budget is not None else cfg.max_tokens_per_micro_batch
     utilization = utilization if utilization is not None else cfg.gpu_memory_utilization
     longest = PROMPT_TOKENS + cfg.max_new_tokens
@@ -505,8 +506,7 @@ def gpu_markdown(rows: list[dict[str, Any]]) -> list[str]:
         else:
             verdict = "no"
         if not r["engine_starts"]:
-            verdict += (f"; but vLLM refuses to start: KV room < max_model_len {r['max_model_len']} (hub), "
-                        "which TrainConfig cannot lower")
+            verdict += f"; but vLLM refuses to start: KV room < its context {r['max_model_len']} (set max_model_len)"
         out.append(f"| {r['preset'].removesuffix('.yaml')} | {r['model']} | {r['trainable']} | {r['budget']} "
                    f"({r['max_budget']}{' = cap' if r['max_budget'] == r['budget_cap'] else ''}) | "
                    f"{'on' if r['checkpointing'] else 'off'} | {r['trainer_gib']:.1f} "

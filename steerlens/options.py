@@ -21,6 +21,7 @@ class ModelOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype (training log-probs are always computed in fp32)")
     engine: Literal["auto", "vllm", "hf"] = option("auto", "generation engine: vLLM (steering held in the engine, updated in place) or HF generate; auto = vLLM if installed")
     gpu_memory_utilization: float = option(0.3, "vLLM memory fraction (GPU) / KV-cache share (CPU)")
+    max_model_len: int | None = option(None, "vLLM context in tokens (prompt + completion); default: the model's own. A long native context (Qwen2.5-14B: 131072) can need more KV cache than the engine's share holds, and vLLM then refuses to start: set prompt room + max_new_tokens")
 
 
 @dataclass
@@ -50,9 +51,16 @@ class SamplingOptions:
         return Sampling.greedy(self.max_new_tokens)
 
 
-def option_checks(opts: SamplingOptions) -> list[tuple[bool, str]]:
+class SharedOptions(ModelOptions, DataOptions, SamplingOptions):
+    """Every shared group: what a job's config inherits (for type hints)."""
+
+
+def option_checks(opts: SharedOptions) -> list[tuple[bool, str]]:
     """The shared options' range checks, as (ok, message) pairs for a config's `__post_init__`."""
     return [
+        (0 < opts.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
+        (opts.max_model_len is None or opts.max_model_len > opts.max_new_tokens,
+         "max_model_len must exceed max_new_tokens (it holds the prompt and the completion)"),
         (opts.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (opts.temperature > 0, "temperature must be > 0 (greedy decoding is decoding=greedy in eval)"),
         (0 < opts.top_p <= 1, "top_p must be in (0, 1]"),

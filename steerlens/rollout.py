@@ -218,12 +218,14 @@ def use_vllm(engine: str) -> bool:
 
 def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: str = "auto",
                  vectors: SteeringVectors | None = None, dtype: str = "float32",
-                 gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0) -> Rollout:
+                 gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0,
+                 max_model_len: int | None = None) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
     `model` is a loaded HF model (with its `tokenizer`; HF generation then shares it, hooks and all,
     and vLLM loads the same checkpoint directory) or a name/path, loaded here. `vectors` steer the
-    engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds).
+    engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds); `max_model_len`
+    caps vLLM's context (None: the model's own).
     """
     if isinstance(model, nn.Module):
         config: Any = model.config
@@ -235,7 +237,9 @@ def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: s
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source)
-        llm = SteeredLLM(source, vectors, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+        context = {} if max_model_len is None else {"max_model_len": max_model_len}
+        llm = SteeredLLM(source, vectors, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                         **context)
         return VLLMRollout(llm, tokenizer)
     if not isinstance(model, nn.Module):
         model, tokenizer = load_model(source, dtype=dtype)

@@ -34,6 +34,7 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (["--baseline", "ppo"], r"baseline must be one of \['rloo', 'group_mean', 'grpo'\]"),
         (["--generations", "1"], "generations must be >= 2 for the rloo baseline"),
         (["stray"], "cannot read 'stray'"),
+        (["--max-model-len", "48"], r"max_model_len must exceed max_new_tokens"),
     ],
 )
 def test_bad_overrides_are_named(overrides: list[str], message: str) -> None:

@@ -187,6 +187,19 @@ def test_vllm_refusals_are_one_line(tiny_qwen_dir: Path, settings: dict[str, int
     assert "\n" not in str(info.value) and "--engine hf" in str(info.value)
 
 
+def test_max_model_len_reaches_the_engine(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    """`--max-model-len` is passed to vLLM: past the tiny model's context, vLLM's own validation refuses it."""
+    from typer.testing import CliRunner
+
+    from steerlens.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen_dir), "--engine", "vllm", "--max-model-len",
+                                      "100000", "--out-dir", str(tmp_path / "eval"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert "User-specified max_model_len (100000)" in line, line
+
+
 @pytest.mark.slow
 def test_llama_engine_matches_hf(tiny_llama_dir: Path) -> None:
     model, tokenizer = load_model(tiny_llama_dir)

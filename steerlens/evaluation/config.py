@@ -37,7 +37,6 @@ class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
             (self.limit is None or self.limit >= 1, "limit must be >= 1"),
             (self.chunk_problems >= 1, "chunk_problems must be >= 1"),
             (not (self.vectors and self.adapter), "give vectors or adapter, not both"),
-            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
         ]
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:

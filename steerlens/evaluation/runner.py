@@ -180,4 +180,4 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
 def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None) -> Rollout:
     """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`."""
     return make_rollout(model_path(cfg, out_dir), engine=cfg.engine, vectors=vectors, dtype=cfg.dtype,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization)
+                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)

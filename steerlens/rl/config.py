@@ -79,7 +79,6 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
             (self.kl_coef >= 0 and self.weight_decay >= 0, "kl_coef and weight_decay must be >= 0"),
             (self.max_grad_norm > 0 and self.verify_atol > 0, "max_grad_norm and verify_atol must be > 0"),
             (self.verify_every >= 0, "verify_every must be >= 0"),
-            (0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
             (self.trainable == "steering" or self.layers is None, "layers applies only to trainable=steering"),
         ]
         problems = [message for ok, message in checks + option_checks(self) if not ok]

@@ -127,7 +127,7 @@ class Trainer:
         vectors = self.policy.vectors() if use_vllm(engine) else None  # HF generation runs the hooked model itself
         return make_rollout(self.policy.model, self.tokenizer, engine=engine, vectors=vectors,
                             dtype=self.cfg.dtype, gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed)
+                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len)
 
     # ---- the pieces of a step -------------------------------------------------------------------
     def sync(self, step: int, verify: bool) -> float:
