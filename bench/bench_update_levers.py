@@ -9,8 +9,12 @@ preset's (`--max-new-tokens`, some truncated). The levers, added one at a time:
 
 - `full logits`: the update as it was: every position unembedded, `[batch, seq, vocab]` fp32 logits;
 - `completion only`: only completion positions unembedded, in chunks recomputed in backward (`sequence_logprobs`);
-- `token budget`: sequences sorted by length and grouped under `--budget` tokens (less padding computed);
+- `token budget`: sequences sorted by length and grouped under a 2,048-token budget (less padding computed);
+- `shared prompts`: each prompt's forward computed once for its generations, the completions running on
+  its cached keys and values (`share_prompt_forward`, the trainer's default without checkpointing);
 - `bf16 autocast`: the forward and backward under CPU bf16 autocast (this CPU has avx512_bf16), log-softmax in fp32.
+
+The bounded setups run the trainer's own path: `micro_batches` and `micro_batch_loss`.
 
 Configurations are interleaved round by round so machine drift hits all alike; the median of `--reps` is
 reported with each lever's share of the total gain, and the log-probs' largest difference from the fp32
@@ -34,7 +38,7 @@ from steerlens.data.prompts import format_prompt
 from steerlens.models import load_model
 from steerlens.rl.objective import completion_logprobs, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import sequence_logprobs, token_budget_batches
+from steerlens.rl.update import MicroBatch, micro_batch_loss, micro_batches
 from steerlens.rollout import encode_prompt
 
 
@@ -42,15 +46,17 @@ from steerlens.rollout import encode_prompt
 class Setup:
     name: str
     bounded: bool  # completion positions only, chunked
-    budget: int | None  # token-budget grouping (None: one micro-batch of `micro_batch` sequences, unsorted)
+    budget: int | None  # token-budget grouping (None: micro-batches of `micro_batch` sequences)
     bf16: bool
+    shared: bool = False  # each prompt's forward once for its generations
 
 
 SETUPS = [
     Setup("full logits (as before)", False, None, False),
     Setup("+ completion only", True, None, False),
     Setup("+ token budget", True, 2048, False),
-    Setup("+ bf16 autocast", True, 2048, True),
+    Setup("+ shared prompts", True, 2048, False, shared=True),
+    Setup("+ bf16 autocast", True, 2048, True, shared=True),
 ]
 
 
@@ -74,35 +80,55 @@ def precision(bf16: bool) -> Iterator[None]:
 
 def update(policy: Any, optimizer: torch.optim.Optimizer, seqs: list[tuple[list[int], list[int]]], adv: torch.Tensor,
            setup: Setup, micro_batch: int, pad: int) -> tuple[float, torch.Tensor, float]:
-    """One update; returns seconds, the log-probs (fp32, in input order, padded to the longest) and padding share."""
+    """One update; returns seconds, the log-probs (fp32, in input order, padded to the longest) and the
+    token positions its forward passes computed."""
     model = policy.model
     total = sum(len(c) for _, c in seqs)
-    lengths = [len(p) + len(c) for p, c in seqs]
-    groups = (token_budget_batches(lengths, setup.budget, micro_batch) if setup.budget
-              else [list(range(s, min(s + micro_batch, len(seqs)))) for s in range(0, len(seqs), micro_batch)])
-    width = max(len(c) for _, c in seqs)
+    prompts, completions = [p for p, _ in seqs], [c for _, c in seqs]
+    width = max(map(len, completions))
     logps = torch.zeros(len(seqs), width)
-    computed = 0
     start = time.perf_counter()
-    for group in groups:
-        rows = [seqs[i][0] + seqs[i][1] for i in group]
-        longest = max(map(len, rows))
-        computed += longest * len(rows)
-        ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
-        p_lens, c_lens = [len(seqs[i][0]) for i in group], [len(seqs[i][1]) for i in group]
-        with precision(setup.bf16):
-            if setup.bounded:
-                logp = sequence_logprobs(model, ids, mask, p_lens, c_lens)
-            else:
-                logp = completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, p_lens, c_lens)
+    if setup.bounded:
+        batches = micro_batches(prompts, completions, setup.budget or 10**9, micro_batch, setup.shared, pad)
+        for rows, batch in batches:
+            with precision(setup.bf16):
+                loss = micro_batch_loss(policy, batch, adv[rows], total)
+                loss.backward()
+        computed = sum(padded_positions(batch) for _, batch in batches)
+    else:  # the old path: every position unembedded, micro-batches in input order
+        computed = 0
+        for s in range(0, len(seqs), micro_batch):
+            rows_ = [seqs[i][0] + seqs[i][1] for i in range(s, min(s + micro_batch, len(seqs)))]
+            longest = max(map(len, rows_))
+            computed += longest * len(rows_)
+            ids = torch.tensor([r + [pad] * (longest - len(r)) for r in rows_])
+            mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows_])
+            group = list(range(s, s + len(rows_)))
+            p_lens, c_lens = [len(seqs[i][0]) for i in group], [len(seqs[i][1]) for i in group]
+            logp = completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, p_lens, c_lens)
             token_mask = torch.arange(logp.shape[1])[None] < torch.tensor(c_lens)[:, None]
             policy_loss(logp, token_mask, adv[group], total).backward()
-        logps[group, : logp.shape[1]] = logp.detach().float()
+            logps[group, : logp.shape[1]] = logp.detach()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 2.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start, logps, 1 - sum(lengths) / computed
+    seconds = time.perf_counter() - start
+    if setup.bounded:
+        with torch.no_grad():  # the log-probs this setup computes, for the accuracy column (not timed)
+            for rows, batch in batches:
+                with precision(setup.bf16):
+                    logp = batch.logprobs(model)
+                logps[rows, : logp.shape[1]] = logp.float()
+    return seconds, logps, computed
+
+
+def padded_positions(batch: MicroBatch) -> int:
+    """Token positions a micro-batch computes: shared, the distinct prompts padded plus every row's
+    completion padded; else every row padded to the longest."""
+    if batch.shared_prompt:
+        distinct = {tuple(p) for p in batch.prompts}
+        return len(distinct) * max(map(len, distinct)) + len(batch.prompts) * max(map(len, batch.completions))
+    return len(batch.prompts) * max(len(p) + len(c) for p, c in zip(batch.prompts, batch.completions))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,13 +143,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
     times: dict[str, list[float]] = {s.name: [] for s in SETUPS}
     logps: dict[str, torch.Tensor] = {}
-    padding: dict[str, float] = {}
+    positions: dict[str, int] = {}
     for rep in range(args.warmup + args.reps):
         for setup in SETUPS:
-            seconds, logp, pad_share = update(policy, optimizer, seqs, adv, setup, args.micro_batch, tokenizer.pad_token_id)
+            seconds, logp, computed = update(policy, optimizer, seqs, adv, setup, args.micro_batch, tokenizer.pad_token_id)
             if rep >= args.warmup:
                 times[setup.name].append(seconds)
-            logps[setup.name], padding[setup.name] = logp, pad_share
+            logps[setup.name], positions[setup.name] = logp, computed
     reference = logps[SETUPS[0].name]
     base = statistics.median(times[SETUPS[0].name])
     rows, previous = [], base
@@ -131,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         median = statistics.median(times[setup.name])
         rows.append({"setup": setup.name, "seconds": median, "speedup": base / median,
                      "gain_share": (previous - median) / (base - statistics.median(times[SETUPS[-1].name])),
-                     "padding_share": padding[setup.name],
+                     "positions": positions[setup.name],
                      "max_abs_logprob_diff": float((logps[setup.name] - reference).abs().max())})
         previous = median
     return {"model": args.model, "sequences": len(seqs), "completion_tokens": sum(len(c) for _, c in seqs),
@@ -143,11 +169,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['model']}: {result['sequences']} sequences ({result['prompt_tokens']} prompt + "
              f"{result['completion_tokens']} completion tokens), median of {result['reps']}, "
              f"{result['threads']} threads, torch {result['torch']}", "",
-             "| setup | s / update | speed-up | share of the gain | padding computed | max abs Δ log-prob vs fp32 |",
+             "| setup | s / update | speed-up | share of the gain | token positions computed | max abs Δ log-prob vs fp32 |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['setup']} | {r['seconds']:.2f} | x{r['speedup']:.2f} | {r['gain_share']:.0%} | "
-                     f"{r['padding_share']:.0%} | {r['max_abs_logprob_diff']:.2e} |")
+                     f"{r['positions']:,} | {r['max_abs_logprob_diff']:.2e} |")
     return "\n".join(lines)
 
 

@@ -430,7 +430,7 @@ def build_update_model(shape: DecoderShape, max_len: int, dtype: torch.dtype, de
 def step_rloo_update(check: Check) -> StepResult:
     from steerlens.rl.objective import advantages
     from steerlens.rl.policy import make_policy
-    from steerlens.rl.update import layer_checkpointing, micro_batch_loss, sequence_logprobs
+    from steerlens.rl.update import MicroBatch, layer_checkpointing, micro_batch_loss
 
     plan, args = check.plan, check.args
     shape = plan.update
@@ -467,12 +467,11 @@ def step_rloo_update(check: Check) -> StepResult:
         figures["steering_device"] = str(params[0].device)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
         model.train()  # HF checkpoints decoder layers only in training mode
-        ids = check.ids(plan.sequences, seq_len, shape.vocab, seed=3)
-        attention = torch.ones_like(ids)
+        ids = check.ids(plan.sequences, seq_len, shape.vocab, seed=3).tolist()
+        batch = MicroBatch([row[: plan.prompt_len] for row in ids], [row[plan.prompt_len :] for row in ids])
         rewards = torch.arange(plan.sequences, dtype=torch.float32).view(1, -1)  # one prompt, `sequences` samples
         adv = advantages(rewards, "rloo").flatten().to(check.device)
-        prompt_lens, completion_lens = [plan.prompt_len] * plan.sequences, [plan.completion_len] * plan.sequences
-        total_tokens = sum(completion_lens)
+        total_tokens = plan.sequences * plan.completion_len
 
         if check.cuda:
             check.sync()
@@ -485,8 +484,7 @@ def step_rloo_update(check: Check) -> StepResult:
             check.sync()
             start = time.perf_counter()
             with layer_checkpointing(model, True):
-                loss = micro_batch_loss(policy, ids, attention, prompt_lens, completion_lens, adv, total_tokens,
-                                        plan.chunk_tokens)
+                loss = micro_batch_loss(policy, batch, adv, total_tokens, plan.chunk_tokens)
                 loss.backward()
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
             optimizer.step()
@@ -497,7 +495,7 @@ def step_rloo_update(check: Check) -> StepResult:
             moved.append(max_diff(params[0].detach(), before))
             del loss
         with torch.no_grad():  # after the measured updates: a forward's peak is below the backward's
-            logp = sequence_logprobs(model, ids, attention, prompt_lens, completion_lens, plan.chunk_tokens)
+            logp = batch.logprobs(model, plan.chunk_tokens)
         logp_ok = bool(torch.isfinite(logp).all()) and float(logp.max()) <= 0.0
         del logp
         figures.update(update_s=times, loss=losses, grad_norm=grad_norms, vector_change=moved, logprobs_finite=logp_ok,
@@ -582,7 +580,7 @@ def step_presets(check: Check) -> StepResult:
 def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
     from steerlens.rl.objective import advantages
     from steerlens.rl.policy import make_policy
-    from steerlens.rl.update import layer_checkpointing, micro_batch_loss, token_budget_batches
+    from steerlens.rl.update import MicroBatch, layer_checkpointing, micro_batch_loss, token_budget_batches
 
     cfg = bm.preset_settings(path)
     row = bm.gpu_row(path, bm.RECORDED_FIT)
@@ -612,8 +610,8 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
         params = policy.parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         model.train()
-        ids = check.ids(sequences, longest, shape.vocab, seed=8)
-        attention = torch.ones_like(ids)
+        ids = check.ids(sequences, longest, shape.vocab, seed=8).tolist()
+        batch = MicroBatch([row[:prompt] for row in ids], [row[prompt:] for row in ids])
         # one prompt's group of `generations` samples; this micro-batch holds the first `sequences` of them
         rewards = torch.arange(cfg.generations, dtype=torch.float32).view(1, -1)
         adv = advantages(rewards, cfg.baseline).flatten()[:sequences]
@@ -622,8 +620,7 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
             check.sync()
             start = time.perf_counter()
             with layer_checkpointing(model, cfg.activation_checkpointing):
-                loss = micro_batch_loss(policy, ids, attention, [prompt] * sequences, [completion] * sequences, adv,
-                                        sequences * completion, cfg.logprob_chunk_tokens, cfg.kl_coef)
+                loss = micro_batch_loss(policy, batch, adv, sequences * completion, cfg.logprob_chunk_tokens, cfg.kl_coef)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()

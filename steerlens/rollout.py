@@ -7,15 +7,18 @@ log-probabilities of what was sampled.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from steerlens.backends.hf import attach
-from steerlens.backends.vllm import SteeredLLM, require_vllm, vllm_available
+from steerlens.backends.vllm import SteeredLLM, lora_engine_options, require_vllm, vllm_available
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors
@@ -91,6 +94,37 @@ def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
     return sorted(ids)
 
 
+class RowSeededSampler(LogitsProcessor):
+    """A logits processor that samples each row with its own seeded generator and leaves only that token
+    (every other logit -inf), so a batched greedy `generate` returns seeded samples: one call for many
+    prompts, and each row's draws depend on its seed alone, not on what else is in the batch.
+
+    The sampling is HF's `do_sample` with `temperature` and `top_p` (the smallest set of tokens whose
+    probability reaches `top_p`, the most likely always kept)."""
+
+    def __init__(self, seeds: list[int], sampling: Sampling) -> None:
+        self.seeds = seeds
+        self.temperature, self.top_p = sampling.temperature, sampling.top_p
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.generators:  # on the logits' device, at the first step
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(dim=-1, descending=True)
+            before = ordered.cumsum(dim=-1) - ordered  # mass of the more likely tokens
+            ordered[before >= self.top_p] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
+        chosen = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)])
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen[:, None], 0.0)
+
+
+def row_seed(prompt_seed: int, sample: int) -> int:
+    """The seed of sample `sample` of a prompt seeded `prompt_seed` (HF rollouts)."""
+    return (prompt_seed * 1_000_003 + sample) % (2**31 - 1)
+
+
 class HFRollout:
     """Sampling with `model.generate`; steering is whatever is attached to `model` (the trainer shares its
     hooked model, so nothing is pushed), plus what `update` attaches."""
@@ -117,27 +151,29 @@ class HFRollout:
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        if seeds is not None:
-            groups = []
-            for ids, seed in zip(encoded, seeds, strict=True):
-                torch.manual_seed(seed)
-                groups.append(self._generate_batch([ids] * n, sampling))
-            return groups
-        if sampling.seed is not None:
+        if seeds is not None and len(seeds) != len(prompts):
+            raise SteerlensError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts (one seed per prompt)")
+        if seeds is None and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         flat = [ids for ids in encoded for _ in range(n)]
+        row_seeds = None if seeds is None or sampling.is_greedy else [row_seed(s, j) for s in seeds for j in range(n)]
         out: list[Completion] = []
         for start in range(0, len(flat), self.batch_size):
-            out.extend(self._generate_batch(flat[start : start + self.batch_size], sampling))
+            chunk = slice(start, start + self.batch_size)
+            out.extend(self._generate_batch(flat[chunk], sampling, None if row_seeds is None else row_seeds[chunk]))
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _generate_batch(self, batch: list[list[int]], sampling: Sampling) -> list[Completion]:
+    def _generate_batch(self, batch: list[list[int]], sampling: Sampling,
+                        row_seeds: list[int] | None = None) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids in batch)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-        greedy = sampling.is_greedy
+        extra: dict[str, Any] = {}
+        if row_seeds is not None:  # our sampler leaves one token per row, which greedy decoding then takes
+            extra["logits_processor"] = LogitsProcessorList([RowSeededSampler(row_seeds, sampling)])
+        greedy = sampling.is_greedy or row_seeds is not None
         generated = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -148,6 +184,7 @@ class HFRollout:
             top_k=None if greedy else 0,
             eos_token_id=self.stops,
             pad_token_id=pad,
+            **extra,
         )[:, width:].tolist()
         completions = []
         for prompt, row in zip(batch, generated, strict=True):
@@ -169,6 +206,8 @@ class VLLMRollout:
         self.engine = engine
         self.tokenizer = tokenizer
         self.stops = stop_token_ids(tokenizer)
+        self._adapters: Path | None = None  # where `update_adapter` saves, created at its first push
+        self._pushes = 0
 
     def update(self, vectors: SteeringVectors | None) -> None:
         """Copy new values into the engine's steering buffer (None: unsteered)."""
@@ -177,9 +216,22 @@ class VLLMRollout:
         else:
             self.engine.update(vectors)
 
+    def update_adapter(self, model: Any) -> None:
+        """Serve the LoRA adapter of the peft `model` as it is now: saved to a new folder of this engine's
+        own, loaded under a new id (the previous folder is kept while vLLM may still read it)."""
+        if self._adapters is None:
+            self._adapters = Path(tempfile.mkdtemp(prefix="steerlens-adapters-"))
+        self._pushes += 1
+        folder = self._adapters / f"v{self._pushes}"
+        model.save_pretrained(folder)
+        self.engine.load_adapter(folder)
+        shutil.rmtree(self._adapters / f"v{self._pushes - 2}", ignore_errors=True)
+
     def close(self) -> None:
-        """Shut the engine's processes down."""
+        """Shut the engine's processes down (and delete the adapter folders)."""
         self.engine.close()
+        if self._adapters is not None:
+            shutil.rmtree(self._adapters, ignore_errors=True)
 
     def generate(self, prompts: list[str], n: int, sampling: Sampling,
                  seeds: list[int] | None = None) -> list[list[Completion]]:
@@ -200,7 +252,8 @@ class VLLMRollout:
 
         per_request = [params(s) for s in seeds] if seeds is not None else params(sampling.seed)
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        results = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in encoded], per_request, use_tqdm=False)
+        results = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in encoded], per_request, use_tqdm=False,
+                                           lora_request=self.engine.adapter)
         return [
             [Completion(ids, list(o.token_ids), o.text, o.finish_reason == "length") for o in result.outputs]
             for ids, result in zip(encoded, results, strict=True)
@@ -219,13 +272,14 @@ def use_vllm(engine: str) -> bool:
 def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: str = "auto",
                  vectors: SteeringVectors | None = None, dtype: str = "float32",
                  gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0,
-                 max_model_len: int | None = None) -> Rollout:
+                 max_model_len: int | None = None, lora_rank: int | None = None) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
     `model` is a loaded HF model (with its `tokenizer`; HF generation then shares it, hooks and all,
     and vLLM loads the same checkpoint directory) or a name/path, loaded here. `vectors` steer the
     engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds); `max_model_len`
-    caps vLLM's context (None: the model's own).
+    caps vLLM's context (None: the model's own); `lora_rank` starts vLLM ready to serve a LoRA adapter of
+    that rank (`VLLMRollout.update_adapter`).
     """
     if isinstance(model, nn.Module):
         config: Any = model.config
@@ -237,9 +291,11 @@ def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: s
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source)
-        context = {} if max_model_len is None else {"max_model_len": max_model_len}
+        options = {} if max_model_len is None else {"max_model_len": max_model_len}
+        if lora_rank is not None:
+            options.update(lora_engine_options(lora_rank))
         llm = SteeredLLM(source, vectors, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                         **context)
+                         **options)
         return VLLMRollout(llm, tokenizer)
     if not isinstance(model, nn.Module):
         model, tokenizer = load_model(source, dtype=dtype)

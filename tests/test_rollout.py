@@ -71,14 +71,26 @@ def test_both_engines_sample_the_same_distribution(setup) -> None:
         hf_first = [g[0].token_ids[0] for g in HFRollout(model, tokenizer, batch_size=400).generate(
             [PROMPTS[0]] * 400, 1, sampling)]
         logits = model(torch.tensor([encode_prompt(tokenizer, PROMPTS[0])])).logits[0, -1]
+        hf_seeded_first = [g[0].token_ids[0] for g in HFRollout(model, tokenizer, batch_size=400).generate(
+            [PROMPTS[0]] * 400, 1, sampling, seeds=list(range(2000, 2400)))]
     vllm_first = [g[0].token_ids[0] for g in engine.generate([PROMPTS[0]] * 400, 1, sampling,
                                                              seeds=list(range(1000, 1400)))]
     probs = torch.softmax(logits, -1)
     top = int(probs.argmax())
     p = float(probs[top])
     sigma = math.sqrt(p * (1 - p) / 400)
-    for first in (hf_first, vllm_first):
+    for first in (hf_first, hf_seeded_first, vllm_first):
         assert abs(first.count(top) / 400 - p) < 4 * sigma + 1e-3, (first.count(top) / 400, p)
+
+
+def test_seeded_hf_rows_do_not_depend_on_the_batch(setup) -> None:
+    """HF rollouts sample every prompt's rows in one batched call; a row's tokens follow from its seed alone."""
+    model, tokenizer, vectors, engine = setup
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.9)
+    together = HFRollout(model, tokenizer, batch_size=64).generate(PROMPTS, 3, sampling, seeds=[5, 6])
+    alone = HFRollout(model, tokenizer, batch_size=1).generate(PROMPTS[1:], 3, sampling, seeds=[6])
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+    assert len({tuple(c.token_ids) for g in together for c in g}) > 1  # samples, not copies of one row
 
 
 def test_push_none_means_unsteered(setup) -> None:

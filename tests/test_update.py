@@ -17,7 +17,8 @@ import torch
 from steerlens.models import load_model
 from steerlens.rl.objective import completion_logprobs, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import layer_checkpointing, micro_batch_loss, sequence_logprobs, token_budget_batches
+from steerlens.rl.update import (MicroBatch, layer_checkpointing, micro_batch_loss, micro_batches, sequence_logprobs,
+                                 shared_prompt_logprobs, token_budget_batches)
 from steerlens.tiny import build_tiny_model
 
 ATOL = 1e-5
@@ -111,7 +112,50 @@ def test_micro_batch_loss_with_kl_equals_the_loss_from_full_logits(trainable: st
         ref = completion_logprobs(base(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
     expected = policy_loss(logp, token_mask, adv, total, ref, 0.1)
     assert float(expected - policy_loss(logp, token_mask, adv, total)) > 1e-4  # the KL term is there
-    got = micro_batch_loss(policy, ids, mask, PROMPT_LENS, COMPLETION_LENS, adv, total, chunk_tokens=3, kl_coef=0.1)
+    rows = [row[: p + c].tolist() for row, p, c in zip(ids, PROMPT_LENS, COMPLETION_LENS)]
+    rows_batch = MicroBatch([r[:p] for r, p in zip(rows, PROMPT_LENS)], [r[p:] for r, p in zip(rows, PROMPT_LENS)])
+    got = micro_batch_loss(policy, rows_batch, adv, total, chunk_tokens=3, kl_coef=0.1)
     assert abs(float(got - expected)) <= ATOL
     for g, e in zip(gradients(policy, got), gradients(policy, expected), strict=True):
         assert torch.allclose(g, e, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("trainable", ["steering", "lora", "full"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])  # gemma2: its own cache class and soft-capping
+def test_shared_prompt_logprobs_and_gradients_equal_separate_rows(trainable: str, family: str, tmp_path: Path) -> None:
+    """One prompt's forward shared by its completions gives each row's log-probs and the gradients of
+    computing every row separately (prompt included), to fp32 tolerance."""
+    model, _ = load_model(build_tiny_model(tmp_path / family, family, seed=5))
+    policy = make_policy(model, trainable, None, family)
+    if trainable == "steering":
+        policy.load_state({name: torch.randn_like(t) for name, t in policy.named_state().items()})
+    model.train()
+    generator = torch.Generator().manual_seed(2)
+    long, short = (torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (9, 5))
+    prompts = [long, short, long, long, short]  # two prompts of different lengths, interleaved
+    completions = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (6, 3, 1, 4, 6)]
+    weights = torch.randn(len(completions), 6)
+    separate = MicroBatch(prompts, completions).logprobs(model, chunk_tokens=4)
+    expected = gradients(policy, (separate * weights).sum())
+    shared = shared_prompt_logprobs(model, prompts, completions, chunk_tokens=4)
+    assert (shared - separate).abs().max() <= ATOL
+    for g, e in zip(gradients(policy, (shared * weights).sum()), expected, strict=True):
+        assert torch.allclose(g, e, atol=ATOL, rtol=1e-4), (trainable, (g - e).abs().max())
+
+
+def test_micro_batches_share_each_prompt_within_the_budget() -> None:
+    prompts = [[1, 2, 3]] * 4 + [[4, 5]] * 3 + [[6]] * 2 + [[9]]
+    completions = [[7] * n for n in (5, 2, 8, 1, 3, 3, 9, 1, 2, 2)]
+    for share in (False, True):
+        batches = micro_batches(prompts, completions, max_tokens=12, max_sequences=3, share_prompts=share)
+        if share:  # small groups of different prompts are packed together
+            assert any(len({tuple(p) for p in b.prompts}) > 1 for _, b in batches)
+        assert sorted(i for rows, _ in batches for i in rows) == list(range(len(prompts)))
+        for rows, batch in batches:
+            assert len(rows) <= 3 and batch.completions == [completions[i] for i in rows]
+            assert batch.prompts == [prompts[i] for i in rows]
+            if share:  # one copy of each prompt within the budget (a longer row goes alone)
+                distinct = {tuple(p) for p in batch.prompts}
+                assert batch.shared_prompt == (len(distinct) < len(rows))
+                padded = len(distinct) * max(map(len, distinct)) + len(rows) * max(map(len, batch.completions))
+                assert len(rows) == 1 or padded <= 12

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from steerlens.config import ConfigError, option
-from steerlens.options import DataOptions, ModelOptions, SamplingOptions, option_checks
+from steerlens.options import SharedOptions, option_checks
 from steerlens.rollout import Sampling
 
 # Fields that do not change any number: a finished or interrupted evaluation may be continued with other values.
@@ -14,7 +14,7 @@ NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", 
 
 
 @dataclass
-class EvalConfig(ModelOptions, DataOptions, SamplingOptions):
+class EvalConfig(SharedOptions):
     """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks."""
 
     vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine; none: the unsteered model")

@@ -10,17 +10,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from steerlens.config import ConfigError, option
-from steerlens.options import DataOptions, ModelOptions, SamplingOptions, option_checks
+from steerlens.options import SharedOptions, option_checks
 
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = ("out_dir", "resume", "allow_config_change", "progress", "engine", "gpu_memory_utilization",
                       "verify_every", "verify_atol", "save_every", "keep_last", "device", "micro_batch",
-                      "max_tokens_per_micro_batch", "logprob_chunk_tokens", "activation_checkpointing")
+                      "max_tokens_per_micro_batch", "logprob_chunk_tokens", "activation_checkpointing",
+                      "share_prompt_forward")
 
 
 @dataclass
-class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
+class TrainConfig(SharedOptions):
     """RLOO training of steering vectors (or the paper's LoRA / full-tuning baselines)."""
 
     # what is trained
@@ -49,6 +50,7 @@ class TrainConfig(ModelOptions, DataOptions, SamplingOptions):
     logprob_chunk_tokens: int = option(1024, "completion tokens unembedded at a time (recomputed in the backward pass): bounds the log-prob step's memory at this many x vocab fp32 values")
     update_autocast: Literal["off", "bfloat16"] = option("off", "run the update's forward and backward under bf16 autocast (weights and trained parameters stay in their dtype, log-softmax in fp32): ~1.4x faster on CPUs with avx512_bf16, log-probs differ from fp32 by up to ~0.25 on rare tokens")
     activation_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, ~1 more forward; on in the GPU presets)")
+    share_prompt_forward: bool = option(True, "run each prompt's forward once for all its generations (their completions attend to its cached keys and values, gradients flow back through them): the prompt's generations - 1 copies are not computed. Applies without activation_checkpointing, which keeps no cache")
     # engines and hardware
     verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at start)")
     verify_atol: float = option(2e-3, "largest allowed per-token log-prob difference between vLLM and the trainer")

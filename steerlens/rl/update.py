@@ -11,6 +11,7 @@ switch of its own (`checkpointing`).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -57,35 +58,143 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """Per-token log-probs (fp32) of each row's completion, `[batch, max_completion_len]`, zero beyond
     its length: the same numbers as the model's full logits would give, from completion positions only."""
     hidden = decoder_trunk(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    rows = torch.tensor([b for b, c in enumerate(completion_lens) for _ in range(c)], device=hidden.device)
-    steps = torch.tensor([t for c in completion_lens for t in range(c)], device=hidden.device)
+    rows, steps = _completion_positions(completion_lens, hidden.device)
     starts = torch.tensor(prompt_lens, device=hidden.device)[rows]
     picked = hidden[rows, starts - 1 + steps]  # the position that predicts completion token t
-    targets = input_ids[rows, starts + steps]
+    return _scatter_logprobs(model, picked, input_ids[rows, starts + steps], rows, steps, completion_lens, chunk_tokens)
+
+
+def shared_prompt_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                           chunk_tokens: int = 1024) -> torch.Tensor:
+    """`sequence_logprobs` of rows whose prompts repeat (a prompt's generations), each distinct prompt's
+    forward computed once: the distinct prompts run left-padded side by side, their keys and values are
+    gathered for their rows (gradients flow back through them), and the completions run on that cache.
+    The last completion token predicts nothing and is not run either."""
+    trunk = decoder_trunk(model)
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=device)
+    prompt_lens = torch.tensor([len(p) for p in distinct], device=device)
+    width_p = int(prompt_lens.max())
+    pads = width_p - prompt_lens
+    prompt_ids = torch.tensor([[0] * (width_p - len(p)) + list(p) for p in distinct], device=device)
+    prompt_mask = (torch.arange(width_p, device=device)[None] >= pads[:, None]).long()
+    positions = (torch.arange(width_p, device=device)[None] - pads[:, None]).clamp(min=0)
+    prompt = trunk(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+    last = prompt.last_hidden_state[owner, -1:]  # each row's prompt's last position: predicts its first token
+    lens = [len(c) for c in completions]
+    width = max(lens)
+    targets_all = torch.tensor([c + [0] * (width - len(c)) for c in completions], device=device)
+    if width > 1:
+        cache = prompt.past_key_values
+        cache.batch_select_indices(owner)
+        steps = torch.arange(width - 1, device=device)[None]
+        mask = torch.cat([prompt_mask[owner], (steps < torch.tensor(lens, device=device)[:, None] - 1).long()], dim=1)
+        rest = trunk(input_ids=targets_all[:, :-1], attention_mask=mask, position_ids=prompt_lens[owner][:, None] + steps,
+                     past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = torch.cat([last, rest], dim=1)
+    else:
+        hidden = last
+    rows, steps_all = _completion_positions(lens, device)
+    return _scatter_logprobs(model, hidden[rows, steps_all], targets_all[rows, steps_all], rows, steps_all, lens,
+                             chunk_tokens)
+
+
+def _completion_positions(completion_lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, step) of every completion token, row-major."""
+    rows = torch.tensor([b for b, c in enumerate(completion_lens) for _ in range(c)], device=device)
+    steps = torch.tensor([t for c in completion_lens for t in range(c)], device=device)
+    return rows, steps
+
+
+def _scatter_logprobs(model: nn.Module, picked: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                      steps: torch.Tensor, completion_lens: list[int], chunk_tokens: int) -> torch.Tensor:
+    """Log-probs of `targets` from the hidden states `picked`, unembedded `chunk_tokens` at a time (each
+    chunk recomputed in backward), placed at (rows, steps) of a zero `[batch, max_len]` fp32 tensor."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     pieces = [checkpoint(_chunk_logprobs, picked[s : s + chunk_tokens], targets[s : s + chunk_tokens], head, softcap,
                          use_reentrant=False)
               for s in range(0, len(targets), chunk_tokens)]
-    out = torch.zeros(len(completion_lens), max(completion_lens), dtype=torch.float32, device=hidden.device)
+    out = torch.zeros(len(completion_lens), max(completion_lens), dtype=torch.float32, device=picked.device)
     out[rows, steps] = torch.cat(pieces) if pieces else out.new_zeros(0)
     return out
 
 
-def micro_batch_loss(policy: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: list[int],
-                     completion_lens: list[int], advantage: torch.Tensor, total_tokens: int, chunk_tokens: int = 1024,
-                     kl_coef: float = 0.0) -> torch.Tensor:
-    """The policy loss of one right-padded micro-batch, ready for `backward()`: completion log-probs masked
-    to each row's length and, with `kl_coef > 0`, the KL to `policy.base_policy()` (its log-probs without
+@dataclass(frozen=True)
+class MicroBatch:
+    """The rows of one forward and backward pass: each row's prompt and completion token ids.
+    `shared_prompt`: each distinct prompt is computed once for its rows (`shared_prompt_logprobs`)."""
+
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    shared_prompt: bool = False
+    pad_id: int = 0
+
+    def logprobs(self, model: nn.Module, chunk_tokens: int = 1024) -> torch.Tensor:
+        """`[rows, max_completion_len]` fp32 completion log-probs under `model`, zero beyond each length."""
+        if self.shared_prompt:
+            return shared_prompt_logprobs(model, self.prompts, self.completions, chunk_tokens)
+        device = next(model.parameters()).device
+        seqs = [p + c for p, c in zip(self.prompts, self.completions, strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        return sequence_logprobs(model, ids, attention, [len(p) for p in self.prompts],
+                                 [len(c) for c in self.completions], chunk_tokens)
+
+    def mask(self, device: torch.device | str) -> torch.Tensor:
+        """True at each row's real completion tokens."""
+        lens = torch.tensor([len(c) for c in self.completions], device=device)
+        return torch.arange(int(lens.max()), device=device)[None] < lens[:, None]
+
+
+def micro_batches(prompts: Sequence[list[int]], completions: Sequence[list[int]], max_tokens: int, max_sequences: int,
+                  share_prompts: bool = False, pad_id: int = 0) -> list[tuple[list[int], MicroBatch]]:
+    """(indices, micro-batch) pairs covering every row once, each within `max_tokens` padded tokens and
+    `max_sequences` rows (a longer row goes alone). Without `share_prompts`: `token_budget_batches` over
+    the full lengths. With it: each prompt's rows grouped under what the budget leaves beside one copy of
+    the prompt, and such groups packed together while the distinct prompts (padded) plus the rows'
+    completions (padded) fit; the rows of a batch share their prompts' forward."""
+    if not share_prompts:
+        groups = token_budget_batches([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)],
+                                      max_tokens, max_sequences)
+        return [(g, MicroBatch([prompts[i] for i in g], [completions[i] for i in g], pad_id=pad_id)) for g in groups]
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    parts = [[rows[j] for j in part] for key, rows in by_prompt.items()
+             for part in token_budget_batches([len(completions[i]) for i in rows], max(1, max_tokens - len(key)),
+                                              max_sequences)]
+
+    def cost(rows: list[int]) -> int:  # padded tokens: the distinct prompts, then every row's completion
+        distinct = {tuple(prompts[i]) for i in rows}
+        return len(distinct) * max(map(len, distinct)) + len(rows) * max(len(completions[i]) for i in rows)
+
+    packed: list[list[int]] = []
+    for part in parts:
+        if packed and len(packed[-1]) + len(part) <= max_sequences and cost(packed[-1] + part) <= max_tokens:
+            packed[-1].extend(part)
+        else:
+            packed.append(list(part))
+    out = []
+    for rows in packed:
+        shared = len({tuple(prompts[i]) for i in rows}) < len(rows)
+        out.append((rows, MicroBatch([prompts[i] for i in rows], [completions[i] for i in rows], shared, pad_id)))
+    return out
+
+
+def micro_batch_loss(policy: Any, batch: MicroBatch, advantage: torch.Tensor, total_tokens: int,
+                     chunk_tokens: int = 1024, kl_coef: float = 0.0) -> torch.Tensor:
+    """The policy loss of one micro-batch, ready for `backward()`: completion log-probs masked to each
+    row's length and, with `kl_coef > 0`, the KL to `policy.base_policy()` (its log-probs without
     gradient). One function for the trainer and the benches, so what they measure is what trains."""
-    logp = sequence_logprobs(policy.model, input_ids, attention_mask, prompt_lens, completion_lens, chunk_tokens)
-    lengths = torch.tensor(completion_lens, device=logp.device)
-    mask = torch.arange(logp.shape[1], device=logp.device)[None] < lengths[:, None]
+    logp = batch.logprobs(policy.model, chunk_tokens)
     ref = None
     if kl_coef > 0:
         with torch.no_grad(), policy.base_policy() as base:
-            ref = sequence_logprobs(base, input_ids, attention_mask, prompt_lens, completion_lens, chunk_tokens)
-    return policy_loss(logp, mask, advantage.to(logp.device), total_tokens, ref, kl_coef)
+            ref = batch.logprobs(base, chunk_tokens)
+    return policy_loss(logp, batch.mask(logp.device), advantage.to(logp.device), total_tokens, ref, kl_coef)
 
 
 @contextlib.contextmanager
