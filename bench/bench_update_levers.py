@@ -38,7 +38,7 @@ from steerlens.data.prompts import format_prompt
 from steerlens.models import load_model
 from steerlens.rl.objective import completion_logprobs, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import MicroBatch, micro_batch_loss, micro_batches
+from steerlens.rl.update import micro_batch_loss, micro_batches
 from steerlens.rollout import encode_prompt
 
 
@@ -94,7 +94,7 @@ def update(policy: Any, optimizer: torch.optim.Optimizer, seqs: list[tuple[list[
             with precision(setup.bf16):
                 loss = micro_batch_loss(policy, batch, adv[rows], total)
                 loss.backward()
-        computed = sum(padded_positions(batch) for _, batch in batches)
+        computed = sum(batch.padded_tokens for _, batch in batches)
     else:  # the old path: every position unembedded, micro-batches in input order
         computed = 0
         for s in range(0, len(seqs), micro_batch):
@@ -120,15 +120,6 @@ def update(policy: Any, optimizer: torch.optim.Optimizer, seqs: list[tuple[list[
                     logp = batch.logprobs(model)
                 logps[rows, : logp.shape[1]] = logp.float()
     return seconds, logps, computed
-
-
-def padded_positions(batch: MicroBatch) -> int:
-    """Token positions a micro-batch computes: shared, the distinct prompts padded plus every row's
-    completion padded; else every row padded to the longest."""
-    if batch.shared_prompt:
-        distinct = {tuple(p) for p in batch.prompts}
-        return len(distinct) * max(map(len, distinct)) + len(batch.prompts) * max(map(len, batch.completions))
-    return len(batch.prompts) * max(len(p) + len(c) for p, c in zip(batch.prompts, batch.completions))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 Only the completion positions are unembedded, a chunk of tokens at a time, each chunk recomputed in the
 backward pass (activation checkpointing), so the log-prob step's peak is bounded by `chunk_tokens x vocab`
 instead of growing with `batch x sequence x vocab`. Sequences are sorted by length before they are
-grouped, so little padding is computed. Decoder-layer checkpointing (HF's gradient checkpointing) is a
+grouped, so little padding is computed, and a prompt's generations can share one forward of the prompt. Decoder-layer checkpointing (HF's gradient checkpointing) is a
 switch of its own (`checkpointing`).
 """
 
@@ -143,6 +143,15 @@ class MicroBatch:
         return sequence_logprobs(model, ids, attention, [len(p) for p in self.prompts],
                                  [len(c) for c in self.completions], chunk_tokens)
 
+    @property
+    def padded_tokens(self) -> int:
+        """Token positions its forward passes compute: with shared prompts the distinct prompts padded plus
+        every row's completion padded; else every row, prompt and completion, padded to the longest."""
+        if self.shared_prompt:
+            distinct = {tuple(p) for p in self.prompts}
+            return len(distinct) * max(map(len, distinct)) + len(self.prompts) * max(map(len, self.completions))
+        return len(self.prompts) * max(len(p) + len(c) for p, c in zip(self.prompts, self.completions, strict=True))
+
     def mask(self, device: torch.device | str) -> torch.Tensor:
         """True at each row's real completion tokens."""
         lens = torch.tensor([len(c) for c in self.completions], device=device)
@@ -167,21 +176,18 @@ def micro_batches(prompts: Sequence[list[int]], completions: Sequence[list[int]]
              for part in token_budget_batches([len(completions[i]) for i in rows], max(1, max_tokens - len(key)),
                                               max_sequences)]
 
-    def cost(rows: list[int]) -> int:  # padded tokens: the distinct prompts, then every row's completion
-        distinct = {tuple(prompts[i]) for i in rows}
-        return len(distinct) * max(map(len, distinct)) + len(rows) * max(len(completions[i]) for i in rows)
+    def batch(rows: list[int]) -> MicroBatch:
+        shared = len({tuple(prompts[i]) for i in rows}) < len(rows)
+        return MicroBatch([prompts[i] for i in rows], [completions[i] for i in rows], shared, pad_id)
 
     packed: list[list[int]] = []
     for part in parts:
-        if packed and len(packed[-1]) + len(part) <= max_sequences and cost(packed[-1] + part) <= max_tokens:
-            packed[-1].extend(part)
+        joined = packed[-1] + part if packed else []
+        if joined and len(joined) <= max_sequences and batch(joined).padded_tokens <= max_tokens:
+            packed[-1] = joined
         else:
             packed.append(list(part))
-    out = []
-    for rows in packed:
-        shared = len({tuple(prompts[i]) for i in rows}) < len(rows)
-        out.append((rows, MicroBatch([prompts[i] for i in rows], [completions[i] for i in rows], shared, pad_id)))
-    return out
+    return [(rows, batch(rows)) for rows in packed]
 
 
 def micro_batch_loss(policy: Any, batch: MicroBatch, advantage: torch.Tensor, total_tokens: int,
