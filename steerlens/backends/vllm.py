@@ -133,7 +133,6 @@ def use_every_core_on_small_cpus() -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-
 def _check_plugin_visible() -> None:
     """vLLM's own processes find the steered model only through our entry point: fail early if they cannot."""
     if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
