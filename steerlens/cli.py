@@ -183,18 +183,35 @@ def analyze(
 @friendly
 def serve(
     model: str = typer.Option(..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory or hub id"),
-    port: int = typer.Option(8000, "--port", help="TCP port on 127.0.0.1"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default; another "
+                             "address exposes the server to the network: set --api-key)"),
     max_model_len: int = typer.Option(4096, "--max-model-len", help="context length the server accepts"),
+    vectors: list[str] = typer.Option([], "--vectors", help="NAME=FILE: serve these steering vectors as model NAME "
+                                      "(repeat, or comma-separate); requests may also send "
+                                      '{"steerlens": {"vectors": NAME, "scale": S}}'),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="require this key (Authorization: Bearer KEY)"),
+    allow_vector_loading: bool = typer.Option(False, "--allow-vector-loading", help="open POST /steerlens/vectors "
+                                              "{name, path, scale}: load vector files at run time"),
+    max_vector_sets: Optional[int] = typer.Option(None, "--max-vector-sets", help="named sets the engine can hold "
+                                                  "(default: 8, or as many as --vectors gives)"),
 ) -> None:
-    """Serve a model on loopback with vLLM's OpenAI-compatible server (no key), e.g. for token clustering."""
+    """Serve a model with vLLM's OpenAI-compatible server, e.g. for token clustering; with --vectors, each
+    vector set is its own model name beside the base model."""
     import os
 
-    from steerlens.serving import server_command
+    from steerlens.serving import server_command, server_environment, steering_settings
 
-    typer.echo(f"serving {model} at http://127.0.0.1:{port}/v1 (export OPENAI_BASE_URL=http://127.0.0.1:{port}/v1); "
+    files = dict(entry.split("=", 1) for item in vectors for entry in item.split(",") if "=" in entry)
+    if len(files) != sum(len(item.split(",")) for item in vectors):
+        raise SteerlensError(f"--vectors takes NAME=FILE with distinct names, got {', '.join(vectors)}")
+    steering = (steering_settings(model, files, api_key, allow_vector_loading, max_vector_sets)
+                if files or allow_vector_loading or api_key else None)
+    names = ", ".join([model, *files])
+    typer.echo(f"serving {names} at http://{host}:{port}/v1 (export OPENAI_BASE_URL=http://{host}:{port}/v1); "
                "Ctrl-C stops it", err=True)
-    command = server_command(model, port, max_model_len=max_model_len)
-    os.execv(command[0], command)
+    command = server_command(model, port, host=host, max_model_len=max_model_len, steering=steering)
+    os.execve(command[0], command, server_environment(steering))
 
 
 @app.command()

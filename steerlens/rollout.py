@@ -11,14 +11,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from steerlens.backends.hf import attach
-from steerlens.backends.vllm import SteeredLLM, lora_engine_options, require_vllm, vllm_available
+from steerlens.backends.vector_bank import BASE, SetChoice, VectorBank, per_prompt
+from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredLLM, lora_engine_options, require_vllm, vllm_available
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors
@@ -60,14 +62,24 @@ class Rollout(Protocol):
 
     tokenizer: Any
 
-    def generate(self, prompts: list[str], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
+                 vectors: SetChoice = None) -> list[list[Completion]]:
         """`n` completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible
-        whatever else is in the batch (used for exact resume and rank-independent data parallelism)."""
+        whatever else is in the batch (used for exact resume and rank-independent data parallelism);
+        `vectors` names the vector set of every prompt or of each (None: what `update` set; "base":
+        unsteered; else a set `add` loaded)."""
         ...
 
     def update(self, vectors: SteeringVectors | None) -> None:
         """Steer the engine's model with `vectors` from now on (None: unsteered)."""
+        ...
+
+    def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
+        """Hold `vectors` (times `scale`) as the named set `name`, for requests that ask for it."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Drop the named set `name`."""
         ...
 
     def close(self) -> None: ...
@@ -134,7 +146,10 @@ class HFRollout:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stops = stop_token_ids(tokenizer, model)
+        self.bank = VectorBank(capacity=4096)  # names and scales; the values live in `_sets`
+        self._sets: dict[str, SteeringVectors] = {}
         self._own_handle: Any = None
+        self._own: SteeringVectors | None = None
 
     def update(self, vectors: SteeringVectors | None) -> None:
         """Attach `vectors` to the model (replacing what this engine attached before)."""
@@ -143,16 +158,54 @@ class HFRollout:
             self._own_handle = None
         if vectors is not None:
             self._own_handle = attach(self.model, vectors)
+        self._own = vectors
+
+    def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
+        """Hold `vectors` times `scale` as set `name`; requests under it run with them attached instead."""
+        self.bank.add(name, scale)
+        self._sets[name] = vectors.scale(scale) if scale != 1.0 else vectors
+
+    def remove(self, name: str) -> None:
+        self.bank.remove(name)
+        del self._sets[name]
+
+    @contextmanager
+    def _steered_by(self, name: str | None) -> Iterator[None]:
+        """Run the block with set `name` attached in place of this engine's own vectors (None: as they are)."""
+        if name is None:
+            yield
+            return
+        own = self._own
+        self.update(None if name == BASE else self._sets[name])
+        try:
+            yield
+        finally:
+            self.update(own)
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
 
-    @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[list[Completion]]:
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
+                 vectors: SetChoice = None) -> list[list[Completion]]:
+        """The prompts of each vector set in turn (HF hooks steer the whole batch, so one set at a time)."""
         if seeds is not None and len(seeds) != len(prompts):
             raise SteerlensError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts (one seed per prompt)")
+        names = per_prompt(vectors, len(prompts))
+        self.bank.check_known(names)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        for name in dict.fromkeys(names):
+            rows = [i for i, other in enumerate(names) if other == name]
+            with self._steered_by(name):
+                groups = self._generate([prompts[i] for i in rows], n, sampling,
+                                        None if seeds is None else [seeds[i] for i in rows])
+            for i, group in zip(rows, groups):
+                results[i] = group
+        return results
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[str], n: int, sampling: Sampling,
+                  seeds: list[int] | None) -> list[list[Completion]]:
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         if seeds is None and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         flat = [ids for ids in encoded for _ in range(n)]
@@ -216,6 +269,13 @@ class VLLMRollout:
         else:
             self.engine.update(vectors)
 
+    def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
+        """Load `vectors` into the engine's bank as set `name` (see `SteeredLLM.add`)."""
+        self.engine.add(name, vectors, scale)
+
+    def remove(self, name: str) -> None:
+        self.engine.remove(name)
+
     def update_adapter(self, model: Any) -> None:
         """Serve the LoRA adapter of the peft `model` as it is now: saved to a new folder of this engine's
         own, loaded under a new id (the previous folder is kept while vLLM may still read it)."""
@@ -233,8 +293,9 @@ class VLLMRollout:
         if self._adapters is not None:
             shutil.rmtree(self._adapters, ignore_errors=True)
 
-    def generate(self, prompts: list[str], n: int, sampling: Sampling,
-                 seeds: list[int] | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
+                 vectors: SetChoice = None) -> list[list[Completion]]:
+        """One engine batch, each prompt under its own vector set."""
         from vllm import SamplingParams
 
         greedy = sampling.is_greedy
@@ -252,8 +313,7 @@ class VLLMRollout:
 
         per_request = [params(s) for s in seeds] if seeds is not None else params(sampling.seed)
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        results = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in encoded], per_request, use_tqdm=False,
-                                           lora_request=self.engine.adapter)
+        results = self.engine.generate([{"prompt_token_ids": ids} for ids in encoded], per_request, vectors=vectors)
         return [
             [Completion(ids, list(o.token_ids), o.text, o.finish_reason == "length") for o in result.outputs]
             for ids, result in zip(encoded, results, strict=True)
@@ -272,14 +332,15 @@ def use_vllm(engine: str) -> bool:
 def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: str = "auto",
                  vectors: SteeringVectors | None = None, dtype: str = "float32",
                  gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0,
-                 max_model_len: int | None = None, lora_rank: int | None = None) -> Rollout:
+                 max_model_len: int | None = None, lora_rank: int | None = None,
+                 max_vector_sets: int = DEFAULT_VECTOR_SETS) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
     `model` is a loaded HF model (with its `tokenizer`; HF generation then shares it, hooks and all,
     and vLLM loads the same checkpoint directory) or a name/path, loaded here. `vectors` steer the
     engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds); `max_model_len`
     caps vLLM's context (None: the model's own); `lora_rank` starts vLLM ready to serve a LoRA adapter of
-    that rank (`VLLMRollout.update_adapter`).
+    that rank (`VLLMRollout.update_adapter`); `max_vector_sets` sizes vLLM's bank of named sets (`add`).
     """
     if isinstance(model, nn.Module):
         config: Any = model.config
@@ -294,8 +355,8 @@ def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: s
         options = {} if max_model_len is None else {"max_model_len": max_model_len}
         if lora_rank is not None:
             options.update(lora_engine_options(lora_rank))
-        llm = SteeredLLM(source, vectors, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
-                         **options)
+        llm = SteeredLLM(source, vectors, max_vector_sets, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                         seed=seed, **options)
         return VLLMRollout(llm, tokenizer)
     if not isinstance(model, nn.Module):
         model, tokenizer = load_model(source, dtype=dtype)

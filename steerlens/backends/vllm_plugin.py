@@ -6,33 +6,45 @@ pyproject.toml). It registers, for every architecture in vLLM's `ModelRegistry`,
 built on first access by the module-level `__getattr__`, as a subclass of the class vLLM itself
 registers for that architecture (native or its Transformers backend).
 
-A steered model is the stock vLLM model plus one non-persistent buffer `steerlens_steering` of
-shape `[L, d]` (zeros: no effect), allocated in `__init__` so it exists before weights load and
-before any torch.compile / CUDA-graph capture. The decoder layers are found by
-`steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names
-(vLLM mirrors the checkpoint's module paths), and `d` is the text config's hidden size. Each decoder
-layer present on this pipeline rank gets the same tensor and adds its row to the hidden state it
-returns, which lands the vector in the residual stream exactly once in both layer styles vLLM has:
-a layer returning the full hidden state (the Transformers backend's HF layers), and one returning
-`(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
-`hidden` adds to the stream, last layer included. Being a buffer, not a parameter, it is never
-expected in a checkpoint nor filled by dummy weight loading. Updates are in-place `copy_`s through
-`SteeringWorkerExtension`, so captured graphs see them.
+A steered model is the stock vLLM model plus two non-persistent buffers, allocated in `__init__` so they
+exist before weights load and before any torch.compile / CUDA-graph capture:
+- `steerlens_bank`, `[L, S, d]`: S vector sets (slot 0 stays zero: no steering; slot 1 is the engine's
+  default set; slots 2.. are named sets, `hf_config.steerlens_vector_sets` of them, see `vector_bank`);
+- `steerlens_slots` and `steerlens_scales`, one slot index and one scale per token the engine can run in a
+  forward pass.
+Each decoder layer on this pipeline rank adds `scales[t] * bank[layer, slots[t]]` to the hidden state of
+token t it returns (a gather and one fused multiply-add), which lands the vector in the residual stream exactly once in both layer
+styles vLLM has: a layer returning the full hidden state (the Transformers backend's HF layers), and one
+returning `(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
+`hidden` adds to the stream, last layer included. The decoder layers are found by
+`steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names.
+
+The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model
+runner's `_prepare_inputs` so that, once the scheduled batch is laid out, each token gets the slot and
+scale of its own request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default
+slot 1, scale 1). The forward pass itself runs no Python of ours beyond the add, and compiled or captured
+graphs stay valid, because the buffers are only ever written in place. Being buffers, not parameters, they are never expected in a checkpoint nor
+filled by dummy weight loading. Values arrive through `SteeringWorkerExtension` as in-place `copy_`s.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from steerlens.anatomy import add_to_output, decoder_layers
+from steerlens.anatomy import decoder_layers
+from steerlens.backends.vector_bank import DEFAULT_SLOT, FIRST_NAMED_SLOT, SCALE_ARG, SLOT_ARG
 from steerlens.errors import ModelError
 from steerlens.vectors import VectorsError
 
 PREFIX = "Steered"
-BUFFER = "steerlens_steering"
+BANK = "steerlens_bank"
+SLOTS = "steerlens_slots"
+SCALES = "steerlens_scales"
+VECTOR_SETS = "steerlens_vector_sets"  # the config attribute that sizes the bank (set by SteeredArchitecture)
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
 
 _layer_classes: dict[type, type] = {}
@@ -78,56 +90,90 @@ def _steered_model_class(architecture: str, base: type[nn.Module]) -> type[nn.Mo
     class Steered(base):  # type: ignore[misc, valid-type]
         def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            install_steering(self, architecture, int(vllm_config.model_config.hf_text_config.hidden_size))
+            install_steering(self, architecture, vllm_config)
 
     Steered.__name__ = Steered.__qualname__ = steered_name(architecture)
     Steered.__module__ = __name__
     return Steered
 
 
-def install_steering(model: nn.Module, architecture: str, hidden_size: int) -> None:
-    """Give `model` a zero `[L, d]` steering buffer and make its decoder layers on this rank add their row.
+def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> None:
+    """Give `model` its zero steering bank and slot buffer, and make its decoder layers on this rank add
+    their rows.
 
-    Runs inside the model's constructor, under vLLM's default device and dtype, so the buffer is
+    Runs inside the model's constructor, under vLLM's default device and dtype, so the buffers are
     created where and how the weights are.
     """
     from vllm.model_executor.models.utils import PPMissingLayer
 
     layers = decoder_layers(model, architecture)
-    steering = torch.zeros(len(layers), hidden_size)
-    model.register_buffer(BUFFER, steering, persistent=False)
+    text_config = vllm_config.model_config.hf_text_config
+    named = int(getattr(vllm_config.model_config.hf_config, VECTOR_SETS, 0) or 0)
+    bank = torch.zeros(len(layers), FIRST_NAMED_SLOT + named, int(text_config.hidden_size))
+    tokens = max(int(vllm_config.scheduler_config.max_num_batched_tokens),
+                 int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0))
+    buffers = {BANK: bank, SLOTS: torch.full((tokens,), DEFAULT_SLOT, dtype=torch.long), SCALES: torch.ones(tokens, 1)}
+    for name, buffer in buffers.items():
+        model.register_buffer(name, buffer, persistent=False)
     for index, layer in enumerate(layers):
         if isinstance(layer, PPMissingLayer):  # held by another pipeline-parallel rank
             continue
         layer.__class__ = _steered_layer_class(type(layer))
-        layer.register_buffer(BUFFER, steering, persistent=False)
+        for name, buffer in buffers.items():
+            layer.register_buffer(name, buffer, persistent=False)
         layer.steerlens_index = index
 
 
 def _steered_layer_class(base: type) -> type:
-    """A subclass of the decoder layer class `base` whose output gets its steering row added.
+    """A subclass of the decoder layer class `base` whose output gets each token's steering row added.
 
     Swapping the class of an existing layer keeps its parameter names, so weight loading is unchanged.
     """
     if base not in _layer_classes:
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            vector = getattr(self, BUFFER)[self.steerlens_index]
-            return add_to_output(base.forward(self, *args, **kwargs), vector)
+            output = base.forward(self, *args, **kwargs)
+            hidden = output if isinstance(output, torch.Tensor) else output[0]
+            tokens = hidden.shape[-2]
+            rows = nn.functional.embedding(getattr(self, SLOTS)[:tokens], getattr(self, BANK)[self.steerlens_index])
+            steered = torch.addcmul(hidden, getattr(self, SCALES)[:tokens], rows)
+            return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
 
         _layer_classes[base] = type(f"{PREFIX}{base.__name__}", (base,), {"forward": forward})
     return _layer_classes[base]
 
 
-def steering_buffer(model: nn.Module) -> torch.Tensor:
-    """The `[L, d]` steering buffer of a steered vLLM model."""
-    buffer = getattr(model, BUFFER, None)
-    if not isinstance(buffer, torch.Tensor):
+def steering_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `[L, S, d]` steering bank and the per-token slot and scale buffers of a steered vLLM model."""
+    bank, slots, scales = (getattr(model, name, None) for name in (BANK, SLOTS, SCALES))
+    if not all(isinstance(buffer, torch.Tensor) for buffer in (bank, slots, scales)):
         raise ModelError(
-            f"{type(model).__name__} is not a steerlens-steered model (no {BUFFER} buffer); build the engine "
+            f"{type(model).__name__} is not a steerlens-steered model (no {BANK} buffer); build the engine "
             "with steerlens.backends.vllm.SteeredLLM"
         )
-    return buffer
+    return bank, slots, scales  # type: ignore[return-value]
+
+
+def request_steering(state: Any, sets: int) -> tuple[int, float]:
+    """The bank slot and scale a running request asked for (its sampling parameters' extra args; default
+    slot 1, scale 1)."""
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    slot, scale = extra.get(SLOT_ARG, DEFAULT_SLOT), extra.get(SCALE_ARG, 1.0)
+    if not isinstance(slot, int) or not 0 <= slot < sets:
+        raise VectorsError(f"request asks for steering slot {slot!r}; this engine's bank has slots 0-{sets - 1}")
+    return slot, float(scale)
+
+
+def fill_slots(runner: Any, sets: int, slots: torch.Tensor, scales: torch.Tensor, scheduled: np.ndarray) -> None:
+    """Write each scheduled token's slot and scale, in the order the runner laid the batch out."""
+    batch = runner.input_batch
+    chosen = [request_steering(runner.requests[req_id], sets) for req_id in batch.req_ids[: batch.num_reqs]]
+    tokens = int(scheduled.sum())
+    slots[:tokens].copy_(torch.from_numpy(np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)),
+                         non_blocking=True)
+    scales[:tokens, 0].copy_(torch.from_numpy(np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)),
+                             non_blocking=True)
 
 
 def to_wire(values: torch.Tensor) -> tuple[bytes, list[int]]:
@@ -147,13 +193,35 @@ class SteeringWorkerExtension:
 
     model_runner: Any
 
-    def steerlens_push(self, data: bytes, shape: list[int]) -> None:
-        """Copy the `[L, d]` values in `data` (see `to_wire`) into this worker's steering buffer, in place."""
-        buffer = steering_buffer(self.model_runner.get_model())
-        if list(shape) != list(buffer.shape):
-            raise VectorsError(f"steering values of shape {list(shape)} for a buffer of {list(buffer.shape)}")
-        buffer.copy_(from_wire(data, shape).to(device=buffer.device, dtype=buffer.dtype))
+    def steerlens_install(self) -> int:
+        """Make this worker fill the slot buffer before every forward pass (idempotent); returns the bank's
+        slot count."""
+        runner = self.model_runner
+        bank, slots, scales = steering_buffers(runner.get_model())
+        prepare = getattr(runner, "_prepare_inputs", None)
+        if prepare is None:
+            raise ModelError(f"{type(runner).__name__} has no _prepare_inputs: this vLLM build lays out batches "
+                             "in a way steerlens does not know, so per-request vector sets cannot run on it")
+        if not getattr(prepare, "steerlens", False):
 
-    def steerlens_pull(self) -> tuple[bytes, list[int]]:
-        """This worker's steering buffer, encoded by `to_wire`."""
-        return to_wire(steering_buffer(self.model_runner.get_model()))
+            def prepare_with_slots(scheduler_output: Any, scheduled: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+                result = prepare(scheduler_output, scheduled, *args, **kwargs)
+                fill_slots(runner, int(bank.shape[1]), slots, scales, scheduled)
+                return result
+
+            prepare_with_slots.steerlens = True  # type: ignore[attr-defined]
+            runner._prepare_inputs = prepare_with_slots
+        return int(bank.shape[1])
+
+    def steerlens_write(self, slot: int, data: bytes, shape: list[int]) -> None:
+        """Copy the `[L, d]` values in `data` (see `to_wire`) into bank slot `slot` of this worker, in place."""
+        bank, _, _ = steering_buffers(self.model_runner.get_model())
+        if list(shape) != [bank.shape[0], bank.shape[2]] or not 0 < slot < bank.shape[1]:
+            raise VectorsError(f"steering values of shape {list(shape)} for slot {slot} of a bank of "
+                               f"{list(bank.shape)} (layers, slots, hidden size); slot 0 is never written")
+        bank[:, slot].copy_(from_wire(data, shape).to(device=bank.device, dtype=bank.dtype))
+
+    def steerlens_read(self, slot: int) -> tuple[bytes, list[int]]:
+        """Bank slot `slot` of this worker, encoded by `to_wire`."""
+        bank, _, _ = steering_buffers(self.model_runner.get_model())
+        return to_wire(bank[:, slot])

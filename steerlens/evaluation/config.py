@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from steerlens.config import ConfigError, option
@@ -17,7 +18,7 @@ NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", 
 class EvalConfig(SharedOptions):
     """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks."""
 
-    vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine; none: the unsteered model")
+    vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine, or several named sets NAME=FILE,NAME=FILE evaluated in one pass with the base model (one folder each under out_dir); none: the unsteered model")
     adapter: str | None = option(None, "LoRA adapter directory from a trainable=lora run, merged into the model before evaluating")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file whose name starts with a known benchmark (aime24.jsonl), or a generated set (toy-arith, word-arith)")
@@ -41,6 +42,21 @@ class EvalConfig(SharedOptions):
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:
             raise ConfigError("EvalConfig: " + "; ".join(problems))
+
+    def vector_files(self) -> dict[str, str]:
+        """The vector files `vectors` names, by set name: `a=FILE,b=FILE`, or one FILE (named by its stem)."""
+        if not self.vectors:
+            return {}
+        if "=" not in self.vectors:
+            return {Path(self.vectors).stem: self.vectors}
+        files: dict[str, str] = {}
+        for entry in self.vectors.split(","):
+            name, _, path = entry.partition("=")
+            if not name.strip() or not path.strip() or name.strip() in files:
+                raise ConfigError(f"EvalConfig: vectors must be FILE or NAME=FILE,NAME=FILE with distinct names, "
+                                  f"got {self.vectors!r}")
+            files[name.strip()] = path.strip()
+        return files
 
     @property
     def setup(self) -> str:

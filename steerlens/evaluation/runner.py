@@ -12,20 +12,21 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from steerlens.backends.vector_bank import BASE
 from steerlens.config import to_yaml
 from steerlens.data import Problem, load_problems
 from steerlens.data.generated import generator_of, materialize
 from steerlens.errors import SteerlensError
 from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
-from steerlens.evaluation.tables import write_run_tables
+from steerlens.evaluation.tables import combine_runs, write_run_tables
 from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_json, write_jsonl, write_text
 from steerlens.rollout import Rollout, make_rollout, sample_seed
 from steerlens.task import MathReward, PromptFn, check_answers, template_prompt
@@ -109,31 +110,84 @@ def chunks(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def run_benchmark(engine: Rollout, reward: MathReward, prompt: PromptFn, spec: BenchmarkSpec,
-                  problems: list[Problem], seed: int, cfg: EvalConfig, out_dir: Path, bar: tqdm) -> None:
-    """Generate and verify the missing problems of one (benchmark, seed), appending each chunk; `reward`
-    reads answers in the format `prompt` asks for."""
-    k = 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
-    sampling = cfg.decoding_sampling()
-    path = samples_path(out_dir, spec.name, seed)
-    done = {row["index"] for row in finished_samples(path, k)}
-    todo = [i for i in range(len(problems)) if i not in done]
-    bar.update(len(problems) - len(todo))
-    for chunk in chunks(todo, cfg.chunk_problems):
-        prompts = [prompt(problems[i]) for i in chunk]
-        groups = engine.generate(prompts, k, sampling, seeds=[sample_seed(seed, 0, i) for i in chunk])
-        texts = [c.text for group in groups for c in group]
-        verdicts = iter(reward.verdicts(texts, [problems[i] for i, group in zip(chunk, groups) for _ in group]))
-        rows = [
+@dataclass(frozen=True)
+class SetRun:
+    """One evaluation in a pass: its config (its own `out_dir`) and the engine's vector set it runs under
+    (None: the engine's own vectors; "base": unsteered; else a set loaded with `Rollout.add`)."""
+
+    cfg: EvalConfig
+    vectors: str | None
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.cfg.seeds[:1] if self.cfg.greedy else self.cfg.seeds
+
+
+def samples_per_problem(cfg: EvalConfig, spec: BenchmarkSpec) -> int:
+    return 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
+
+
+def run_pass(engine: Rollout, runs: list[SetRun]) -> dict[Path, pd.DataFrame]:
+    """Generate and verify every run's missing samples in one pass over the problems: for each seed,
+    benchmark and chunk of problems, one engine call per decoding holds every run that still needs them,
+    each request under its run's vector set. Each run appends its own JSONL a chunk at a time, so any run
+    resumes on its own; its samples equal those of the run evaluated alone (seeds depend only on the
+    evaluation seed and problem index). Returns each run's samples, keyed by its `out_dir`."""
+    first = runs[0].cfg
+    specs = [parse_benchmark(entry) for entry in first.benchmarks]
+    problems = {}
+    for run in runs:
+        check_resumable(run.cfg, Path(run.cfg.out_dir))
+        for spec in specs:
+            problems[spec.name] = load_benchmark(spec, run.cfg, Path(run.cfg.out_dir))
+    done = {(run.cfg.out_dir, spec.name, seed): {row["index"] for row in finished_samples(
+                samples_path(Path(run.cfg.out_dir), spec.name, seed), samples_per_problem(run.cfg, spec))}
+            for run in runs for spec in specs for seed in run.seeds}
+    total = sum(len(problems[spec.name]) for run in runs for spec in specs for _ in run.seeds)
+    prompt = template_prompt(engine.tokenizer, first.template)
+    with MathReward.for_template(engine.tokenizer, first.template, first.answer_fallback) as reward, \
+            tqdm(total=total, disable=not first.progress, desc="eval", unit="problem") as bar:
+        bar.update(sum(len(indices) for indices in done.values()))
+        for seed in dict.fromkeys(seed for run in runs for seed in run.seeds):
+            for spec in specs:
+                todo = {r: {i for i in range(len(problems[spec.name])) if i not in done[(run.cfg.out_dir, spec.name, seed)]}
+                        for r, run in enumerate(runs) if seed in run.seeds}
+                for chunk in chunks(sorted(set().union(*todo.values())), first.chunk_problems):
+                    for greedy in (True, False):
+                        group = [(runs[r], [i for i in chunk if i in indices]) for r, indices in todo.items()
+                                 if runs[r].cfg.greedy == greedy]
+                        group = [(run, indices) for run, indices in group if indices]
+                        if group:
+                            generate_chunk(engine, reward, prompt, spec, problems[spec.name], seed, group)
+                            bar.update(sum(len(indices) for _, indices in group))
+    return {Path(run.cfg.out_dir): pd.DataFrame([row for spec in specs for seed in run.seeds
+                                                 for row in read_jsonl(samples_path(Path(run.cfg.out_dir), spec.name, seed))[0]])
+            for run in runs}
+
+
+def generate_chunk(engine: Rollout, reward: MathReward, prompt: PromptFn, spec: BenchmarkSpec,
+                   problems: list[Problem], seed: int, group: list[tuple[SetRun, list[int]]]) -> None:
+    """One engine call for the problems each run of `group` (all greedy, or all sampled) still needs,
+    each under its run's vector set; each run's rows are appended to its own samples file."""
+    cfg = group[0][0].cfg
+    k = samples_per_problem(cfg, spec)
+    requests = [(run, i) for run, indices in group for i in indices]
+    prompts = [prompt(problems[i]) for _, i in requests]
+    groups = engine.generate(prompts, k, cfg.decoding_sampling(), seeds=[sample_seed(seed, 0, i) for _, i in requests],
+                             vectors=[run.vectors for run, _ in requests])
+    texts = [c.text for samples in groups for c in samples]
+    verdicts = iter(reward.verdicts(texts, [problems[i] for (_, i), samples in zip(requests, groups) for _ in samples]))
+    rows: dict[str, list[dict[str, Any]]] = {run.cfg.out_dir: [] for run, _ in group}
+    for (run, i), text, samples in zip(requests, prompts, groups):
+        rows[run.cfg.out_dir].extend(
             {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
              "prompt": text, "completion": c.text, "extracted": reward.extract(c.text),
              "formatted": reward.formatted(c.text),
              "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
              "truncated": c.truncated}
-            for i, text, group in zip(chunk, prompts, groups) for j, c in enumerate(group)
-        ]
-        append_jsonl(path, rows)
-        bar.update(len(chunk))
+            for j, c in enumerate(samples))
+    for out_dir, run_rows in rows.items():
+        append_jsonl(samples_path(Path(out_dir), spec.name, seed), run_rows)
 
 
 def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
@@ -142,42 +196,83 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
 
     `vectors` steer the model (default: the file `cfg.vectors` names, if any); vectors given without
     a file are recorded in the run by their fingerprint. `engine` reuses a running engine of
-    `cfg.model` (studies evaluate many vector sets on one model): the vectors are pushed into it and
-    it is left open. Without it, one is started and closed here.
+    `cfg.model`: the vectors are pushed into it and it is left open. Without it, one is started and
+    closed here. A `cfg.vectors` naming several sets (`a=FILE,b=FILE`) evaluates them all with
+    `evaluate_sets`, plus the base model, and returns their combined table (as `"summary"`).
     """
+    if vectors is None and len(cfg.vector_files()) > 1:
+        return evaluate_named_files(cfg, engine)
     if vectors is None and cfg.vectors:
-        vectors = SteeringVectors.load(cfg.vectors)
+        vectors = SteeringVectors.load(next(iter(cfg.vector_files().values())))
     elif vectors is not None and not cfg.vectors:
         cfg = replace(cfg, vectors=vectors.fingerprint())
-    out_dir = Path(cfg.out_dir)
-    specs = [parse_benchmark(entry) for entry in cfg.benchmarks]
-    check_resumable(cfg, out_dir)
-    benchmarks = [(spec, load_benchmark(spec, cfg, out_dir)) for spec in specs]
-    seeds = cfg.seeds[:1] if cfg.greedy else cfg.seeds
     own_engine = engine is None
     if engine is None:
-        engine = start_engine(cfg, out_dir, vectors)
+        engine = start_engine(cfg, Path(cfg.out_dir), vectors)
     elif cfg.adapter:
         raise EvalError("an adapter is merged into the model at start-up: evaluate it without a shared engine")
     else:
         engine.update(vectors)
-    total = sum(len(problems) for _, problems in benchmarks) * len(seeds)
     try:
-        prompt = template_prompt(engine.tokenizer, cfg.template)
-        with MathReward.for_template(engine.tokenizer, cfg.template, cfg.answer_fallback) as reward, \
-                tqdm(total=total, disable=not cfg.progress, desc="eval", unit="problem") as bar:
-            for seed in seeds:
-                for spec, problems in benchmarks:
-                    run_benchmark(engine, reward, prompt, spec, problems, seed, cfg, out_dir, bar)
+        (samples,) = run_pass(engine, [SetRun(cfg, None)]).values()
     finally:
         if own_engine:
             engine.close()
-    samples = pd.DataFrame([row for spec, _ in benchmarks for seed in seeds
-                            for row in read_jsonl(samples_path(out_dir, spec.name, seed))[0]])
-    return write_run_tables(samples, out_dir, model=cfg.model, setup=cfg.setup)
+    return write_run_tables(samples, Path(cfg.out_dir), model=cfg.model, setup=cfg.setup)
 
 
-def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None) -> Rollout:
-    """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`."""
+def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
+                  engine: Rollout | None = None) -> dict[str, dict[str, pd.DataFrame]]:
+    """Evaluate `cfg.model` under each named set (None: unsteered) in one pass, set `name` into
+    `cfg.out_dir/<name>/` with its name as the setup label; returns each set's tables.
+
+    The sets are loaded into one engine's bank (`engine`, left open, or one started and closed here) and
+    every chunk of problems is generated for all of them in one batch (see `run_pass`). Each set's folder
+    is an evaluation of its own: it resumes on its own and equals evaluating the set alone.
+    """
+    if cfg.adapter:
+        raise EvalError("evaluate_sets compares vector sets on one model; evaluate an adapter on its own")
+    out_dir = Path(cfg.out_dir)
+    runs = {name: SetRun(replace(cfg, label=name, out_dir=str(out_dir / name),
+                                 vectors=None if vectors is None else vectors.fingerprint()),
+                         BASE if vectors is None else name)
+            for name, vectors in sets.items()}
+    own_engine = engine is None
+    if engine is None:
+        engine = start_engine(cfg, out_dir, max_vector_sets=sum(vectors is not None for vectors in sets.values()))
+    loaded = []
+    try:
+        for name, vectors in sets.items():
+            if vectors is not None:
+                engine.add(name, vectors)
+                loaded.append(name)
+        samples = run_pass(engine, list(runs.values()))
+    finally:
+        for name in loaded:
+            engine.remove(name)
+        if own_engine:
+            engine.close()
+    return {name: write_run_tables(samples[Path(run.cfg.out_dir)], Path(run.cfg.out_dir), model=cfg.model,
+                                   setup=run.cfg.setup)
+            for name, run in runs.items()}
+
+
+def evaluate_named_files(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
+    """`steerlens eval --vectors a=FILE,b=FILE`: the base model and every named file in one pass, each in
+    `out_dir/<name>/`, and their combined table in `out_dir/table.{csv,md,html}`."""
+    files = cfg.vector_files()
+    if BASE in files:
+        raise EvalError(f"--vectors: {BASE!r} is the unsteered model's folder; give the vector set another name")
+    sets: dict[str, SteeringVectors | None] = {BASE: None, **{name: SteeringVectors.load(path) for name, path in files.items()}}
+    evaluate_sets(cfg, sets, engine)
+    table = combine_runs([Path(cfg.out_dir) / name for name in sets], Path(cfg.out_dir) / "table")
+    return {"summary": table.reset_index()}
+
+
+def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None,
+                 max_vector_sets: int = 0) -> Rollout:
+    """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`, with room for
+    `max_vector_sets` named sets."""
     return make_rollout(model_path(cfg, out_dir), engine=cfg.engine, vectors=vectors, dtype=cfg.dtype,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
+                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                        max_vector_sets=max_vector_sets)
