@@ -312,10 +312,13 @@ def study_pairs(
 def study_singles(
     ctx: typer.Context,
     layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated layers (default: all)"),
+    one_by_one: bool = typer.Option(False, "--one-by-one", help="train the runs one after another instead of "
+                                    "together (one engine batch per step for all of them)"),
     out: Path = STUDY_OUT,
     config: Optional[Path] = CONFIG_FILE,
 ) -> None:
-    """Train one single-layer vector per layer (steerlens train's options after these), for `study pairs`."""
+    """Train one single-layer vector per layer (steerlens train's options after these), for `study pairs`;
+    the runs train together, each with its own parameters, optimizer, checkpoints and metrics."""
     from steerlens.rl.config import TrainConfig
     from steerlens.rl.trainer import train_each_layer
 
@@ -324,7 +327,7 @@ def study_singles(
         chosen = [int(layer) for layer in layers.split(",") if layer.strip()] if layers else None
     except ValueError:
         raise typer.BadParameter(f"{layers!r}: expected layer indices separated by commas", param_hint="--layers")
-    files = train_each_layer(cfg, chosen)
+    files = train_each_layer(cfg, chosen, together=not one_by_one)
     _report(list(files.values()))
     typer.echo("next: steerlens study pairs --model " + cfg.model + " --vectors ALL_LAYER_VECTORS "
                + " ".join(f"--single {path}" for path in files.values()) + " --out PAIRS_DIR")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from steerlens.anatomy import model_shape
 from steerlens.backends.hf import attach
 from steerlens.backends.vector_bank import BASE, SetChoice, VectorBank, per_prompt
 from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredLLM, lora_engine_options, require_vllm, vllm_available
@@ -70,8 +71,9 @@ class Rollout(Protocol):
         unsteered; else a set `add` loaded)."""
         ...
 
-    def update(self, vectors: SteeringVectors | None) -> None:
-        """Steer the engine's model with `vectors` from now on (None: unsteered)."""
+    def update(self, vectors: SteeringVectors | None, name: str | None = None) -> None:
+        """Steer the engine's model with `vectors` from now on (None: unsteered); with `name`, give the named
+        set new values instead."""
         ...
 
     def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
@@ -151,8 +153,14 @@ class HFRollout:
         self._own_handle: Any = None
         self._own: SteeringVectors | None = None
 
-    def update(self, vectors: SteeringVectors | None) -> None:
-        """Attach `vectors` to the model (replacing what this engine attached before)."""
+    def update(self, vectors: SteeringVectors | None, name: str | None = None) -> None:
+        """Attach `vectors` to the model (replacing what this engine attached before); with `name`, give that
+        set new values (at the scale it was added with)."""
+        if name is not None:
+            values = vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model))
+            scale = self.bank.bump(name).scale
+            self._sets[name] = values.scale(scale) if scale != 1.0 else values
+            return
         if self._own_handle is not None:
             self._own_handle.remove()
             self._own_handle = None
@@ -262,9 +270,11 @@ class VLLMRollout:
         self._adapters: Path | None = None  # where `update_adapter` saves, created at its first push
         self._pushes = 0
 
-    def update(self, vectors: SteeringVectors | None) -> None:
-        """Copy new values into the engine's steering buffer (None: unsteered)."""
-        if vectors is None:
+    def update(self, vectors: SteeringVectors | None, name: str | None = None) -> None:
+        """Copy new values into the engine's default set (None: unsteered), or into the named set `name`."""
+        if name is not None:
+            self.engine.update(name, vectors if vectors is not None else SteeringVectors.zeros(self.engine.shape))
+        elif vectors is None:
             self.engine.remove()
         else:
             self.engine.update(vectors)

@@ -90,11 +90,13 @@ class SteeringPolicy(Policy):
 
     @contextlib.contextmanager
     def base_policy(self) -> Iterator[nn.Module]:
+        attached = self.handle.attached
         self.handle.remove()
         try:
             yield self.model
         finally:
-            self.handle.attach()
+            if attached:
+                self.handle.attach()
 
     def save_final(self, out_dir: Path) -> Path:
         return self.handle.vectors().save(out_dir / "vectors.safetensors")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from steerlens.backends.hf import HFSteering
 from steerlens.backends.vllm import verify_push
 from steerlens.config import to_yaml
 from steerlens.errors import SteerlensError
@@ -37,7 +38,7 @@ from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages
 from steerlens.rl.update import layer_checkpointing, micro_batch_loss, micro_batches
-from steerlens.rl.policy import Policy, make_policy
+from steerlens.rl.policy import Policy, SteeringPolicy, make_policy
 from steerlens.rollout import Completion, HFRollout, Rollout, VLLMRollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import MathReward, Task, check_answers, is_success
 
@@ -88,11 +89,14 @@ class Trainer:
     `cfg` supplies the step's knobs, what is trained (steering, LoRA, full), the engine and the
     bookkeeping; the data and the reward come from `task` (its fields in `cfg` are for `train(cfg)`).
     `rollout` reuses a running engine of the same model (it is closed at the end only if built here).
+    `vector_set` names the engine's vector set this run samples under, for runs that share one model and
+    one engine (`train_together`): the run's steering hooks are then attached only for its own update.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, task: Task, cfg: TrainConfig,
-                 rollout: Rollout | None = None) -> None:
+                 rollout: Rollout | None = None, vector_set: str | None = None) -> None:
         self.cfg = cfg
+        self.vector_set = vector_set
         self.device = next(model.parameters()).device
         self.ctx = D.init_distributed(self.device.type)
         if cfg.prompts_per_step % self.ctx.world:
@@ -104,6 +108,12 @@ class Trainer:
         self.tokenizer = tokenizer
         torch.manual_seed(cfg.seed)
         self.policy: Policy = make_policy(model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha)
+        self.own_hooks: HFSteering | None = None  # with a vector set: attached only for this run's own update
+        if vector_set is not None:
+            if not isinstance(self.policy, SteeringPolicy):
+                raise TrainingError(f"runs that share a model and an engine train steering vectors, not {cfg.trainable}")
+            self.own_hooks = self.policy.handle
+            self.own_hooks.remove()
         params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.steps))
@@ -114,6 +124,8 @@ class Trainer:
         self.reward = task.reward_fn(tokenizer)
         self.owns_rollout = rollout is None
         self.rollout = rollout if rollout is not None else self._make_rollout()
+        if vector_set is not None and self.own_hooks is not None:
+            self.rollout.add(vector_set, self.own_hooks.vectors())
         self.metrics_path = self.out / "metrics.jsonl"
 
     def _make_rollout(self) -> Rollout:
@@ -136,11 +148,11 @@ class Trainer:
     def sync(self, step: int, verify: bool) -> float:
         """Push the current vectors (or LoRA adapter) into a separate engine; optionally verify the push
         took effect (the engine's log-probs against the trainer's model on a fixed text)."""
-        if isinstance(self.rollout, HFRollout):
+        if isinstance(self.rollout, HFRollout) and self.vector_set is None:
             return 0.0  # HF generation runs the trained model itself
         vectors = self.policy.vectors()
         if vectors is not None:
-            self.rollout.update(vectors)
+            self.rollout.update(vectors, name=self.vector_set)
         elif self.cfg.trainable == "lora" and isinstance(self.rollout, VLLMRollout):
             self.rollout.update_adapter(self.policy.model)
         else:
@@ -151,7 +163,8 @@ class Trainer:
             return float(verify_push(self.rollout.engine, self.policy.model, self.tokenizer, None,
                                      atol=self.cfg.verify_atol))
         with self.policy.base_policy() as bare_model:
-            diff = verify_push(self.rollout.engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol)
+            diff = verify_push(self.rollout.engine, bare_model, self.tokenizer, vectors, atol=self.cfg.verify_atol,
+                               name=self.vector_set)
         return float(diff)
 
     def rewards(self, groups: list[list[Completion]], problems: list[Problem]) -> torch.Tensor:
@@ -183,87 +196,103 @@ class Trainer:
         """Greedy success rate of the current policy on `problems` (this rank's engine)."""
         if not problems:
             return float("nan")
-        groups = self.rollout.generate([self.prompt(p) for p in problems], 1, self.cfg.greedy_sampling())
+        groups = self.rollout.generate([self.prompt(p) for p in problems], 1, self.cfg.greedy_sampling(),
+                                       vectors=self.vector_set)
         values = self.reward([g[0].text for g in groups], problems)
         return sum(is_success(self.reward, v) for v in values) / len(problems)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Run the loop (resuming from the latest checkpoint if `cfg.resume`); returns the summary."""
-        cfg, ctx = self.cfg, self.ctx
+        (summary,) = train_together([self])
+        return summary
+
+    def begin(self) -> tuple[int, dict[str, Any]]:
+        """Start or resume: the first step to run and the summary so far (the engine synced and verified,
+        the held-out accuracy measured on a fresh start)."""
         start_step, summary = self._start()
         self.sync(start_step, verify=True)
-        if start_step == 0 and ctx.is_main:
+        if start_step == 0 and self.ctx.is_main:
             summary["heldout_accuracy_before"] = self.accuracy(self.eval_set)
-        bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and ctx.is_main),
-                   desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=self.cfg.steps, initial=start_step, disable=not (self.cfg.progress and self.ctx.is_main),
+                        desc="train" if self.vector_set is None else f"train {self.vector_set}", unit="step",
+                        dynamic_ncols=True)
+        return start_step, summary
+
+    def requests(self, step: int) -> tuple[list[Problem], list[str], list[int]]:
+        """This rank's problems of `step`, their prompts and their sampling seeds."""
+        cfg, ctx = self.cfg, self.ctx
         share = cfg.prompts_per_step // ctx.world
-        sampling = cfg.sampling()
-        nan_streak = 0
-        for step in range(start_step, cfg.steps):
-            times: dict[str, float] = {}
-            t0 = time.perf_counter()
-            indices = batch_indices(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)
-            mine = indices[ctx.rank * share : (ctx.rank + 1) * share]
-            problems = [self.train_set[i] for i in mine]
-            groups = self.rollout.generate([self.prompt(p) for p in problems], cfg.generations, sampling,
-                                           seeds=[sample_seed(cfg.seed, step, i) for i in mine])
-            times["rollout"] = time.perf_counter() - t0
+        indices = batch_indices(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)
+        mine = indices[ctx.rank * share : (ctx.rank + 1) * share]
+        problems = [self.train_set[i] for i in mine]
+        return problems, [self.prompt(p) for p in problems], [sample_seed(cfg.seed, step, i) for i in mine]
 
-            t0 = time.perf_counter()
-            rewards = self.rewards(groups, problems)
-            adv = advantages(rewards, cfg.baseline).flatten()
-            times["reward"] = time.perf_counter() - t0
+    def learn(self, step: int, problems: list[Problem], groups: list[list[Completion]], rollout_seconds: float,
+              summary: dict[str, Any]) -> None:
+        """The rest of a step once its completions are sampled: reward, advantages, one update, push (and
+        verify when due), metrics, checkpoint."""
+        cfg, ctx = self.cfg, self.ctx
+        times: dict[str, float] = {"rollout": rollout_seconds}
+        t0 = time.perf_counter()
+        rewards = self.rewards(groups, problems)
+        adv = advantages(rewards, cfg.baseline).flatten()
+        times["reward"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            completions = [c for group in groups for c in group]
-            local_tokens = sum(len(c.token_ids) for c in completions)
-            total_tokens = int(D.all_sum(ctx, torch.tensor(float(local_tokens))).item())
-            self.policy.model.train()
-            loss = self.backward(completions, adv, total_tokens)
-            self.policy.model.eval()
-            params = self.policy.parameters()
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                D.all_sum(ctx, p.grad)
-            loss = float(D.all_sum(ctx, torch.tensor(loss)).item())
-            finite = math.isfinite(loss) and all(p.grad is not None and bool(torch.isfinite(p.grad).all())
-                                                 for p in params)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else float("nan")
-            lr = float(self.scheduler.get_last_lr()[0])
-            if finite:
-                self.optimizer.step()
-                self.scheduler.step()
-                nan_streak = 0
-                if not all(bool(torch.isfinite(p).all()) for p in params):
-                    raise TrainingError(f"step {step}: the update made the trained values non-finite (lr={lr}); "
-                                        "nothing of this step was saved or pushed: lower --lr and --resume")
-            else:
-                nan_streak += 1
-                if nan_streak >= 3:
-                    raise TrainingError(f"step {step}: loss or gradients not finite 3 steps running (lr={lr}); "
-                                        "lower --lr or check the model dtype")
-            self.optimizer.zero_grad(set_to_none=True)
-            times["forward_backward"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with self.own_hooks if self.own_hooks is not None else contextlib.nullcontext():
+            loss, grad_norm, lr, finite = self._update(step, [c for group in groups for c in group], adv)
+        times["forward_backward"] = time.perf_counter() - t0
 
-            t0 = time.perf_counter()
-            verify = cfg.verify_every > 0 and (step + 1) % cfg.verify_every == 0
-            sync_diff = self.sync(step + 1, verify=verify)
-            times["sync"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verify = cfg.verify_every > 0 and (step + 1) % cfg.verify_every == 0
+        sync_diff = self.sync(step + 1, verify=verify)
+        times["sync"] = time.perf_counter() - t0
 
-            row = self._metrics(step, groups, rewards, adv, loss, grad_norm, lr, finite, times, sync_diff if verify else None)
-            if ctx.is_main:
-                append_jsonl(self.metrics_path, row)
-                bar.set_postfix(reward=f"{row['reward_mean']:+.3f}", acc=f"{row['accuracy']:.2f}")
-                bar.update(1)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                self._save(step + 1, summary)
-        bar.close()
-        return self._finish(summary)
+        row = self._metrics(step, groups, rewards, adv, loss, grad_norm, lr, finite, times, sync_diff if verify else None)
+        if ctx.is_main:
+            append_jsonl(self.metrics_path, row)
+            self.bar.set_postfix(reward=f"{row['reward_mean']:+.3f}", acc=f"{row['accuracy']:.2f}")
+            self.bar.update(1)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            self._save(step + 1, summary)
+
+    def _update(self, step: int, completions: list[Completion], adv: torch.Tensor) -> tuple[float, float, float, bool]:
+        """One policy-gradient step (skipped when the loss or a gradient is not finite); returns the loss,
+        the gradient norm, the learning rate and whether the step was applied."""
+        cfg, ctx = self.cfg, self.ctx
+        local_tokens = sum(len(c.token_ids) for c in completions)
+        total_tokens = int(D.all_sum(ctx, torch.tensor(float(local_tokens))).item())
+        self.policy.model.train()
+        loss = self.backward(completions, adv, total_tokens)
+        self.policy.model.eval()
+        params = self.policy.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            D.all_sum(ctx, p.grad)
+        loss = float(D.all_sum(ctx, torch.tensor(loss)).item())
+        finite = math.isfinite(loss) and all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else float("nan")
+        lr = float(self.scheduler.get_last_lr()[0])
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nan_streak = 0
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise TrainingError(f"step {step}: the update made the trained values non-finite (lr={lr}); "
+                                    "nothing of this step was saved or pushed: lower --lr and --resume")
+        else:
+            self.nan_streak += 1
+            if self.nan_streak >= 3:
+                raise TrainingError(f"step {step}: loss or gradients not finite 3 steps running (lr={lr}); "
+                                    "lower --lr or check the model dtype")
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, lr, finite
 
     def _start(self) -> tuple[int, dict[str, Any]]:
         """Resume from the newest valid checkpoint, start fresh, or refuse (see `rl.resume`)."""
+        self.nan_streak = 0
         plan = plan_resume(self.cfg)
         for line in plan.skipped:
             LOG.warning("skipped checkpoint %s", line)
@@ -332,9 +361,10 @@ class Trainer:
                             keep_last=self.cfg.keep_last)
         D.barrier(self.ctx)
 
-    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Final artefacts and the report: reward and held-out accuracy before/after, resources."""
         ctx = self.ctx
+        self.bar.close()
         if ctx.is_main:
             rows, _ = read_jsonl(self.metrics_path)
             head, tail = rows[: max(1, len(rows) // 5)], rows[-max(1, len(rows) // 5):]
@@ -362,6 +392,38 @@ class Trainer:
             self.rollout.close()
         D.barrier(ctx)
         return summary
+
+
+def train_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
+    """Run (or resume) several runs in lockstep on one rollout engine; returns their summaries.
+
+    Each step, the completions of every run come from one engine call, each run's prompts under its own
+    vector set (`Trainer(..., vector_set=)`); each run then rewards, updates, pushes, logs and checkpoints on
+    its own, with its own parameters and optimizer, so a run's result equals the run trained alone with the
+    same seeds. One run (`Trainer.train`) is the simplest case. The runs must share the engine, the step
+    count and the sampling settings; runs resumed at different steps join when the loop reaches them.
+    """
+    first = trainers[0]
+    shared = {(t.cfg.steps, t.cfg.generations, t.cfg.sampling(), id(t.rollout)) for t in trainers}
+    if len(shared) > 1:
+        raise TrainingError("runs trained together share one engine, their step count, generations and sampling")
+    if len(trainers) > 1 and any(t.vector_set is None for t in trainers):
+        raise TrainingError("runs trained together each need their own vector set in the engine (vector_set=)")
+    starts = [t.begin() for t in trainers]
+    for step in range(min(start for start, _ in starts), first.cfg.steps):
+        active = [(t, summary) for t, (start, summary) in zip(trainers, starts) if start <= step]
+        asked = [t.requests(step) for t, _ in active]
+        t0 = time.perf_counter()
+        groups = first.rollout.generate([prompt for _, prompts, _ in asked for prompt in prompts], first.cfg.generations,
+                                        first.cfg.sampling(), seeds=[seed for _, _, seeds in asked for seed in seeds],
+                                        vectors=[t.vector_set for (t, _), (_, prompts, _) in zip(active, asked)
+                                                 for _ in prompts])
+        rollout_seconds = time.perf_counter() - t0
+        offset = 0
+        for (trainer, summary), (problems, prompts, _) in zip(active, asked):
+            trainer.learn(step, problems, groups[offset : offset + len(prompts)], rollout_seconds, summary)
+            offset += len(prompts)
+    return [trainer.finish(summary) for trainer, (_, summary) in zip(trainers, starts)]
 
 
 def _window_means(key: str, head: list[dict[str, Any]], tail: list[dict[str, Any]]) -> dict[str, float]:
@@ -409,27 +471,40 @@ def math_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
     return problems, held_out
 
 
+def math_task(cfg: TrainConfig, tokenizer: Any, split: tuple[list[Problem], list[Problem]]) -> Task:
+    """The math task of a config: its training and held-out problems (`split`, from `math_problems`) and the
+    math-verify reward for its prompt template."""
+    problems, held_out = split
+    reward = MathReward.for_template(tokenizer, cfg.template, cfg.answer_fallback, cfg.reward_correct, cfg.reward_wrong)
+    return Task(problems=problems, reward=reward, prompt=cfg.template, eval_problems=held_out)
+
+
 def train(cfg: TrainConfig, rollout: Rollout | None = None) -> dict[str, Any]:
     """Run (or resume) a training job from its config alone: the model by name, the math task from
     `cfg.data`. The cheap checks (run directory, data) come before the model loads. Returns the
     summary written to `out_dir/summary.json`."""
     plan_resume(cfg)
-    problems, held_out = math_problems(cfg)
-    ctx = D.init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    problems = math_problems(cfg)
+    ctx = job_context(cfg)
     try:
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=resolve_device(cfg.device, ctx))
-        reward = MathReward.for_template(tokenizer, cfg.template, cfg.answer_fallback, cfg.reward_correct,
-                                         cfg.reward_wrong)
-        task = Task(problems=problems, reward=reward, prompt=cfg.template, eval_problems=held_out)
-        return Trainer(model, tokenizer, task, cfg, rollout).train()
+        return Trainer(model, tokenizer, math_task(cfg, tokenizer, problems), cfg, rollout).train()
     finally:
         D.shutdown(ctx)
 
 
-def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None) -> dict[int, Path]:
+def job_context(cfg: TrainConfig) -> D.Dist:
+    """The process group of a job (one process unless started by torchrun), on the config's device type."""
+    return D.init_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None, together: bool = True) -> dict[int, Path]:
     """One single-layer run per layer (default: all), in `out_dir/layer{i}`, for the pair study.
 
-    As in the reference, every vector is trained on its own with `cfg`'s settings. Finished runs are
+    As in the reference, every vector is trained on its own with `cfg`'s settings. By default the runs
+    train together (`train_together`): one model, one engine with one vector set per run, each step's
+    rollouts of all runs in one batch; each run keeps its own parameters, optimizer, checkpoints and metrics,
+    and equals the run trained alone. `together=False` trains them one after another. Finished runs are
     kept and interrupted ones resumed, so rerunning the same command completes the set. Returns
     layer -> vectors file.
     """
@@ -440,10 +515,33 @@ def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None) -> dict[
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
         raise TrainingError(f"layers {bad} do not exist: {cfg.model} has layers 0..{num_layers - 1}")
-    done = {}
-    for layer in layers:
-        run_dir = Path(cfg.out_dir) / f"layer{layer}"
-        if not (run_dir / "summary.json").is_file():
-            train(replace(cfg, layers=[layer], out_dir=str(run_dir), resume=run_dir.exists()))
-        done[layer] = run_dir / "vectors.safetensors"
-    return done
+    runs = {layer: replace(cfg, layers=[layer], out_dir=str(Path(cfg.out_dir) / f"layer{layer}"),
+                           resume=(Path(cfg.out_dir) / f"layer{layer}").exists()) for layer in layers}
+    todo = {layer: run for layer, run in runs.items() if not (Path(run.out_dir) / "summary.json").is_file()}
+    if todo and together:
+        train_runs_together(list(todo.values()), [f"layer{layer}" for layer in todo])
+    elif todo:
+        for run in todo.values():
+            train(run)
+    return {layer: Path(run.out_dir) / "vectors.safetensors" for layer, run in runs.items()}
+
+
+def train_runs_together(runs: list[TrainConfig], names: list[str]) -> list[dict[str, Any]]:
+    """Load the model once, start one engine with a vector set per run (`names`), and `train_together`."""
+    for run in runs:
+        plan_resume(run)
+    problems = [math_problems(run) for run in runs]
+    first = runs[0]
+    ctx = job_context(first)
+    try:
+        model, tokenizer = load_model(first.model, dtype=first.dtype, device=resolve_device(first.device, ctx))
+        rollout = make_rollout(model, tokenizer, engine=first.engine, dtype=first.dtype,
+                               gpu_memory_utilization=first.gpu_memory_utilization, batch_size=first.micro_batch,
+                               seed=first.seed, max_model_len=first.max_model_len, max_vector_sets=len(runs))
+        try:
+            return train_together([Trainer(model, tokenizer, math_task(run, tokenizer, task), run, rollout, vector_set=name)
+                                   for run, task, name in zip(runs, problems, names)])
+        finally:
+            rollout.close()
+    finally:
+        D.shutdown(ctx)
