@@ -197,8 +197,8 @@ def bench_singles(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = [f"{result['model']}, torch {result['torch']}: {result['prompts']} prompts x {result['samples']} samples x "
-            f"{result['max_new_tokens']} tokens per batch", ""]
+    rows = [f"{result['model']}, torch {result['torch']}" + (f": {result['prompts']} prompts x {result['samples']} samples x "
+            f"{result['max_new_tokens']} tokens per batch" if "overhead" in result or "mix" in result else ""), ""]
     if "overhead" in result:
         o = result["overhead"]
         rows += ["| engine | s per batch | vs stock |", "|---|---|---|",
