@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -158,8 +158,7 @@ class HFRollout:
         set new values (at the scale it was added with)."""
         if name is not None:
             values = vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model))
-            scale = self.bank.bump(name).scale
-            self._sets[name] = values.scale(scale) if scale != 1.0 else values
+            self._sets[name] = values.scale(self.bank.bump(name).scale)
             return
         if self._own_handle is not None:
             self._own_handle.remove()
@@ -170,8 +169,7 @@ class HFRollout:
 
     def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
         """Hold `vectors` times `scale` as set `name`; requests under it run with them attached instead."""
-        self.bank.add(name, scale)
-        self._sets[name] = vectors.scale(scale) if scale != 1.0 else vectors
+        self._sets[name] = vectors.scale(self.bank.add(name, scale).scale)
 
     def remove(self, name: str) -> None:
         self.bank.remove(name)

@@ -127,19 +127,26 @@ def samples_per_problem(cfg: EvalConfig, spec: BenchmarkSpec) -> int:
     return 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
 
 
-def run_pass(engine: Rollout, runs: list[SetRun]) -> dict[Path, pd.DataFrame]:
-    """Generate and verify every run's missing samples in one pass over the problems: for each seed,
+def load_runs(runs: list[SetRun]) -> dict[str, list[Problem]]:
+    """Check that each run's folder may hold it and load its benchmarks (each generated one is written into
+    the run's folder): done before any engine starts, so bad input fails fast. Problems by benchmark name."""
+    problems = {}
+    for run in runs:
+        check_resumable(run.cfg, Path(run.cfg.out_dir))
+        for entry in run.cfg.benchmarks:
+            spec = parse_benchmark(entry)
+            problems[spec.name] = load_benchmark(spec, run.cfg, Path(run.cfg.out_dir))
+    return problems
+
+
+def run_pass(engine: Rollout, runs: list[SetRun], problems: dict[str, list[Problem]]) -> dict[Path, pd.DataFrame]:
+    """Generate and verify every run's missing samples of `problems` (`load_runs`) in one pass: for each seed,
     benchmark and chunk of problems, one engine call per decoding holds every run that still needs them,
     each request under its run's vector set. Each run appends its own JSONL a chunk at a time, so any run
     resumes on its own; its samples equal those of the run evaluated alone (seeds depend only on the
     evaluation seed and problem index). Returns each run's samples, keyed by its `out_dir`."""
     first = runs[0].cfg
     specs = [parse_benchmark(entry) for entry in first.benchmarks]
-    problems = {}
-    for run in runs:
-        check_resumable(run.cfg, Path(run.cfg.out_dir))
-        for spec in specs:
-            problems[spec.name] = load_benchmark(spec, run.cfg, Path(run.cfg.out_dir))
     done = {(run.cfg.out_dir, spec.name, seed): {row["index"] for row in finished_samples(
                 samples_path(Path(run.cfg.out_dir), spec.name, seed), samples_per_problem(run.cfg, spec))}
             for run in runs for spec in specs for seed in run.seeds}
@@ -206,6 +213,8 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
         vectors = SteeringVectors.load(next(iter(cfg.vector_files().values())))
     elif vectors is not None and not cfg.vectors:
         cfg = replace(cfg, vectors=vectors.fingerprint())
+    runs = [SetRun(cfg, None)]
+    problems = load_runs(runs)
     own_engine = engine is None
     if engine is None:
         engine = start_engine(cfg, Path(cfg.out_dir), vectors)
@@ -214,7 +223,7 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
     else:
         engine.update(vectors)
     try:
-        (samples,) = run_pass(engine, [SetRun(cfg, None)]).values()
+        (samples,) = run_pass(engine, runs, problems).values()
     finally:
         if own_engine:
             engine.close()
@@ -237,6 +246,7 @@ def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
                                  vectors=None if vectors is None else vectors.fingerprint()),
                          BASE if vectors is None else name)
             for name, vectors in sets.items()}
+    problems = load_runs(list(runs.values()))
     own_engine = engine is None
     if engine is None:
         engine = start_engine(cfg, out_dir, max_vector_sets=sum(vectors is not None for vectors in sets.values()))
@@ -246,7 +256,7 @@ def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
             if vectors is not None:
                 engine.add(name, vectors)
                 loaded.append(name)
-        samples = run_pass(engine, list(runs.values()))
+        samples = run_pass(engine, list(runs.values()), problems)
     finally:
         for name in loaded:
             engine.remove(name)
