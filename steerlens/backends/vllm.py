@@ -34,7 +34,6 @@ from torch import nn
 
 from steerlens.backends.hf import attach
 from steerlens.backends.vector_bank import (
-    BASE,
     DEFAULT_SLOT,
     SCALE_ARG,
     SLOT_ARG,
@@ -406,7 +405,7 @@ def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vecto
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     engine = steering.sequence_logprobs(prompt_ids, completion_ids, vectors=name)
-    scale = 1.0 if name in (None, BASE) else steering.bank.get(name).scale
+    scale = steering.bank.request(name)[0][SCALE_ARG]  # the scale the set's requests run at
     expected = vectors.scale(scale) if vectors is not None and scale != 1.0 else vectors
     reference = hf_sequence_logprobs(hf_model, expected, prompt_ids, completion_ids)
     diff = float((engine - reference).abs().max())
