@@ -8,6 +8,7 @@ are read with limits (size, UTF-8 text, YAML aliases), so a damaged or hostile f
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
@@ -90,6 +91,16 @@ def _read_config(path: Path) -> dict[Any, Any]:
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
                           f"got {type(content).__name__}")
     return content
+
+
+def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -> tuple[dict[Any, Any], Path]:
+    """An analysis runner's command line (`analyses/<name>/run.py`): `--config`, default `folder/config.yaml`,
+    read with a config file's checks, and `--out`, default `folder/results`. Returns the settings and `out`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=folder / "config.yaml", help="the runner's settings (YAML)")
+    parser.add_argument("--out", type=Path, default=folder / "results", help="where results (and runs/) go")
+    args = parser.parse_args(argv)
+    return _read_config(args.config), args.out
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from steerlens.config import ConfigError, build_config, describe, parse_overrides, to_yaml
+from steerlens.config import ConfigError, build_config, describe, parse_overrides, runner_settings, to_yaml
 from steerlens.rl.config import TrainConfig
 
 PRESETS = sorted((Path(__file__).parents[1] / "analyses" / "presets").glob("*.yaml"))
@@ -87,3 +87,13 @@ def test_presets_exist_and_validate() -> None:
         cfg = build_config(TrainConfig, preset)
         if cfg.model != "smollm2-135m":  # the paper's setups; the SmolLM2 one is sized for a CPU
             assert cfg.prompts_per_step == 128 and cfg.steps == 314, preset.name
+
+
+def test_runner_settings_defaults_and_checks(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("steps: 12\nseeds: [0, 1, 2]\n")
+    assert runner_settings("doc", tmp_path, []) == ({"steps": 12, "seeds": [0, 1, 2]}, tmp_path / "results")
+    other = tmp_path / "other.yaml"
+    other.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="other.yaml: expected a mapping"):
+        runner_settings("doc", tmp_path, ["--config", str(other), "--out", str(tmp_path / "x")])
+    assert runner_settings("doc", tmp_path, ["--out", str(tmp_path / "x")])[1] == tmp_path / "x"

@@ -77,7 +77,7 @@ def eval_args(out: Path, *extra: str) -> list[str]:
 def test_trained_vectors_score_higher_than_the_base_model(tmp_path: Path, trained_toy_vectors: Path) -> None:
     common = ("--decoding", "greedy", "--limit", "64", "--max-new-tokens", "40")
     base = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "base", *common)))
-    steered = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "steered", *common,
+    steered = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "steered", *common, "--model-label", "toy",
                                                                 "--vectors", str(trained_toy_vectors))))
     before = base["summary"].set_index("benchmark").loc["toy-arith", "mean"]
     after = steered["summary"].set_index("benchmark").loc["toy-arith", "mean"]
@@ -87,9 +87,11 @@ def test_trained_vectors_score_higher_than_the_base_model(tmp_path: Path, traine
     assert sum(r["correct"] for r in rows) / 64 == pytest.approx(after)
 
     table = combine_runs([tmp_path / "base", tmp_path / "steered"], tmp_path / "table1")
-    assert list(table.index) == [("toy-arith", "base"), ("toy-arith", "steering")]
-    assert table.loc[("toy-arith", "steering"), "toy-arith"] == f"{100 * after:.1f} ± 0.0"
-    assert (tmp_path / "table1.md").is_file() and "plotly" in (tmp_path / "table1.html").read_text()
+    assert list(table.index) == [("toy-arith", "base"), ("toy", "steering")]  # --model-label names the row's model
+    assert table.loc[("toy", "steering"), "toy-arith"] == f"{100 * after:.1f} ± 0.0"
+    markdown = [[cell.strip() for cell in line.strip("|").split("|")] for line in (tmp_path / "table1.md").read_text().splitlines()]
+    assert markdown[0][:2] == ["model", "setup"] and markdown[3] == ["toy", "steering", f"{100 * after:.1f} ± 0.0"]
+    assert "plotly" in (tmp_path / "table1.html").read_text()
 
 
 def test_killed_evaluation_resumes_to_the_same_samples(tmp_path: Path) -> None:

@@ -61,6 +61,10 @@ def test_reward_rises_on_the_toy_task(trainable: str, lr: float, steps: int, tmp
     last = sum(r["reward_mean"] for r in rows[-4:]) / 4
     assert last > first + 0.2, f"{trainable}: reward {first:+.3f} -> {last:+.3f}"
     assert summary["trainable_parameters"] > 0 and summary["optimizer_state_bytes"] > 0
+    if trainable == "full":  # the trained folder is a whole checkpoint: weights and tokenizer load from it alone
+        model, tokenizer = load_model(summary["artefact"])
+        assert sum(p.numel() for p in model.parameters()) == summary["trainable_parameters"]
+        assert tokenizer("What is 2+3?").input_ids
 
 
 def test_resume_after_kill_continues_exactly(tmp_path: Path, problems_file: Path) -> None:

@@ -1,6 +1,7 @@
-"""The companion paper's mechanisms on SmolLM2-135M's trained steering vectors (the ones steerlens ships).
+"""The companion paper's mechanisms on SmolLM2-135M's trained steering vectors: the ones steerlens ships, and
+Table 1's three steering seeds (run analyses/table1/run.py first).
 
-    python analyses/mechanisms/run.py          # a few minutes on 2 CPU cores; finished parts are kept
+    python analyses/mechanisms/run.py          # ~30 minutes on 2 CPU cores; finished parts are kept
 
 Parts, each into results/<part>/ (tables as CSV, figures as HTML), then results/summary.md:
 - first_token_last: the last layer's vector alone, Δp at every generated position and the tokens it boosts
@@ -8,26 +9,43 @@ Parts, each into results/<part>/ (tables as CSV, figures as HTML), then results/
 - first_token_all: all layers' vectors, the same measurement;
 - patching_penultimate: the penultimate layer's vector reaching the last layer only through each part of it
   (the paper: attention patterns largely intact, the effect goes through the MLP and unembedding);
-- propagation: each layer's vector alone, how its change of the residual stream carries to later layers.
+- propagation: each layer's vector alone, how its change of the residual stream carries to later layers;
+- seed_alignment: per-layer cosine between Table 1's steering seeds, beside their held-out accuracies;
+- seed_swap: hybrid sets, layers below a cut from one seed and the rest from another, evaluated in one pass;
+- single_layer: single-layer vectors for a few layers (trained together in one engine) against all layers;
+- lens_clusters: the shipped vectors' logit lens, its top tokens clustered by SmolLM2 itself behind
+  `steerlens serve` (vLLM's OpenAI server, the real `openai` client).
 An interrupted run resumes: parts whose folder holds results are not run again.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
+import plotly.express as px
 import yaml
 
 from steerlens import smollm
+from steerlens.analysis.clustering import ClusteringConfig, cluster_tokens
+from steerlens.analysis.logit_lens import model_logit_lens
 from steerlens.analysis.mechanisms import run_first_token, run_patching, run_propagation
 from steerlens.analysis.results import StudyResult
+from steerlens.analysis.stats import run_cosines
+from steerlens.analysis.studies import accuracy_of_sets
+from steerlens.backends.vector_bank import BASE
+from steerlens.config import build_config, runner_settings
 from steerlens.data import format_prompt
 from steerlens.data.generated import generate
+from steerlens.evaluation.config import EvalConfig
 from steerlens.io import write_text
 from steerlens.models import load_model
+from steerlens.rl.config import TrainConfig
+from steerlens.rl.trainer import train_each_layer
+from steerlens.serving import LocalServer
 from steerlens.vectors import SteeringVectors
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +58,83 @@ def run_part(out: Path, name: str, make: Callable[[], StudyResult]) -> Path:
         make().save(folder)
         write_text(folder / "done", "")
     return folder
+
+
+class Table1:
+    """What the mechanisms parts take from analyses/table1: its settings, kept rate, seeds' vectors and accuracies."""
+
+    def __init__(self, config: Path) -> None:
+        self.settings = yaml.safe_load(config.read_text())
+        self.dir = config.parent
+        results = self.dir / "results"
+        missing = [str(results / name) for name in ("kept_lr.json", "accuracy.csv", "vectors") if not (results / name).exists()]
+        if missing:
+            raise SystemExit(f"Table 1's results are missing ({', '.join(missing)}): run analyses/table1/run.py first")
+        self.kept_lr = float(json.loads((results / "kept_lr.json").read_text())["steering"])
+        self.accuracy = pd.read_csv(results / "accuracy.csv")
+        self.eval = build_config(EvalConfig, None, self.settings["eval"])
+        self.seeds = {f"seed{seed}": SteeringVectors.load(results / "vectors" / f"steering-seed{seed}.safetensors")
+                      for seed in self.settings["seeds"]}
+
+
+def seed_alignment(table1: Table1) -> StudyResult:
+    """Per-layer cosine between every pair of seeds; chance for random directions is about sqrt(2 / (pi d))."""
+    cosines = run_cosines(table1.seeds)
+    cosines["pair"] = cosines["run_a"] + "-" + cosines["run_b"]
+    hidden = next(iter(table1.seeds.values())).hidden_size
+    steering = table1.accuracy[table1.accuracy["method"] == "steering"]
+    accuracy = pd.DataFrame({"run": "seed" + steering["seed"].astype(str), "accuracy": steering["accuracy"].to_numpy()})
+    per_pair = cosines.groupby("pair")["cosine"].agg(["mean", "min", "max"]).reset_index()
+    per_pair["chance_abs_cosine"] = math.sqrt(2 / (math.pi * hidden))
+    figure = px.line(cosines, x="layer", y="cosine", color="pair", markers=True,
+                     title="Cosine between seeds' vectors, per layer (SmolLM2-135M, Table 1's steering runs)")
+    return StudyResult({"alignment": cosines, "alignment_by_pair": per_pair, "seed_accuracy": accuracy},
+                       {"alignment": figure})
+
+
+def seed_swap(settings: dict[str, Any], table1: Table1, runs: Path) -> StudyResult:
+    """Hybrids of the first two seeds (layers below each cut from one, the rest from the other), one engine pass."""
+    (name_a, a), (name_b, b) = list(table1.seeds.items())[:2]
+    last = a.num_layers - 1
+    sets: dict[str, SteeringVectors | None] = {BASE: None, name_a: a, name_b: b}
+    for cut in settings["swap_cuts"]:
+        for (low_name, low), (high_name, high) in (((name_a, a), (name_b, b)), ((name_b, b), (name_a, a))):
+            sets[f"{low_name}:0-{cut - 1}+{high_name}:{cut}-{last}"] = SteeringVectors.merge(
+                [low.select(range(cut)), high.select(range(cut, last + 1))])
+    scores = accuracy_of_sets(settings["model"], sets, table1.eval, runs / "seed_swap")
+    table = scores.rename_axis("set").reset_index()
+    figure = px.bar(table, x="set", y="accuracy", title="Held-out greedy accuracy of seed hybrids (SmolLM2-135M)")
+    return StudyResult({"swap": table}, {"swap": figure})
+
+
+def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path) -> StudyResult:
+    """Single-layer vectors (trained together, Table 1's settings at a hotter rate) against all layers (seed 0)."""
+    t1 = table1.settings
+    steps, seed = str(t1["steps"]), t1["seeds"][0]
+    cfg = build_config(TrainConfig, table1.dir / t1["preset"], [
+        "--steps", steps, "--save-every", steps, "--lr", str(table1.kept_lr * settings["single_lr_factor"]),
+        "--seed", str(seed), "--eval-data", "null", "--no-progress", "--out-dir", str(runs / "single")])
+    files = train_each_layer(cfg, settings["single_layers"])
+    singles = {f"layer{layer}": SteeringVectors.load(path) for layer, path in files.items()}
+    for name, vectors in singles.items():
+        vectors.save(out / "vectors" / f"{name}.safetensors")
+    sets: dict[str, SteeringVectors | None] = {BASE: None, "all": table1.seeds[f"seed{seed}"], **singles}
+    scores = accuracy_of_sets(settings["model"], sets, table1.eval, runs / "single_eval")
+    table = scores.rename_axis("set").reset_index()
+    table["lr"] = [None if name == BASE else table1.kept_lr * (1 if name == "all" else settings["single_lr_factor"])
+                   for name in table["set"]]
+    figure = px.bar(table, x="set", y="accuracy", title="Single-layer vectors against all layers (SmolLM2-135M)")
+    return StudyResult({"single_layer": table}, {"single_layer": figure})
+
+
+def lens_clusters(settings: dict[str, Any], model: Any, tokenizer: Any, vectors: SteeringVectors, runs: Path) -> StudyResult:
+    """The logit lens's top tokens for a few layers, clustered by SmolLM2 itself through `steerlens serve`."""
+    c = settings["clustering"]
+    lens = model_logit_lens(model, tokenizer, vectors.select(c["layers"]), k=c["top"])
+    with LocalServer(settings["model"], log_path=runs / "serve.log") as server:
+        config = ClusteringConfig(base_url=server.url, max_tokens=c["max_tokens"], cache_dir=runs / "llm-cache")
+        clusters = cluster_tokens(lens.top, config, method="llm")
+    return StudyResult({"lens_top": lens.top, "clusters": clusters})
 
 
 def summary(out: Path, last: int) -> str:
@@ -66,29 +161,44 @@ def summary(out: Path, last: int) -> str:
     lines += ["## Propagation", "",
               f"How much vector i's effect one layer later looks like the vector trained there, mean over i of "
               f"mean_t cos(Δh_(i+1)(t), s_(i+1)): {sum(diagonal_next) / max(1, len(diagonal_next)):.3f}", ""]
+    alignment = pd.read_csv(out / "seed_alignment" / "alignment_by_pair.csv", index_col=0)
+    accuracy = pd.read_csv(out / "seed_alignment" / "seed_accuracy.csv", index_col=0)
+    lines += ["## Seed alignment (Table 1's steering seeds)", "", alignment.to_markdown(index=False, floatfmt=".3f"), "",
+              accuracy.to_markdown(index=False, floatfmt=".4f"), ""]
+    for part, title in (("seed_swap", "Seed hybrids"), ("single_layer", "Single-layer against all-layer vectors")):
+        table = pd.read_csv(out / part / f"{part.removeprefix('seed_')}.csv", index_col=0)
+        lines += [f"## {title} (held-out greedy accuracy)", "", table.to_markdown(index=False, floatfmt=".4f"), ""]
+    clusters = pd.read_csv(out / "lens_clusters" / "clusters.csv", index_col=0)
+    status = clusters.groupby("layer")["status"].first()
+    lines += ["## Logit lens clustered by SmolLM2 (steerlens serve)", "",
+              f"Layers answered with usable JSON: {int((status == 'ok').sum())} of {len(status)}.", "",
+              clusters[["layer", "topic", "tokens", "status"]].to_markdown(index=False), ""]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=HERE / "config.yaml")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    settings = yaml.safe_load(args.config.read_text())
+    settings, out = runner_settings(__doc__ or "", HERE)
     model, tokenizer = load_model(settings["model"])
     vectors = SteeringVectors.load(smollm.TRAINED_VECTORS if settings["vectors"] == "shipped" else settings["vectors"])
     prompts = [format_prompt(tokenizer, p.problem) for p in generate("word-arith", settings["prompts"], heldout=True)]
     tokens = settings["max_new_tokens"]
     last = vectors.num_layers - 1
-    run_part(args.out, "first_token_last",
+    run_part(out, "first_token_last",
              lambda: run_first_token(model, tokenizer, vectors.select([last]), prompts, max_new_tokens=tokens))
-    run_part(args.out, "first_token_all", lambda: run_first_token(model, tokenizer, vectors, prompts, max_new_tokens=tokens))
-    run_part(args.out, "patching_penultimate",
+    run_part(out, "first_token_all", lambda: run_first_token(model, tokenizer, vectors, prompts, max_new_tokens=tokens))
+    run_part(out, "patching_penultimate",
              lambda: run_patching(model, tokenizer, vectors, prompts, last - 1, max_new_tokens=tokens))
-    run_part(args.out, "propagation", lambda: run_propagation(model, tokenizer, vectors, prompts[: settings["propagation_prompts"]],
+    run_part(out, "propagation", lambda: run_propagation(model, tokenizer, vectors, prompts[: settings["propagation_prompts"]],
                                                               max_new_tokens=tokens))
-    text = summary(args.out, last)
-    write_text(args.out / "summary.md", text + "\n")
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    run_part(out, "lens_clusters", lambda: lens_clusters(settings, model, tokenizer, vectors, runs))
+    table1 = Table1((HERE / settings["table1"]).resolve())
+    run_part(out, "seed_alignment", lambda: seed_alignment(table1))
+    run_part(out, "seed_swap", lambda: seed_swap(settings, table1, runs))
+    run_part(out, "single_layer", lambda: single_layer(settings, table1, runs, out / "single_layer"))
+    text = summary(out, last)
+    write_text(out / "summary.md", text + "\n")
     print(text)
 
 

@@ -10,17 +10,15 @@ step times. Writes results/table3.{csv,md,html}. An interrupted run resumes wher
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.express as px
-import yaml
 
 from steerlens.analysis.resources import resource_cost
-from steerlens.config import build_config
+from steerlens.config import build_config, runner_settings
 from steerlens.io import write_text
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train
@@ -59,19 +57,15 @@ def from_config(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=HERE / "config.yaml")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    settings = yaml.safe_load(args.config.read_text())
-    rows = [measured(method, lr, settings, args.out) for method, lr in settings["methods"].items()]
+    settings, out = runner_settings(__doc__ or "", HERE)
+    rows = [measured(method, lr, settings, out) for method, lr in settings["methods"].items()]
     table = pd.DataFrame(rows + from_config(settings)).astype({"optimizer_state_bytes": int})
-    write_text(args.out / "table3.csv", table.to_csv(index=False))
-    write_text(args.out / "table3.md", table.to_markdown(index=False, floatfmt=",.2f", intfmt=",") + "\n")
+    write_text(out / "table3.csv", table.to_csv(index=False))
+    write_text(out / "table3.md", table.to_markdown(index=False, floatfmt=",.2f", intfmt=",") + "\n")
     figure = px.bar(table, x="method", y="optimizer_state_bytes", color="model", barmode="group", log_y=True,
                     hover_data=["trainable_parameters", "update_s", "step_s"], title="Optimizer state per method (log scale)")
-    write_text(args.out / "table3.html", figure.to_html(include_plotlyjs="cdn"))
-    print((args.out / "table3.md").read_text())
+    write_text(out / "table3.html", figure.to_html(include_plotlyjs="cdn"))
+    print((out / "table3.md").read_text())
 
 
 if __name__ == "__main__":

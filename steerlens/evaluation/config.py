@@ -11,7 +11,7 @@ from steerlens.options import SharedOptions, option_checks
 from steerlens.rollout import Sampling
 
 # Fields that do not change any number: a finished or interrupted evaluation may be continued with other values.
-NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label")
+NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label", "model_label")
 
 
 @dataclass
@@ -21,6 +21,7 @@ class EvalConfig(SharedOptions):
     vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine, or several named sets NAME=FILE,NAME=FILE evaluated in one pass with the base model (one folder each under out_dir); none: the unsteered model")
     adapter: str | None = option(None, "LoRA adapter directory from a trainable=lora run, merged into the model before evaluating")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
+    model_label: str | None = option(None, "model name in the tables (default: --model as given); name a fine-tuned checkpoint's base model to put it in that model's rows")
     benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file whose name starts with a known benchmark (aime24.jsonl), or a generated set (toy-arith, word-arith)")
     samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol: 32 for AIME/AMC, 4 for GSM8K/MATH, 1 otherwise)")
     seeds: list[int] = option([0, 1, 2], "evaluation seeds; tables report mean ± std over them")

@@ -69,7 +69,7 @@ def combine_runs(run_dirs: list[Path], out_prefix: Path) -> pd.DataFrame:
     table = table1(scores)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     write_text(out_prefix.with_suffix(".csv"), table.to_csv())
-    write_text(out_prefix.with_suffix(".md"), table.to_markdown() + "\n")
+    write_text(out_prefix.with_suffix(".md"), table.reset_index().to_markdown(index=False) + "\n")
     figure_html = _figure(scores).to_html(include_plotlyjs="cdn", full_html=True)
     write_text(out_prefix.with_suffix(".html"), figure_html)
     return table

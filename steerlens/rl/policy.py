@@ -58,10 +58,12 @@ class Policy:
             freeze(self._reference)
         yield self._reference
 
-    def save_final(self, out_dir: Path) -> Path:
+    def save_final(self, out_dir: Path, tokenizer: Any) -> Path:
+        """Write the trained weights with the tokenizer, so the folder loads on its own (`steerlens eval --model`)."""
         target = out_dir / self.final_dir
         with atomic_dir(target) as tmp:
             self.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         return target
 
 
@@ -98,7 +100,7 @@ class SteeringPolicy(Policy):
             if attached:
                 self.handle.attach()
 
-    def save_final(self, out_dir: Path) -> Path:
+    def save_final(self, out_dir: Path, tokenizer: Any) -> Path:
         return self.handle.vectors().save(out_dir / "vectors.safetensors")
 
 

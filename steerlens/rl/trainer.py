@@ -381,7 +381,7 @@ class Trainer:
                 mean_step_seconds=sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in rows) / len(rows),
                 mean_update_seconds=sum(r["time_forward_backward"] for r in rows) / len(rows),
                 heldout_accuracy_after=self.accuracy(self.eval_set),
-                artefact=str(self.policy.save_final(self.out)),
+                artefact=str(self.policy.save_final(self.out, self.tokenizer)),
                 config=asdict(self.cfg),
             )
             write_json(self.out / "summary.json", summary)
