@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +42,7 @@ from steerlens.config import build_config, runner_settings
 from steerlens.data import format_prompt
 from steerlens.data.generated import generate
 from steerlens.evaluation.config import EvalConfig
-from steerlens.io import write_text
+from steerlens.io import atomic_path, write_text
 from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train_each_layer
@@ -116,8 +117,9 @@ def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path
         "--seed", str(seed), "--eval-data", "null", "--no-progress", "--out-dir", str(runs / "single")])
     files = train_each_layer(cfg, settings["single_layers"])
     singles = {f"layer{layer}": SteeringVectors.load(path) for layer, path in files.items()}
-    for name, vectors in singles.items():
-        vectors.save(out / "vectors" / f"{name}.safetensors")
+    for layer, path in files.items():
+        with atomic_path(out / "vectors" / f"layer{layer}.safetensors") as tmp:
+            shutil.copyfile(path, tmp)  # a byte copy: a rerun leaves the file as it was
     sets: dict[str, SteeringVectors | None] = {BASE: None, "all": table1.seeds[f"seed{seed}"], **singles}
     scores = accuracy_of_sets(settings["model"], sets, table1.eval, runs / "single_eval")
     table = scores.rename_axis("set").reset_index()

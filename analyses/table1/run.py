@@ -16,6 +16,7 @@ runs and evaluations go to results/runs/ (not committed).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,9 @@ from steerlens.config import build_config, runner_settings
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate
 from steerlens.evaluation.tables import combine_runs
-from steerlens.io import write_json, write_text
+from steerlens.io import append_jsonl, atomic_path, read_jsonl, write_json, write_text
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train, train_runs_together
-from steerlens.vectors import SteeringVectors
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,17 +52,16 @@ def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
     todo = [cfg for cfg in runs if not finished(cfg)]
     if not todo:
         return
+    names = [Path(cfg.out_dir).name for cfg in todo]
+    together = method == "steering" and len(todo) > 1
     start = time.perf_counter()
-    if method == "steering" and len(todo) > 1:
-        train_runs_together(todo, [Path(cfg.out_dir).name for cfg in todo])
+    if together:
+        train_runs_together(todo, names)
     else:
         for cfg in todo:
             train(cfg)
-    log = out / "runs" / "timings.jsonl"
-    with log.open("a") as f:
-        f.write(json.dumps({"method": method, "runs": [Path(cfg.out_dir).name for cfg in todo],
-                            "together": method == "steering" and len(todo) > 1,
-                            "seconds": time.perf_counter() - start}) + "\n")
+    append_jsonl(out / "runs" / "timings.jsonl",
+                 {"method": method, "runs": names, "together": together, "seconds": time.perf_counter() - start})
 
 
 def summary_of(cfg: TrainConfig) -> dict[str, Any]:
@@ -123,7 +122,8 @@ def keep_vectors(settings: dict[str, Any], lr: float, out: Path) -> None:
     """Commit-sized copies of the steering seeds' final vectors (results/vectors/), for the mechanisms analyses."""
     for seed in settings["seeds"]:
         run_dir = Path(run_config(settings, "steering", lr, seed, out).out_dir)
-        SteeringVectors.load(run_dir / "vectors.safetensors").save(out / "vectors" / f"steering-seed{seed}.safetensors")
+        with atomic_path(out / "vectors" / f"steering-seed{seed}.safetensors") as tmp:
+            shutil.copyfile(run_dir / "vectors.safetensors", tmp)  # a byte copy: a rerun leaves the file as it was
 
 
 def accuracy_table(folders: dict[tuple[str, int | None], Path], kept: dict[str, float]) -> pd.DataFrame:
@@ -134,7 +134,7 @@ def accuracy_table(folders: dict[tuple[str, int | None], Path], kept: dict[str, 
 
 
 def timings(out: Path) -> pd.DataFrame:
-    rows = [json.loads(line) for line in (out / "runs" / "timings.jsonl").read_text().splitlines()]
+    rows, _ = read_jsonl(out / "runs" / "timings.jsonl")
     return pd.DataFrame([{"method": r["method"], "runs": ", ".join(r["runs"]), "together": r["together"],
                           "minutes": r["seconds"] / 60} for r in rows])
 

@@ -65,6 +65,11 @@ class EvalConfig(SharedOptions):
         return self.label or ("steering" if self.vectors else "lora" if self.adapter else "base")
 
     @property
+    def table_model(self) -> str:
+        """The model's name in the tables: `model_label`, else the model as given."""
+        return self.model_label or self.model
+
+    @property
     def greedy(self) -> bool:
         return self.decoding == "greedy" or (self.decoding == "auto" and not (self.vectors or self.adapter))
 

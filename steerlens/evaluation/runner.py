@@ -227,7 +227,7 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
     finally:
         if own_engine:
             engine.close()
-    return write_run_tables(samples, Path(cfg.out_dir), model=cfg.model_label or cfg.model, setup=cfg.setup)
+    return write_run_tables(samples, Path(cfg.out_dir), model=cfg.table_model, setup=cfg.setup)
 
 
 def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
@@ -262,7 +262,7 @@ def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
             engine.remove(name)
         if own_engine:
             engine.close()
-    return {name: write_run_tables(samples[Path(run.cfg.out_dir)], Path(run.cfg.out_dir), model=cfg.model_label or cfg.model,
+    return {name: write_run_tables(samples[Path(run.cfg.out_dir)], Path(run.cfg.out_dir), model=cfg.table_model,
                                    setup=run.cfg.setup)
             for name, run in runs.items()}
 
