@@ -89,6 +89,11 @@ class Patch:
         return any(h is not None for h in self.head)
 
 
+def _unit_count(unit: str, heads: int, groups: int) -> int | None:
+    """How many indexed parts `unit` has (query heads, or KV groups); None for a whole-layer unit."""
+    return heads if unit in PER_HEAD_UNITS else groups if unit in PER_GROUP_UNITS else None
+
+
 def make_patch(unit: str, index: int | None, mode: str, heads: int, groups: int, route: str = "both") -> Patch:
     """The patch that steers only `unit` (mode "only") or all but `unit` (mode "skip").
 
@@ -97,7 +102,7 @@ def make_patch(unit: str, index: int | None, mode: str, heads: int, groups: int,
     """
     if mode not in MODES:
         raise PatchingError(f"mode must be one of {MODES}, got {mode!r}")
-    count = heads if unit in PER_HEAD_UNITS else groups if unit in PER_GROUP_UNITS else None
+    count = _unit_count(unit, heads, groups)
     if unit not in PER_HEAD_UNITS + PER_GROUP_UNITS + WHOLE_UNITS:
         raise PatchingError(f"unknown unit {unit!r}; use one of {PER_HEAD_UNITS + PER_GROUP_UNITS + WHOLE_UNITS}")
     if count is not None and (index is None or not 0 <= index < count):
@@ -129,7 +134,7 @@ def variant_patches(units: Sequence[str], modes: Sequence[str], routes: Sequence
     """Every (unit, index, mode, route) combination as a label dict and its patch; routes apply to "head"."""
     out = []
     for unit in units:
-        count = heads if unit in PER_HEAD_UNITS else groups if unit in PER_GROUP_UNITS else None
+        count = _unit_count(unit, heads, groups)
         indices: list[int | None] = list(range(count)) if count is not None else [None]
         for mode in modes:
             for route in routes if unit == "head" else ("both",):
@@ -261,6 +266,15 @@ def _tile(obj: Any, batch: int, n: int) -> Any:
     return obj
 
 
+def study_layer(model: nn.Module, layer: int) -> int:
+    """The study layer `layer`+1, after checking that it exists in `model` (a vector after its last layer has none)."""
+    num_layers = len(decoder_layers(model))
+    if not 0 <= layer <= num_layers - 2:
+        raise PatchingError(f"layer must be in 0..{num_layers - 2} (the study layer layer+1 must exist in "
+                            f"this {num_layers}-layer model), got {layer}")
+    return layer + 1
+
+
 def steering_vector(vectors: SteeringVectors | torch.Tensor, layer: int) -> torch.Tensor:
     """The `[d]` vector of `layer` from a set (which must steer it), or a bare `[d]` tensor as given."""
     if isinstance(vectors, SteeringVectors):
@@ -282,12 +296,8 @@ class LayerPatcher:
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors | torch.Tensor, layer: int,
                  attention_mask: torch.Tensor | None = None) -> None:
-        num_layers = len(decoder_layers(model))
-        if not 0 <= layer <= num_layers - 2:
-            raise PatchingError(f"layer must be in 0..{num_layers - 2} (the study layer layer+1 must exist in "
-                                f"this {num_layers}-layer model), got {layer}")
         device = next(model.parameters()).device
-        self.model, self.layer, self.study = model, layer, layer + 1
+        self.model, self.layer, self.study = model, layer, study_layer(model, layer)
         self.parts = attention_parts(model, self.study)
         self.ids = ids.view(1, -1).to(device) if ids.ndim == 1 else ids.to(device)
         self.mask = torch.ones_like(self.ids) if attention_mask is None else attention_mask.to(device)
@@ -447,12 +457,10 @@ def patch_hooks(model: nn.Module, vectors: SteeringVectors | torch.Tensor, layer
     Use on a model where `layer` itself is not steered (attach other layers' vectors as usual). Head
     overrides need the whole steered run and are refused; q/k/v, mlp and residual parts work token by token.
     """
-    num_layers = len(decoder_layers(model))
-    if not 0 <= layer <= num_layers - 2:
-        raise PatchingError(f"layer must be in 0..{num_layers - 2} for a {num_layers}-layer model, got {layer}")
+    study = study_layer(model, layer)
     if patch.overrides_heads:
         raise PatchingError("head overrides need the steered run's head outputs; use q/k/v parts for generation")
-    parts = attention_parts(model, layer + 1)
+    parts = attention_parts(model, study)
     param = next(model.parameters())
     vector = steering_vector(vectors, layer).to(device=param.device, dtype=param.dtype)
     with _PatchHooks(parts, vector, _Plan.of([patch], param.device, param.dtype)):
