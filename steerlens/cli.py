@@ -8,14 +8,18 @@ objects, call a library function, save what it returns and print where. Nothing 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import click
 import typer
+from typer.core import TyperCommand
 
+from steerlens.analysis.llm_client import ChatConfig
 from steerlens.errors import SteerlensError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -75,10 +79,29 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _epilog(cls: type) -> str:
-    from steerlens.config import describe
+class ConfigCommand(TyperCommand):
+    """A job's command whose help ends with its config's options, described only when the help is shown:
+    the config modules import torch, which `steerlens --help` and the other commands need not wait for."""
 
-    return "Options of the config (YAML keys, or --key value on the command line):\n\n" + describe(cls).replace("\n", "\n\n")
+    config = ""  # the job's config dataclass as "module:Class"
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from steerlens.config import describe
+
+        module, _, name = self.config.partition(":")
+        options = describe(getattr(importlib.import_module(module), name)).replace("\n", "\n\n")
+        formatter.write_paragraph()
+        with formatter.indentation():
+            formatter.write_text("Options of the config (YAML keys, or --key value on the command line):\n\n" + options)
+
+
+def config_command(config: str) -> type[ConfigCommand]:
+    """The command class of a job configured by `config` ("module:Class")."""
+    return type(f"ConfigCommand({config})", (ConfigCommand,), {"config": config})
+
+
+TRAIN_COMMAND = config_command("steerlens.rl.config:TrainConfig")  # steerlens train and study singles
+EVAL_COMMAND = config_command("steerlens.evaluation.config:EvalConfig")
 
 
 def _job_config(cls: type, config: Optional[Path], args: list[str], print_config: bool) -> Any:
@@ -96,7 +119,7 @@ CONFIG_FILE = typer.Option(None, "--config", "-c", help="YAML file of the job's 
 PRINT_CONFIG = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit")
 
 
-@app.command(context_settings=JOB, epilog=_epilog(__import__("steerlens.rl.config", fromlist=["TrainConfig"]).TrainConfig))
+@app.command(cls=TRAIN_COMMAND, context_settings=JOB)
 @friendly
 def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
     """Train steering vectors with RLOO (default: the toy demo, a few minutes on a CPU)."""
@@ -112,8 +135,7 @@ def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config
         typer.echo(format_report(summary))
 
 
-@app.command("eval", context_settings=JOB,
-             epilog=_epilog(__import__("steerlens.evaluation.config", fromlist=["EvalConfig"]).EvalConfig))
+@app.command("eval", cls=EVAL_COMMAND, context_settings=JOB)
 @friendly
 def eval_(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
     """Evaluate a model with or without steering vectors on math benchmarks (resumable; writes tables)."""
@@ -155,9 +177,8 @@ def analyze(
                                            "(default $OPENAI_BASE_URL; none: offline clustering)"),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="chat model for clustering (default: the "
                                             "endpoint's only model); the key comes from $OPENAI_API_KEY"),
-    llm_timeout: float = typer.Option(__import__("steerlens.analysis.llm_client", fromlist=["ChatConfig"]).ChatConfig
-                                      .deadline_s, "--llm-timeout", metavar="SECONDS", help="most seconds one "
-                                      "clustering request may take, retries included"),
+    llm_timeout: float = typer.Option(ChatConfig.deadline_s, "--llm-timeout", metavar="SECONDS", help="most seconds "
+                                      "one clustering request may take, retries included"),
     compare: list[Path] = typer.Option([], "--compare", metavar="PATH", help="another run's vectors (e.g. a "
                                        "seed) to compare per layer; repeatable"),
 ) -> None:
@@ -182,7 +203,8 @@ def analyze(
 @app.command()
 @friendly
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory or hub id"),
+    model: str = typer.Option(..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory "
+                              "or hub id"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default; another "
                              "address exposes the server to the network: set --api-key)"),
@@ -306,8 +328,7 @@ def study_pairs(
     _report(result.save(out))
 
 
-@study.command("singles", context_settings=JOB,
-               epilog=_epilog(__import__("steerlens.rl.config", fromlist=["TrainConfig"]).TrainConfig))
+@study.command("singles", cls=TRAIN_COMMAND, context_settings=JOB)
 @friendly
 def study_singles(
     ctx: typer.Context,
@@ -356,7 +377,8 @@ def study_magnitude(
 
 STUDY_MODEL = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id")
 STUDY_VECTORS = typer.Option(..., "--vectors", help="steering vectors file (.safetensors)")
-STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or a generated set (toy-arith, word-arith)")
+STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or a generated set "
+                          "(toy-arith, word-arith)")
 STUDY_PROMPTS = typer.Option(8, "--prompts", help="how many problems")
 STUDY_TOKENS = typer.Option(48, "--max-new-tokens", help="greedy completion length")
 

@@ -1,9 +1,11 @@
-"""`steerlens` keeps vLLM and transformers to warnings unless --verbose; a user's VLLM_LOGGING_LEVEL wins."""
+"""`steerlens` keeps vLLM and transformers to warnings unless --verbose (VLLM_LOGGING_LEVEL wins); help is quick."""
 
 from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from typing import Iterator
 
 import pytest
@@ -46,3 +48,14 @@ def test_user_setting_and_verbose_are_left_alone(monkeypatch: pytest.MonkeyPatch
     invoke("--verbose")
     assert ENV not in os.environ
     assert "--verbose" in CliRunner().invoke(app, ["--help"]).output
+
+
+def test_help_imports_no_job_and_lists_config_options() -> None:
+    """`steerlens --help` imports no job (no torch); a job's help describes its config's options."""
+    probe = ("import sys; from typer.testing import CliRunner; from steerlens.cli import app; "
+             "CliRunner().invoke(app, ['--help']); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+    for command in (["train"], ["study", "singles"], ["eval"]):
+        output = CliRunner().invoke(app, [*command, "--help"]).output
+        assert "Options of the config" in output and "--max-new-tokens (int, default 48)" in output, command
+    assert "--lr (float" in CliRunner().invoke(app, ["train", "--help"]).output
