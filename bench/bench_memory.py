@@ -6,7 +6,7 @@ of every GPU preset in analyses/presets/ (issue 14).
     python bench/bench_memory.py --predict-only  # only the GPU table, from RECORDED_FIT (no torch model is built)
     python bench/bench_memory.py --json out.json # also write measurements, fit and GPU table as JSON
 
-What is measured. One update = `steerlens.rl.update.sequence_logprobs` + `policy_loss` + backward, with
+What is measured. One update = `steerlens.rl.update.completion_logprobs` + `policy_loss` + backward, with
 steering vectors on every layer trainable (`make_policy(model, "steering", None, name)`), on random fp32
 weights with Qwen2.5-1.5B's layer shape (d 1536, MLP 8960, 12 heads / 2 KV heads, sdpa attention,
 rope_theta 1e6, tied embeddings) and one sequence: a 256-token prompt and a 512..8192-token completion,
@@ -130,9 +130,9 @@ def measure_update(spec: dict[str, Any]) -> dict[str, Any]:
     """One update of `spec` in this process: the growth of the peak resident set over the built model."""
     import torch
 
-    from steerlens.rl.objective import completion_logprobs, policy_loss
+    from steerlens.rl.objective import logprobs_from_logits, policy_loss
     from steerlens.rl.policy import make_policy
-    from steerlens.rl.update import layer_checkpointing, sequence_logprobs
+    from steerlens.rl.update import completion_logprobs, layer_checkpointing
 
     torch.set_num_threads(spec["threads"])
     model = build(spec["layers"], spec["vocab"])
@@ -147,9 +147,9 @@ def measure_update(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     with layer_checkpointing(model, spec["checkpointing"]):
         if spec["path"] == "chunked":
-            logp = sequence_logprobs(model, ids, attn, [prompt], [completion], spec["chunk"])
-        else:  # the reference: full logits [batch, seq, vocab], then completion_logprobs
-            logp = completion_logprobs(model(input_ids=ids, attention_mask=attn).logits, ids, [prompt], [completion])
+            logp = completion_logprobs(model, ids, attn, [prompt], [completion], spec["chunk"])
+        else:  # the reference: full logits [batch, seq, vocab], then logprobs_from_logits
+            logp = logprobs_from_logits(model(input_ids=ids, attention_mask=attn).logits, ids, [prompt], [completion])
         mask = torch.ones_like(logp, dtype=torch.bool)
         policy_loss(logp, mask, torch.ones(1), completion).backward()
     seconds = time.perf_counter() - start
@@ -167,7 +167,7 @@ def layer_saved_bytes(shape: str, kind: str, tokens: int = 128) -> float:
 
     from steerlens.anatomy import decoder_layers
     from steerlens.rl.policy import make_policy
-    from steerlens.rl.update import sequence_logprobs
+    from steerlens.rl.update import completion_logprobs
 
     model = build(2, 512, shape)
     policy = make_policy(model, kind, None, shape, lora_rank=1)
@@ -190,7 +190,7 @@ def layer_saved_bytes(shape: str, kind: str, tokens: int = 128) -> float:
 
     ids = torch.randint(0, 512, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sequence_logprobs(model, ids, torch.ones_like(ids), [tokens // 2], [tokens - tokens // 2], 64)
+        completion_logprobs(model, ids, torch.ones_like(ids), [tokens // 2], [tokens - tokens // 2], 64)
     return per_layer[1] / tokens
 
 

@@ -5,7 +5,7 @@
     python bench/bench_train_step.py --shape qwen2.5-7b --device cuda --dtype bfloat16 --kinds steering,lora
 
 Random weights (speed does not depend on them). One update = forward on prompt+completion, fp32
-log-probs of the completion positions (`steerlens.rl.update.sequence_logprobs`), the token-normalised
+log-probs of the completion positions (`steerlens.rl.update.completion_logprobs`), the token-normalised
 policy loss, backward, grad clipping, AdamW step — the same functions the trainer uses. Reports per kind: median seconds per update, trainable
 parameters, optimizer-state and gradient bytes, and (CUDA) the update's peak memory above the resident
 weights. The kinds' updates are interleaved round by round in one process, so machine noise hits all
@@ -60,7 +60,7 @@ class Contender:
 
     def update(self, ids: torch.Tensor, adv: torch.Tensor) -> None:
         from steerlens.rl.objective import policy_loss
-        from steerlens.rl.update import sequence_logprobs
+        from steerlens.rl.update import completion_logprobs
 
         args = self.args
         cuda = args.device.startswith("cuda")
@@ -72,7 +72,7 @@ class Contender:
         for chunk in range(0, args.batch, args.micro_batch):
             rows = ids[chunk : chunk + args.micro_batch]
             lens = [args.completion_len] * len(rows)
-            logp = sequence_logprobs(self.policy.model, rows, torch.ones_like(rows), [args.prompt_len] * len(rows), lens)
+            logp = completion_logprobs(self.policy.model, rows, torch.ones_like(rows), [args.prompt_len] * len(rows), lens)
             mask = torch.ones_like(logp, dtype=torch.bool)
             policy_loss(logp, mask, adv[chunk : chunk + len(rows)], args.batch * args.completion_len).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 2.0)

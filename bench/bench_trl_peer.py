@@ -67,7 +67,7 @@ def run_steerlens(args: argparse.Namespace, engine: str) -> dict[str, Any]:
     """`steps + 1` steps of the steerlens trainer; per-step times from its metrics (first step dropped)."""
     from steerlens.data.generated import write_problems
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import train
+    from steerlens.rl.job import train
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_problems(args.data, Path(tmp) / "train.jsonl", args.prompts * (args.steps + 1), seed=args.seed)

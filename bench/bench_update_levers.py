@@ -8,7 +8,7 @@ the steering vectors, on real word-arith prompts (chat template) and completions
 preset's (`--max-new-tokens`, some truncated). The levers, added one at a time:
 
 - `full logits`: the update as it was: every position unembedded, `[batch, seq, vocab]` fp32 logits;
-- `completion only`: only completion positions unembedded, in chunks recomputed in backward (`sequence_logprobs`);
+- `completion only`: only completion positions unembedded, in chunks recomputed in backward (`completion_logprobs`);
 - `token budget`: sequences sorted by length and grouped under a 2,048-token budget (less padding computed);
 - `shared prompts`: each prompt's forward computed once for its generations, the completions running on
   its cached keys and values (`share_prompt_forward`, the trainer's default without checkpointing);
@@ -36,7 +36,7 @@ import torch
 from steerlens.data.generated import generate
 from steerlens.data.prompts import format_prompt
 from steerlens.models import load_model
-from steerlens.rl.objective import completion_logprobs, policy_loss
+from steerlens.rl.objective import logprobs_from_logits, policy_loss
 from steerlens.rl.policy import make_policy
 from steerlens.rl.update import micro_batch_loss, micro_batches
 from steerlens.rollout import encode_prompt
@@ -105,7 +105,7 @@ def update(policy: Any, optimizer: torch.optim.Optimizer, seqs: list[tuple[list[
             mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows_])
             group = list(range(s, s + len(rows_)))
             p_lens, c_lens = [len(seqs[i][0]) for i in group], [len(seqs[i][1]) for i in group]
-            logp = completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, p_lens, c_lens)
+            logp = logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits, ids, p_lens, c_lens)
             token_mask = torch.arange(logp.shape[1])[None] < torch.tensor(c_lens)[:, None]
             policy_loss(logp, token_mask, adv[group], total).backward()
             logps[group, : logp.shape[1]] = logp.detach()

@@ -179,7 +179,7 @@ def bench_singles(args: argparse.Namespace) -> dict[str, Any]:
     """Single-layer runs: trained together vs one after another (each with its own engine)."""
     from steerlens.config import build_config
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import train_each_layer
+    from steerlens.rl.together import train_each_layer
 
     out = Path(tempfile.mkdtemp(prefix="steerlens-bench-singles-"))
     layers = [int(layer) for layer in args.train_layers.split(",")]

@@ -14,7 +14,7 @@ each clock read) and recorded as pass, fail or skipped, with its figures:
    each; logits compared with HF's (see `EQUIVALENCE_REL_TOL`). A library that is not importable is
    skipped with its reason.
 2. `rloo_update`: one RLOO update at Qwen2.5-1.5B's shape (random weights; CUDA: bf16, 2 sequences of
-   256 + 4096 tokens) through `steerlens.rl.update.sequence_logprobs` with layer checkpointing and
+   256 + 4096 tokens) through `steerlens.rl.update.completion_logprobs` with layer checkpointing and
    `steerlens.rl.objective.policy_loss`, steering vectors trainable; `torch.cuda.max_memory_allocated()`
    against the prediction of `predict_update_bytes` (a formula stated there, its per-token-per-layer
    constant given by `--bytes-per-token-layer`).

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from steerlens.formats import read_vectors, write_vectors
     from steerlens.models import load_model, register_source, resolve_model
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import Trainer, train
+    from steerlens.rl.job import train
+    from steerlens.rl.trainer import Trainer
     from steerlens.rollout import Completion, Sampling, make_rollout
     from steerlens.task import MathReward, Reward, Task
     from steerlens.vectors import ModelShape, SteeringVectors, VectorsError
@@ -46,7 +47,8 @@ _HOMES = {
     "steerlens.formats": ("read_vectors", "write_vectors"),
     "steerlens.models": ("load_model", "register_source", "resolve_model"),
     "steerlens.rl.config": ("TrainConfig",),
-    "steerlens.rl.trainer": ("Trainer", "train"),
+    "steerlens.rl.job": ("train",),
+    "steerlens.rl.trainer": ("Trainer",),
     "steerlens.rollout": ("Completion", "Sampling", "make_rollout"),
     "steerlens.task": ("MathReward", "Reward", "Task"),
     "steerlens.vectors": ("ModelShape", "SteeringVectors", "VectorsError"),

@@ -20,7 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from steerlens.anatomy import model_shape
 from steerlens.backends.hf import attach
-from steerlens.backends.vector_bank import BASE, SetChoice, VectorBank, per_prompt
+from steerlens.backends.vector_bank import BASE, SetChoice, VectorSetError, per_prompt
 from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredLLM, lora_engine_options, require_vllm, vllm_available
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model, resolve_model
@@ -88,7 +88,8 @@ class Rollout(Protocol):
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
-    """A sampling seed for prompt `index` of step `step` (or evaluation pass), independent of batching and rank."""
+    """A sampling seed for prompt `index` of step `step` (or evaluation pass), independent of batching and rank;
+    HF rollouts seed sample `j` of a prompt seeded `s` with `sample_seed(s, 0, j)`."""
     return (seed * 1_000_003 + step * 100_003 + index) % (2**31 - 1)
 
 
@@ -134,11 +135,6 @@ class RowSeededSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen[:, None], 0.0)
 
 
-def row_seed(prompt_seed: int, sample: int) -> int:
-    """The seed of sample `sample` of a prompt seeded `prompt_seed` (HF rollouts)."""
-    return (prompt_seed * 1_000_003 + sample) % (2**31 - 1)
-
-
 class HFRollout:
     """Sampling with `model.generate`; steering is whatever is attached to `model` (the trainer shares its
     hooked model, so nothing is pushed), plus what `update` attaches."""
@@ -148,8 +144,7 @@ class HFRollout:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.stops = stop_token_ids(tokenizer, model)
-        self.bank = VectorBank(capacity=4096)  # names and scales; the values live in `_sets`
-        self._sets: dict[str, SteeringVectors] = {}
+        self._sets: dict[str, tuple[SteeringVectors, float]] = {}  # name -> (values as given, scale)
         self._own_handle: Any = None
         self._own: SteeringVectors | None = None
 
@@ -157,8 +152,8 @@ class HFRollout:
         """Attach `vectors` to the model (replacing what this engine attached before); with `name`, give that
         set new values (at the scale it was added with)."""
         if name is not None:
-            values = vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model))
-            self._sets[name] = values.scale(self.bank.bump(name).scale)
+            scale = self._held(name)[1]
+            self._sets[name] = (vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model)), scale)
             return
         if self._own_handle is not None:
             self._own_handle.remove()
@@ -169,11 +164,19 @@ class HFRollout:
 
     def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> None:
         """Hold `vectors` times `scale` as set `name`; requests under it run with them attached instead."""
-        self._sets[name] = vectors.scale(self.bank.add(name, scale).scale)
+        if name == BASE or name in self._sets:
+            raise VectorSetError(f"cannot add a vector set named {name!r}: the name is taken")
+        self._sets[name] = (vectors, scale)
 
     def remove(self, name: str) -> None:
-        self.bank.remove(name)
+        self._held(name)
         del self._sets[name]
+
+    def _held(self, name: str) -> tuple[SteeringVectors, float]:
+        """Set `name`'s values and scale; a one-line error listing the sets when there is none of that name."""
+        if name not in self._sets:
+            raise VectorSetError(f"no vector set named {name!r}; available: {', '.join([BASE, *self._sets])}")
+        return self._sets[name]
 
     @contextmanager
     def _steered_by(self, name: str | None) -> Iterator[None]:
@@ -182,7 +185,8 @@ class HFRollout:
             yield
             return
         own = self._own
-        self.update(None if name == BASE else self._sets[name])
+        values, scale = (None, 0.0) if name == BASE else self._held(name)
+        self.update(None if values is None else values.scale(scale))
         try:
             yield
         finally:
@@ -197,7 +201,9 @@ class HFRollout:
         if seeds is not None and len(seeds) != len(prompts):
             raise SteerlensError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts (one seed per prompt)")
         names = per_prompt(vectors, len(prompts))
-        self.bank.check_known(names)
+        for name in names:
+            if name not in (None, BASE):
+                self._held(name)
         results: list[list[Completion]] = [[] for _ in prompts]
         for name in dict.fromkeys(names):
             rows = [i for i, other in enumerate(names) if other == name]
@@ -215,7 +221,7 @@ class HFRollout:
         if seeds is None and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         flat = [ids for ids in encoded for _ in range(n)]
-        row_seeds = None if seeds is None or sampling.is_greedy else [row_seed(s, j) for s in seeds for j in range(n)]
+        row_seeds = None if seeds is None or sampling.is_greedy else [sample_seed(s, 0, j) for s in seeds for j in range(n)]
         out: list[Completion] = []
         for start in range(0, len(flat), self.batch_size):
             chunk = slice(start, start + self.batch_size)
@@ -360,7 +366,7 @@ def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: s
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(source)
-        options = {} if max_model_len is None else {"max_model_len": max_model_len}
+        options: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if lora_rank is not None:
             options.update(lora_engine_options(lora_rank))
         llm = SteeredLLM(source, vectors, max_vector_sets, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,

@@ -36,7 +36,7 @@ def trained_toy_vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tests check the learning itself)."""
     from steerlens.config import build_config
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import train
+    from steerlens.rl.job import train
 
     out = tmp_path_factory.mktemp("toy-run")
     train(build_config(TrainConfig, None, [

@@ -18,7 +18,7 @@ from steerlens.config import build_config  # noqa: E402
 from steerlens.data.generated import write_problems  # noqa: E402
 from steerlens.models import load_model  # noqa: E402
 from steerlens.rl.config import TrainConfig  # noqa: E402
-from steerlens.rl.trainer import train  # noqa: E402
+from steerlens.rl.job import train  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 STEPS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steerlens.rl.objective import advantages, completion_logprobs, policy_loss
+from steerlens.rl.objective import advantages, logprobs_from_logits, policy_loss
 
 
 def test_rloo_leave_one_out() -> None:
@@ -32,7 +32,7 @@ def test_completion_logprobs_pick_the_sampled_tokens() -> None:
     vocab = 5
     logits = torch.randn(2, 6, vocab, generator=torch.Generator().manual_seed(0))
     ids = torch.tensor([[0, 1, 2, 3, 4, 0], [4, 3, 2, 1, 0, 0]])
-    lp = completion_logprobs(logits, ids, prompt_lens=[2, 3], completion_lens=[3, 2])
+    lp = logprobs_from_logits(logits, ids, prompt_lens=[2, 3], completion_lens=[3, 2])
     full = torch.log_softmax(logits, dim=-1)
     expected0 = [full[0, 1, 2], full[0, 2, 3], full[0, 3, 4]]
     expected1 = [full[1, 2, 1], full[1, 3, 0], 0.0]

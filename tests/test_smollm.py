@@ -208,7 +208,7 @@ def test_vllm_logprobs_match_hf(rollout: Any, model: tuple[torch.nn.Module, Any]
 @pytest.mark.slow
 def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path) -> None:
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import train
+    from steerlens.rl.job import train
 
     cfg = TrainConfig(model=NAME, data="word-arith", eval_data=None, engine="vllm", steps=2, prompts_per_step=2,
                       generations=4, max_new_tokens=24, answer_fallback="last_number", lr=1e-2, verify_every=1,

@@ -19,7 +19,8 @@ from steerlens.data import load_problems
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.trainer import Trainer, train
+from steerlens.rl.job import train
+from steerlens.rl.trainer import Trainer
 from steerlens.task import Task
 from steerlens.data.generated import write_problems
 from steerlens.vectors import SteeringVectors

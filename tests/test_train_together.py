@@ -14,7 +14,8 @@ pytest.importorskip("vllm")
 from steerlens.config import build_config  # noqa: E402
 from steerlens.data.generated import write_problems  # noqa: E402
 from steerlens.rl.config import TrainConfig  # noqa: E402
-from steerlens.rl.trainer import train, train_each_layer  # noqa: E402
+from steerlens.rl.job import train  # noqa: E402
+from steerlens.rl.together import train_each_layer  # noqa: E402
 from steerlens.rollout import make_rollout  # noqa: E402
 from steerlens.vectors import SteeringVectors  # noqa: E402
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from steerlens.models import load_model
-from steerlens.rl.objective import completion_logprobs, policy_loss
+from steerlens.rl.objective import logprobs_from_logits, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import (MicroBatch, layer_checkpointing, micro_batch_loss, micro_batches, sequence_logprobs,
+from steerlens.rl.update import (MicroBatch, layer_checkpointing, micro_batch_loss, micro_batches, completion_logprobs,
                                  shared_prompt_logprobs, token_budget_batches)
 from steerlens.tiny import build_tiny_model
 
@@ -50,11 +50,11 @@ def test_bounded_logprobs_and_gradients_equal_full_logits(trainable: str, family
     model.train()
     ids, mask = batch(model.config.vocab_size)
     weights = torch.randn(len(PROMPT_LENS), max(COMPLETION_LENS))
-    reference = completion_logprobs(policy.model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    reference = logprobs_from_logits(policy.model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
     expected = gradients(policy, (reference * weights).sum())
     for checkpointed in (False, True):
         with layer_checkpointing(policy.model, checkpointed):
-            bounded = sequence_logprobs(policy.model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=5)
+            bounded = completion_logprobs(policy.model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=5)
             got = gradients(policy, (bounded * weights).sum())
         assert (bounded - reference).abs().max() <= ATOL
         for g, e in zip(got, expected, strict=True):
@@ -71,9 +71,9 @@ def test_no_vocabulary_sized_tensor_is_kept_for_backward(tmp_path: Path) -> None
         shapes: list[torch.Size] = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
             if bounded:
-                sequence_logprobs(model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=chunk)
+                completion_logprobs(model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=chunk)
             else:
-                completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+                logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
         vocab_sized = [shape.numel() for shape in shapes if shape and shape[-1] == vocab and shape.numel() > vocab]
         if bounded:
             assert not vocab_sized, vocab_sized  # only hidden states and ids are saved; chunks are recomputed
@@ -107,9 +107,9 @@ def test_micro_batch_loss_with_kl_equals_the_loss_from_full_logits(trainable: st
     adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
     total = sum(COMPLETION_LENS)
     token_mask = torch.arange(max(COMPLETION_LENS))[None] < torch.tensor(COMPLETION_LENS)[:, None]
-    logp = completion_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    logp = logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
     with torch.no_grad(), policy.base_policy() as base:
-        ref = completion_logprobs(base(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+        ref = logprobs_from_logits(base(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
     expected = policy_loss(logp, token_mask, adv, total, ref, 0.1)
     assert float(expected - policy_loss(logp, token_mask, adv, total)) > 1e-4  # the KL term is there
     rows = [row[: p + c].tolist() for row, p, c in zip(ids, PROMPT_LENS, COMPLETION_LENS)]

@@ -32,7 +32,17 @@ class BackendError(SteerlensError, ValueError):
 
 
 class SteeringHandle(ABC):
-    """Steering attached to one model; removes itself on `remove()` or on leaving a `with` block."""
+    """Steering attached to one model; removes itself on `remove()` or on leaving a `with` block.
+
+    >>> import torch, steerlens as sl
+    >>> model, tokenizer = sl.load_model("toy-arith")
+    >>> ids = tokenizer("What is 2+3?", return_tensors="pt").input_ids
+    >>> vectors = sl.SteeringVectors(torch.ones(2, model.config.hidden_size), layers=(0, 1), num_layers=4)
+    >>> with sl.steer(model, vectors) as handle:
+    ...     steered = model(ids).logits
+    >>> bool((steered - model(ids).logits).abs().max() > 0)  # steered inside the block, stock after it
+    True
+    """
 
     def __init__(self, vectors: SteeringVectors, trainable: bool, device: torch.device | str,
                  dtype: torch.dtype = torch.float32) -> None:

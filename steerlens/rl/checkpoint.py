@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from steerlens.errors import SteerlensError
-from steerlens.io import atomic_dir, write_json, write_text
-from steerlens.rl.policy import Policy, save_tensors
+from steerlens.io import atomic_dir, atomic_path, write_json, write_text
+from steerlens.rl.policy import Policy
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -30,6 +30,12 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(SteerlensError, ValueError):
     """A checkpoint is missing, damaged, or does not fit the run."""
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as safetensors, atomically."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:

@@ -32,7 +32,7 @@ def advantages(rewards: torch.Tensor, baseline: Baseline = "rloo", eps: float = 
     raise ConfigError(f"unknown baseline {baseline!r}; expected rloo, group_mean or grpo")
 
 
-def completion_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: list[int],
+def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: list[int],
                         completion_lens: list[int]) -> torch.Tensor:
     """Per-token log-probs (fp32) of each row's completion; zero beyond its length.
 

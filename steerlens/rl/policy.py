@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from steerlens.backends.hf import HFSteering, attach, freeze
 from steerlens.errors import SteerlensError
-from steerlens.io import atomic_dir, atomic_path
+from steerlens.io import atomic_dir
 from steerlens.anatomy import model_shape
 from steerlens.vectors import SteeringVectors
 
@@ -26,7 +25,6 @@ from steerlens.vectors import SteeringVectors
 class Policy:
     """The model being trained and its trainable parameters."""
 
-    kind = "full"
     final_dir = "model"  # where save_final writes the trained weights in the run directory
 
     def __init__(self, model: nn.Module) -> None:
@@ -70,8 +68,6 @@ class Policy:
 class SteeringPolicy(Policy):
     """Steering vectors on a frozen model, via the HF backend's hooks."""
 
-    kind = "steering"
-
     def __init__(self, model: nn.Module, layers: list[int] | None, model_name: str) -> None:
         super().__init__(model)
         freeze(model)
@@ -107,7 +103,6 @@ class SteeringPolicy(Policy):
 class LoraPolicy(Policy):
     """Rank-r LoRA on every MLP down_proj (the paper's LoRA baseline), via peft."""
 
-    kind = "lora"
     final_dir = "lora"
 
     def __init__(self, model: nn.Module, rank: int, alpha: float) -> None:
@@ -137,8 +132,3 @@ def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, mode
         return Policy(model)
     raise SteerlensError(f"trainable must be steering, lora or full, got {trainable!r}")
 
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors, atomically."""
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)

@@ -53,7 +53,7 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt_lens: list[int], completion_lens: list[int], chunk_tokens: int = 1024) -> torch.Tensor:
     """Per-token log-probs (fp32) of each row's completion, `[batch, max_completion_len]`, zero beyond
     its length: the same numbers as the model's full logits would give, from completion positions only."""
@@ -66,7 +66,7 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask:
 
 def shared_prompt_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
                            chunk_tokens: int = 1024) -> torch.Tensor:
-    """`sequence_logprobs` of rows whose prompts repeat (a prompt's generations), each distinct prompt's
+    """`completion_logprobs` of rows whose prompts repeat (a prompt's generations), each distinct prompt's
     forward computed once: the distinct prompts run left-padded side by side, their keys and values are
     gathered for their rows (gradients flow back through them), and the completions run on that cache.
     The last completion token predicts nothing and is not run either."""
@@ -140,7 +140,7 @@ class MicroBatch:
         width = max(map(len, seqs))
         ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=device)
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        return sequence_logprobs(model, ids, attention, [len(p) for p in self.prompts],
+        return completion_logprobs(model, ids, attention, [len(p) for p in self.prompts],
                                  [len(c) for c in self.completions], chunk_tokens)
 
     @property
