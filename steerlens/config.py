@@ -8,7 +8,6 @@ are read with limits (size, UTF-8 text, YAML aliases), so a damaged or hostile f
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
@@ -69,7 +68,7 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML (nested too deeply)") from None
 
 
-def _read_config(path: Path) -> dict[Any, Any]:
+def read_config(path: Path) -> dict[Any, Any]:
     """The mapping in the YAML file `path`; a missing, oversized, binary or malformed file is a ConfigError."""
     if not path.is_file():
         raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
@@ -91,16 +90,6 @@ def _read_config(path: Path) -> dict[Any, Any]:
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
                           f"got {type(content).__name__}")
     return content
-
-
-def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -> tuple[dict[Any, Any], Path]:
-    """An analysis runner's command line (`analyses/<name>/run.py`): `--config`, default `folder/config.yaml`,
-    read with a config file's checks, and `--out`, default `folder/results`. Returns the settings and `out`."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=folder / "config.yaml", help="the runner's settings (YAML)")
-    parser.add_argument("--out", type=Path, default=folder / "results", help="where results (and runs/) go")
-    args = parser.parse_args(argv)
-    return _read_config(args.config), args.out
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -217,7 +206,7 @@ def build_config(cls: type[T], path: str | Path | None = None, overrides: Sequen
     if path is not None:
         path = Path(path)
         sources.append(str(path))
-        for key, value in _read_config(path).items():
+        for key, value in read_config(path).items():
             if key not in hints:
                 raise _unknown(cls, str(key), str(path))
             values[key] = _coerce(key, value, hints[key], str(path))

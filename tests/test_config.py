@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from steerlens.config import ConfigError, build_config, describe, parse_overrides, runner_settings, to_yaml
+from steerlens.config import ConfigError, build_config, describe, parse_overrides, read_config, to_yaml
+from steerlens.evaluation.config import EvalConfig
 from steerlens.rl.config import TrainConfig
 
-PRESETS = sorted((Path(__file__).parents[1] / "analyses" / "presets").glob("*.yaml"))
+ROOT = Path(__file__).parents[1]
+PRESETS = sorted((ROOT / "analyses" / "presets").glob("*.yaml"))
 
 
 def test_yaml_then_overrides(tmp_path: Path) -> None:
@@ -89,7 +92,17 @@ def test_presets_exist_and_validate() -> None:
             assert cfg.prompts_per_step == 128 and cfg.steps == 314, preset.name
 
 
-def test_runner_settings_defaults_and_checks(tmp_path: Path) -> None:
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """`analyses/runner.py`, imported as the analysis runners import it (the repository root on sys.path)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from analyses import runner
+
+    return runner
+
+
+def test_runner_settings_defaults_and_checks(tmp_path: Path, runner: ModuleType) -> None:
+    runner_settings = runner.runner_settings
     (tmp_path / "config.yaml").write_text("steps: 12\nseeds: [0, 1, 2]\n")
     assert runner_settings("doc", tmp_path, []) == ({"steps": 12, "seeds": [0, 1, 2]}, tmp_path / "results")
     other = tmp_path / "other.yaml"
@@ -97,3 +110,17 @@ def test_runner_settings_defaults_and_checks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="other.yaml: expected a mapping"):
         runner_settings("doc", tmp_path, ["--config", str(other), "--out", str(tmp_path / "x")])
     assert runner_settings("doc", tmp_path, ["--out", str(tmp_path / "x")])[1] == tmp_path / "x"
+
+
+def test_runners_build_the_configs_their_command_lines_did(tmp_path: Path, runner: ModuleType) -> None:
+    """The runners' configs from dicts equal those they built from command-line strings."""
+    preset, run_dir = ROOT / "analyses" / "presets" / "smollm2-135m-word-arith.yaml", tmp_path / "run"
+    run_dir.mkdir()
+    built = runner.training_config(preset, run_dir, 12, trainable="lora", lr=2e-3, seed=1)
+    assert built == build_config(TrainConfig, preset, [
+        "--trainable", "lora", "--lr", "0.002", "--seed", "1", "--steps", "12", "--save-every", "12",
+        "--eval-data", "null", "--no-progress", "--out-dir", str(run_dir), "--resume"])
+    settings = read_config(ROOT / "analyses" / "table1" / "config.yaml")
+    assert build_config(EvalConfig, None, {**settings["eval"], "out_dir": "x"}) == build_config(EvalConfig, None, [
+        "--benchmarks", "word-arith", "--limit", "64", "--max-new-tokens", "48", "--decoding", "greedy", "--seeds", "0",
+        "--answer-fallback", "last_number", "--no-progress", "--out-dir", "x"])

@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 import plotly.express as px
-import yaml
 
 from steerlens import smollm
 from steerlens.analysis.clustering import ClusteringConfig, cluster_tokens
@@ -38,16 +38,18 @@ from steerlens.analysis.results import StudyResult
 from steerlens.analysis.stats import run_cosines
 from steerlens.analysis.studies import accuracy_of_sets
 from steerlens.backends.vector_bank import BASE
-from steerlens.config import build_config, runner_settings
+from steerlens.config import build_config, read_config
 from steerlens.data import format_prompt
 from steerlens.data.generated import generate
 from steerlens.evaluation.config import EvalConfig
 from steerlens.io import atomic_path, write_text
 from steerlens.models import load_model
-from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train_each_layer
 from steerlens.serving import LocalServer
 from steerlens.vectors import SteeringVectors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
+from analyses.runner import runner_settings, training_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,7 +67,7 @@ class Table1:
     """What the mechanisms parts take from analyses/table1: its settings, kept rate, seeds' vectors and accuracies."""
 
     def __init__(self, config: Path) -> None:
-        self.settings = yaml.safe_load(config.read_text())
+        self.settings = read_config(config)
         self.dir = config.parent
         results = self.dir / "results"
         missing = [str(results / name) for name in ("kept_lr.json", "accuracy.csv", "vectors") if not (results / name).exists()]
@@ -111,11 +113,10 @@ def seed_swap(settings: dict[str, Any], table1: Table1, runs: Path) -> StudyResu
 def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path) -> StudyResult:
     """Single-layer vectors (trained together, Table 1's settings at a hotter rate) against all layers (seed 0)."""
     t1 = table1.settings
-    steps, seed = str(t1["steps"]), t1["seeds"][0]
-    cfg = build_config(TrainConfig, table1.dir / t1["preset"], [
-        "--steps", steps, "--save-every", steps, "--lr", str(table1.kept_lr * settings["single_lr_factor"]),
-        "--seed", str(seed), "--eval-data", "null", "--no-progress", "--out-dir", str(runs / "single")])
-    files = train_each_layer(cfg, settings["single_layers"])
+    seed = t1["seeds"][0]
+    cfg = training_config(table1.dir / t1["preset"], runs / "single", t1["steps"],
+                          lr=table1.kept_lr * settings["single_lr_factor"], seed=seed)
+    files = train_each_layer(cfg, settings["single_layers"])  # resumes or keeps each layer's run itself
     singles = {f"layer{layer}": SteeringVectors.load(path) for layer, path in files.items()}
     for layer, path in files.items():
         with atomic_path(out / "vectors" / f"layer{layer}.safetensors") as tmp:

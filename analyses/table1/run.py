@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from steerlens.config import build_config, runner_settings
+from steerlens.config import build_config
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate
 from steerlens.evaluation.tables import combine_runs
@@ -31,16 +32,16 @@ from steerlens.io import append_jsonl, atomic_path, read_jsonl, write_json, writ
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train, train_runs_together
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
+from analyses.runner import runner_settings, training_config
+
 HERE = Path(__file__).resolve().parent
 
 
 def run_config(settings: dict[str, Any], method: str, lr: float, seed: int, out: Path) -> TrainConfig:
     """The preset with this method, learning rate and seed, for the configured steps, into its own folder."""
     run_dir = out / "runs" / method / f"lr{lr:g}-seed{seed}"
-    steps = str(settings["steps"])
-    return build_config(TrainConfig, HERE / settings["preset"], [
-        "--trainable", method, "--lr", str(lr), "--seed", str(seed), "--steps", steps, "--save-every", steps,
-        "--eval-data", "null", "--no-progress", "--out-dir", str(run_dir), *(["--resume"] if run_dir.exists() else [])])
+    return training_config(HERE / settings["preset"], run_dir, settings["steps"], trainable=method, lr=lr, seed=seed)
 
 
 def finished(cfg: TrainConfig) -> bool:
@@ -86,9 +87,10 @@ def sweep(settings: dict[str, Any], out: Path) -> tuple[pd.DataFrame, dict[str, 
     return table, kept
 
 
-def eval_config(settings: dict[str, Any], model: str, out_dir: Path, label: str, *extra: str) -> EvalConfig:
-    """The configured evaluation of `model` into `out_dir`, labelled `label` in the table."""
-    return build_config(EvalConfig, None, [*settings["eval"], "--model", model, "--label", label, "--out-dir", str(out_dir), *extra])
+def eval_config(settings: dict[str, Any], model: str, out_dir: Path, label: str, **extra: Any) -> EvalConfig:
+    """The configured evaluation of `model` into `out_dir`, labelled `label` in the table; `extra` sets more keys."""
+    return build_config(EvalConfig, None, {**settings["eval"], "model": model, "label": label, "out_dir": str(out_dir),
+                                           **extra})
 
 
 def evaluated(folder: Path) -> bool:
@@ -97,7 +99,7 @@ def evaluated(folder: Path) -> bool:
 
 def evaluate_all(settings: dict[str, Any], kept: dict[str, float], out: Path) -> dict[tuple[str, int | None], Path]:
     """Held-out greedy accuracy: the base model, then every method's seeds; returns (method, seed) -> folder."""
-    model = build_config(TrainConfig, HERE / settings["preset"], []).model
+    model = build_config(TrainConfig, HERE / settings["preset"]).model
     folders: dict[tuple[str, int | None], Path] = {("base", None): out / "runs" / "eval" / "base"}
     if not evaluated(folders["base", None]):
         evaluate(eval_config(settings, model, folders["base", None], "base"))
@@ -109,11 +111,11 @@ def evaluate_all(settings: dict[str, Any], kept: dict[str, float], out: Path) ->
             if evaluated(folder):
                 continue
             if method == "steering":
-                cfg = eval_config(settings, model, folder, method, "--vectors", str(run_dir / "vectors.safetensors"))
+                cfg = eval_config(settings, model, folder, method, vectors=str(run_dir / "vectors.safetensors"))
             elif method == "lora":
-                cfg = eval_config(settings, model, folder, method, "--adapter", str(run_dir / "lora"))
+                cfg = eval_config(settings, model, folder, method, adapter=str(run_dir / "lora"))
             else:
-                cfg = eval_config(settings, str(run_dir / "model"), folder, method, "--model-label", model)
+                cfg = eval_config(settings, str(run_dir / "model"), folder, method, model_label=model)
             evaluate(cfg)
     return folders
 

@@ -11,6 +11,7 @@ step times. Writes results/table3.{csv,md,html}. An interrupted run resumes wher
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import pandas as pd
 import plotly.express as px
 
 from steerlens.analysis.resources import resource_cost
-from steerlens.config import build_config, runner_settings
 from steerlens.io import write_text
-from steerlens.rl.config import TrainConfig
 from steerlens.rl.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
+from analyses.runner import runner_settings, training_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,11 +32,7 @@ def measured(method: str, lr: float, settings: dict[str, Any], out: Path) -> dic
     """Train `method` for the configured steps (or read the finished run) and return its costs."""
     run_dir = out / "runs" / method
     if not (run_dir / "summary.json").is_file():
-        steps = str(settings["steps"])
-        cfg = build_config(TrainConfig, HERE / settings["preset"], [
-            "--trainable", method, "--lr", str(lr), "--steps", steps, "--save-every", steps, "--eval-data", "null",
-            "--no-progress", "--out-dir", str(run_dir), *(["--resume"] if run_dir.exists() else [])])
-        train(cfg)
+        train(training_config(HERE / settings["preset"], run_dir, settings["steps"], trainable=method, lr=lr))
     summary = json.loads((run_dir / "summary.json").read_text())
     engine = "HF generate" if method == "full" else "vLLM"
     return {"model": summary["config"]["model"], "method": method, "trainable_parameters": summary["trainable_parameters"],

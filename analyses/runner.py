@@ -1,0 +1,32 @@
+"""What the analysis runners (`analyses/<name>/run.py`) share: their command line and their training runs.
+
+A runner is a script, `python analyses/<name>/run.py [--config FILE] [--out DIR]`; it puts the repository
+root on `sys.path` to import this module as `analyses.runner`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from steerlens.config import build_config, read_config
+from steerlens.rl.config import TrainConfig
+
+
+def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -> tuple[dict[Any, Any], Path]:
+    """A runner's command line: `--config`, default `folder/config.yaml`, read with a config file's checks,
+    and `--out`, default `folder/results`. Returns the settings and `out`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=folder / "config.yaml", help="the runner's settings (YAML)")
+    parser.add_argument("--out", type=Path, default=folder / "results", help="where results (and runs/) go")
+    args = parser.parse_args(argv)
+    return read_config(args.config), args.out
+
+
+def training_config(preset: Path, out_dir: Path, steps: int, **overrides: Any) -> TrainConfig:
+    """The training preset for `steps` steps into `out_dir`, saved once at the end, with no held-out report or
+    progress bar, resuming what an earlier run left there; `overrides` set further keys (checked as a file's)."""
+    return build_config(TrainConfig, preset, {"steps": steps, "save_every": steps, "eval_data": None,
+                                              "progress": False, "out_dir": str(out_dir),
+                                              "resume": out_dir.exists(), **overrides})
