@@ -128,7 +128,8 @@ def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config
     cfg = _job_config(TrainConfig, config, ctx.args, print_config)
     if cfg is None:
         return
-    from steerlens.rl.trainer import format_report, train as run_training
+    from steerlens.rl.job import train as run_training
+    from steerlens.rl.report import format_report
 
     summary = run_training(cfg)
     if summary:
@@ -341,7 +342,7 @@ def study_singles(
     """Train one single-layer vector per layer (steerlens train's options after these), for `study pairs`;
     the runs train together, each with its own parameters, optimizer, checkpoints and metrics."""
     from steerlens.rl.config import TrainConfig
-    from steerlens.rl.trainer import train_each_layer
+    from steerlens.rl.together import train_each_layer
 
     cfg = _job_config(TrainConfig, config, ctx.args + ["--out-dir", str(out)], False)
     try:

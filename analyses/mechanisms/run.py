@@ -44,7 +44,7 @@ from steerlens.data.generated import generate
 from steerlens.evaluation.config import EvalConfig
 from steerlens.io import atomic_path, write_text
 from steerlens.models import load_model
-from steerlens.rl.trainer import train_each_layer
+from steerlens.rl.together import train_each_layer
 from steerlens.serving import LocalServer
 from steerlens.vectors import SteeringVectors
 

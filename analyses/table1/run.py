@@ -30,7 +30,8 @@ from steerlens.evaluation.runner import evaluate
 from steerlens.evaluation.tables import combine_runs
 from steerlens.io import append_jsonl, atomic_path, read_jsonl, write_json, write_text
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.trainer import train, train_runs_together
+from steerlens.rl.job import train
+from steerlens.rl.together import train_runs_together
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
 from analyses.runner import runner_settings, training_config

@@ -20,7 +20,7 @@ import plotly.express as px
 
 from steerlens.analysis.resources import resource_cost
 from steerlens.io import write_text
-from steerlens.rl.trainer import train
+from steerlens.rl.job import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
 from analyses.runner import runner_settings, training_config

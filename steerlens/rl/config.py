@@ -57,6 +57,7 @@ class TrainConfig(SharedOptions):
     device: str = option("auto", "trainer device: auto, cpu, cuda, cuda:N")
     # bookkeeping
     seed: int = option(0, "seed for data order, sampling and initialisation")
+    data_seed: int = option(0, "seed of generated problem sets (training and held-out); fixed across seeds")
     out_dir: str = option("runs/toy-arith", "where checkpoints, metrics.jsonl and the final vectors go")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
     keep_last: int = option(0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the whole model)")
