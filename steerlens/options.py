@@ -15,31 +15,67 @@ from steerlens.rollout import Sampling
 
 @dataclass
 class ModelOptions:
-    """Which model, in which dtype, on which generation engine."""
+    """Which model, in which dtype, on which generation engine.
 
-    model: str = option("toy-arith", "base model: a short name (toy-arith, smollm2-135m), a local checkpoint directory, or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype (training log-probs are always computed in fp32)")
-    engine: Literal["auto", "vllm", "hf"] = option("auto", "generation engine: vLLM (steering held in the engine, updated in place) or HF generate; auto = vLLM if installed")
+    - `model`: the base model: a short name (`toy-arith`, `smollm2-135m`), a local checkpoint directory, or a
+      hub id.
+    - `dtype`: the model's dtype; training log-probs are always computed in fp32.
+    - `engine`: the generation engine: `vllm` (the steering is held in the engine and updated in place) or
+      `hf` (HF `generate`); `auto` is vLLM if it is installed.
+    - `gpu_memory_utilization`: vLLM's memory fraction on a GPU, its KV-cache share on a CPU.
+    - `max_model_len`: vLLM's context in tokens (prompt + completion); by default the model's own. A long
+      native context (Qwen2.5-14B: 131072) can need more KV cache than the engine's share holds, and vLLM then
+      refuses to start: set it to the prompts' room + `max_new_tokens`.
+    """
+
+    model: str = option("toy-arith", "base model: short name (toy-arith, smollm2-135m), local directory or hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype (training log-probs are "
+                                                              "always computed in fp32)")
+    engine: Literal["auto", "vllm", "hf"] = option("auto", "generation engine: vllm, hf (generate), or auto (vLLM "
+                                                   "if installed)")
     gpu_memory_utilization: float = option(0.3, "vLLM memory fraction (GPU) / KV-cache share (CPU)")
-    max_model_len: int | None = option(None, "vLLM context in tokens (prompt + completion); default: the model's own. A long native context (Qwen2.5-14B: 131072) can need more KV cache than the engine's share holds, and vLLM then refuses to start: set prompt room + max_new_tokens")
+    max_model_len: int | None = option(None, "vLLM context in tokens, prompt + completion (default: the model's own)")
 
 
 @dataclass
 class DataOptions:
-    """How problems are read, prompted and scored."""
+    r"""How problems are read, prompted and scored.
 
-    problem_key: str | None = option(None, "column holding the problem (default: recognised from common names per dataset)")
-    answer_key: str | None = option(None, "column holding the gold answer (default: recognised from common names per dataset)")
-    template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (system prompt asks for \\boxed{}), r1 (plain, for base models), auto")
-    bad_answers: Literal["error", "drop", "keep"] = option("error", "gold answers of a dataset file that math-verify cannot read (no completion could ever be scored correct on them): error = stop before the run and list them, drop those problems, or keep them (reported either way)")
-    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a \\boxed{} (or <answer>) answer: none = wrong (the paper), last_number = its last number is verified instead (for models that compute but never box; the boxed share is reported as formatted_rate)")
+    - `problem_key`, `answer_key`: the columns holding the problem and the gold answer; by default they are
+      recognised from common names per dataset.
+    - `template`: the prompt template: `chat` (a system prompt asks for `\boxed{}`), `r1` (plain, for base
+      models), or `auto`.
+    - `bad_answers`: gold answers of a dataset file that math-verify cannot read, on which no completion could
+      ever be scored correct: `error` stops before the run and lists them, `drop` leaves those problems out,
+      `keep` keeps them; they are reported either way.
+    - `answer_fallback`: a completion without a `\boxed{}` (or `<answer>`) answer: `none` scores it wrong (the
+      paper); `last_number` verifies its last number instead, for models that compute but never box (the
+      boxed share is reported as `formatted_rate`).
+    """
+
+    problem_key: str | None = option(None, "column holding the problem (default: recognised per dataset)")
+    answer_key: str | None = option(None, "column holding the gold answer (default: recognised per dataset)")
+    template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (asks for \\boxed{}), r1 "
+                                                     "(plain, for base models), auto")
+    bad_answers: Literal["error", "drop", "keep"] = option("error", "gold answers math-verify cannot read: error "
+                                                           "(stop, listing them), drop or keep")
+    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a boxed answer: none = "
+                                                             "wrong, last_number = its last number verified")
 
 
 @dataclass
 class SamplingOptions:
-    """How completions are sampled (training rollouts; evaluation with decoding=sample)."""
+    """How completions are sampled (training rollouts; evaluation with decoding=sample).
 
-    max_new_tokens: int = option(48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 for others)")
+    - `max_new_tokens`: the completion length cap in tokens (the paper: up to 4096 for Qwen2.5-Math, 32768
+      for the others).
+    - `temperature`: the sampling temperature, > 0; greedy decoding is its own setting (`decoding` in
+      evaluation).
+    - `top_p`: nucleus sampling's probability mass.
+    """
+
+    max_new_tokens: int = option(48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 "
+                                 "for others)")
     temperature: float = option(1.0, "sampling temperature (> 0; greedy decoding is its own setting)")
     top_p: float = option(1.0, "nucleus sampling")
 

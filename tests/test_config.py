@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from types import ModuleType
 
@@ -124,3 +125,18 @@ def test_runners_build_the_configs_their_command_lines_did(tmp_path: Path, runne
     assert build_config(EvalConfig, None, {**settings["eval"], "out_dir": "x"}) == build_config(EvalConfig, None, [
         "--benchmarks", "word-arith", "--limit", "64", "--max-new-tokens", "48", "--decoding", "greedy", "--seeds", "0",
         "--answer-fallback", "last_number", "--no-progress", "--out-dir", "x"])
+
+
+def test_help_is_one_short_clause_and_the_docstring_explains_each_field() -> None:
+    """`--help` and YAML comments stay short; the explanation lives in the class docstring (the API docs)."""
+    from steerlens.analysis.clustering import ClusteringConfig
+    from steerlens.analysis.llm_client import ChatConfig
+    from steerlens.options import DataOptions, ModelOptions, SamplingOptions
+
+    for cls in (TrainConfig, EvalConfig, ChatConfig, ClusteringConfig):
+        long = {f.name: len(f.metadata["help"]) for f in dataclasses.fields(cls) if len(f.metadata["help"]) > 100}
+        assert not long, f"{cls.__name__}: help over 100 characters: {long}"
+    for cls in (TrainConfig, EvalConfig, ModelOptions, DataOptions, SamplingOptions):
+        own = set(cls.__annotations__)  # the fields the class declares itself
+        undocumented = sorted(name for name in own if f"`{name}`" not in (cls.__doc__ or ""))
+        assert not undocumented, f"{cls.__name__}'s docstring does not explain {undocumented}"

@@ -49,8 +49,8 @@ class ChatConfig:
     max_retries: int = option(5, "retries on HTTP 429 / 5xx / connection errors / timeouts, with exponential backoff")
     backoff_s: float = option(1.0, "first retry delay in seconds (doubled each retry, or the server's Retry-After)")
     max_backoff_s: float = option(60.0, "longest delay between retries")
-    deadline_s: float = option(300.0, "most seconds one call may take, all tries and the waits between them "
-                                      "included (steerlens analyze --llm-timeout)")
+    deadline_s: float = option(300.0, "most seconds one call may take, all tries and waits included (steerlens "
+                                      "analyze --llm-timeout)")
     timeout_s: float = option(300.0, "timeout of one try in seconds (at most what is left of deadline_s)")
     max_tokens: int = option(2048, "longest answer in tokens (a small local model may otherwise never stop)")
 

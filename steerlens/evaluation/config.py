@@ -11,21 +11,56 @@ from steerlens.options import SharedOptions, option_checks
 from steerlens.rollout import Sampling
 
 # Fields that do not change any number: a finished or interrupted evaluation may be continued with other values.
-NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label", "model_label")
+NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label",
+                     "model_label")
 
 
 @dataclass
 class EvalConfig(SharedOptions):
-    """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks."""
+    """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks.
 
-    vectors: str | None = option(None, "steering vectors (.safetensors) applied in the engine, or several named sets NAME=FILE,NAME=FILE evaluated in one pass with the base model (one folder each under out_dir); none: the unsteered model")
-    adapter: str | None = option(None, "LoRA adapter directory from a trainable=lora run, merged into the model before evaluating")
+    The model, engine, data, reward-fallback and sampling options come from `steerlens.options`
+    (`ModelOptions`, `DataOptions`, `SamplingOptions`); this class adds the rest.
+
+    **What is evaluated**
+
+    - `vectors`: steering vectors (`.safetensors`) applied in the engine, or several named sets
+      `NAME=FILE,NAME=FILE` evaluated in one pass with the base model (one folder each under `out_dir`);
+      none: the unsteered model.
+    - `adapter`: a LoRA adapter directory from a `trainable=lora` run, merged into the model before evaluating.
+    - `label`: the setup's name in the tables (default: `steering`, `lora` or `base`).
+    - `model_label`: the model's name in the tables (default: `model` as given); name a fine-tuned
+      checkpoint's base model to put it in that model's rows.
+
+    **Benchmarks and decoding**
+
+    - `benchmarks`: `NAME=FILE`, a file whose name starts with a known benchmark (`aime24.jsonl`), or a
+      generated set (`toy-arith`, `word-arith`).
+    - `samples`: samples per problem for every benchmark; by default each benchmark's protocol: 32 for
+      AIME/AMC, 4 for GSM8K/MATH, 1 otherwise.
+    - `seeds`: the evaluation seeds; tables report the mean ± std over them.
+    - `decoding`: `greedy` (one sample, one seed), `sample` at `temperature`, or `auto`: greedy for the base
+      model, sampling with vectors or an adapter.
+    - `limit`: evaluate only the first N problems of each benchmark.
+
+    **Bookkeeping**
+
+    - `chunk_problems`: problems generated and saved at a time (the unit of resumption).
+    - `out_dir`: where `samples/*.jsonl` and the tables go; an interrupted run continues there.
+    - `progress`: show a live progress bar.
+    """
+
+    vectors: str | None = option(None, "steering vectors (.safetensors), or named sets NAME=FILE,NAME=FILE in one "
+                                 "pass (none: unsteered)")
+    adapter: str | None = option(None, "LoRA adapter directory (trainable=lora run), merged into the model")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
-    model_label: str | None = option(None, "model name in the tables (default: --model as given); name a fine-tuned checkpoint's base model to put it in that model's rows")
-    benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file whose name starts with a known benchmark (aime24.jsonl), or a generated set (toy-arith, word-arith)")
-    samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol: 32 for AIME/AMC, 4 for GSM8K/MATH, 1 otherwise)")
+    model_label: str | None = option(None, "model name in the tables (default: --model as given)")
+    benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file named after a known benchmark, "
+                                   "or a generated set")
+    samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol)")
     seeds: list[int] = option([0, 1, 2], "evaluation seeds; tables report mean ± std over them")
-    decoding: Literal["auto", "greedy", "sample"] = option("auto", "greedy (one sample, one seed), sample at --temperature, or auto: greedy for the base model, sampling with vectors or an adapter")
+    decoding: Literal["auto", "greedy", "sample"] = option("auto", "greedy, sample at --temperature, or auto "
+                                                           "(greedy for the base model only)")
     limit: int | None = option(None, "evaluate only the first N problems of each benchmark")
     chunk_problems: int = option(64, "problems generated and saved at a time (the unit of resumption)")
     out_dir: str = option("runs/eval", "where samples/*.jsonl and the tables go; an interrupted run continues there")

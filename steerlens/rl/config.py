@@ -22,37 +22,117 @@ RESUME_FREE_FIELDS = ("out_dir", "resume", "allow_config_change", "progress", "e
 
 @dataclass
 class TrainConfig(SharedOptions):
-    """RLOO training of steering vectors (or the paper's LoRA / full-tuning baselines)."""
+    """RLOO training of steering vectors (or the paper's LoRA / full-tuning baselines).
+
+    The model, engine, data, reward-fallback and sampling options come from `steerlens.options`
+    (`ModelOptions`, `DataOptions`, `SamplingOptions`); this class adds the rest.
+
+    **What is trained**
+
+    - `trainable`: steering vectors (the default), rank-r LoRA on the MLP's `down_proj`, or every weight.
+    - `layers`: the steered layers (default: all); one index trains a single-layer vector.
+    - `lora_rank`, `lora_alpha`: LoRA's rank r and alpha (with `trainable=lora`).
+
+    **Data**
+
+    - `data`: the training problems: a generated set (`toy-arith`, or `word-arith`: easy word problems for
+      small real models), a local JSONL/JSON/parquet/CSV file, or a hub dataset id.
+    - `eval_data`: held-out problems for the before/after accuracy report: a file or a generated
+      `<name>-heldout` set; none skips the report.
+    - `eval_problems`: how many held-out problems that report uses.
+
+    **The RLOO step**
+
+    - `steps`: optimiser steps.
+    - `prompts_per_step`: prompts per step, across all ranks (the paper: 128).
+    - `generations`: completions sampled per prompt (the paper: 16).
+    - `baseline`: the advantage: leave-one-out (`rloo`), the group mean, or GRPO's std-normalised one.
+    - `reward_correct`: the reward of a verified-correct boxed answer (the reference: +1).
+    - `reward_wrong`: the reward otherwise: wrong, unboxed or unparsable (the reference: -1; 0 is also common).
+    - `kl_coef`: the coefficient of a per-token KL penalty to the base policy (off by default, as in the paper).
+    - `lr`: AdamW's learning rate (the paper: 1e-3 for all-layer steering on Qwen2.5-1.5B/7B).
+    - `warmup_ratio`: the fraction of steps with a linear learning-rate warmup; constant after it.
+    - `weight_decay`: AdamW's weight decay.
+    - `max_grad_norm`: gradient-norm clipping (the reference: 2.0).
+
+    **Engines and hardware** (how the step runs; only `update_autocast` changes its numbers)
+
+    - `micro_batch`: at most this many sequences per forward/backward pass; gradients accumulate over the step.
+    - `max_tokens_per_micro_batch`: the token budget of one forward/backward pass: sequences are sorted by
+      length and grouped so that each group, padded, holds at most this many tokens (a longer sequence goes
+      alone).
+    - `logprob_chunk_tokens`: completion tokens unembedded at a time, recomputed in the backward pass: bounds
+      the log-prob step's memory at this many x vocab fp32 values.
+    - `update_autocast`: `bfloat16` runs the update's forward and backward under bf16 autocast (weights and
+      trained parameters stay in their dtype, log-softmax in fp32): ~1.4x faster on CPUs with avx512_bf16;
+      log-probs differ from fp32 by up to ~0.25 on rare tokens.
+    - `activation_checkpointing`: recompute each decoder layer's activations in the backward pass instead of
+      keeping them: less memory for about one more forward (on in the GPU presets).
+    - `share_prompt_forward`: run each prompt's forward once for all its generations: their completions
+      attend to its cached keys and values and gradients flow back through them, so the prompt's
+      generations - 1 copies are not computed. Applies without `activation_checkpointing`, which keeps no
+      cache.
+    - `verify_every`: compare the engine's and the trainer's log-probs after a push every N steps (0: only at
+      the start).
+    - `verify_atol`: the largest per-token log-prob difference allowed between vLLM and the trainer.
+    - `device`: the trainer's device: `auto`, `cpu`, `cuda`, `cuda:N`.
+
+    **Bookkeeping**
+
+    - `seed`: the seed of the data order, sampling and initialisation.
+    - `data_seed`: the seed of generated problem sets (training and held-out), fixed across `seed`s.
+    - `out_dir`: where checkpoints, `metrics.jsonl` and the final vectors go.
+    - `save_every`: checkpoint every N steps (and at the end).
+    - `keep_last`: keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the whole model).
+    - `resume`: continue from the newest valid checkpoint in `out_dir`; a run never restarts over an existing
+      one.
+    - `allow_config_change`: let `resume` continue with changed result-affecting settings; the change is
+      recorded in `config_changes.jsonl`.
+    - `progress`: show a live progress bar.
+    """
 
     # what is trained
-    trainable: Literal["steering", "lora", "full"] = option("steering", "what is trained: steering vectors (default), rank-r LoRA on MLP down_proj, or every weight")
+    trainable: Literal["steering", "lora", "full"] = option("steering", "what is trained: steering vectors, "
+                                                            "rank-r LoRA on MLP down_proj, or every weight")
     layers: list[int] | None = option(None, "steered layers (default: all); one index trains a single-layer vector")
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
     lora_alpha: float = option(2.0, "LoRA alpha (trainable=lora)")
     # data
-    data: str = option("toy-arith", "training problems: a generated set (toy-arith, word-arith: easy word problems for small real models), a local JSONL/JSON/parquet/CSV file, or a hub dataset id")
-    eval_data: str | None = option("toy-arith-heldout", "held-out problems for the before/after accuracy report: a file or a generated <name>-heldout set (none: skip)")
+    data: str = option("toy-arith", "training problems: a generated set, a JSONL/JSON/parquet/CSV file, or a hub "
+                       "dataset id")
+    eval_data: str | None = option("toy-arith-heldout", "held-out problems for the before/after accuracy report "
+                                   "(none: skip)")
     eval_problems: int = option(64, "how many held-out problems the before/after report uses")
     # the RLOO step
     steps: int = option(40, "optimiser steps")
     prompts_per_step: int = option(32, "prompts per step, across all ranks (paper: 128)")
     generations: int = option(8, "completions sampled per prompt (paper: 16)")
-    baseline: Literal["rloo", "group_mean", "grpo"] = option("rloo", "advantage: leave-one-out (RLOO), group mean, or GRPO std-normalised")
+    baseline: Literal["rloo", "group_mean", "grpo"] = option("rloo", "advantage: leave-one-out (RLOO), group "
+                                                             "mean, or GRPO std-normalised")
     reward_correct: float = option(1.0, "reward for a verified-correct boxed answer (reference: +1)")
-    reward_wrong: float = option(-1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also common)")
-    kl_coef: float = option(0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in the paper)")
+    reward_wrong: float = option(-1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also "
+                                 "common)")
+    kl_coef: float = option(0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in "
+                            "the paper)")
     lr: float = option(5e-2, "AdamW learning rate (paper: 1e-3 for all-layer steering on Qwen2.5-1.5B/7B)")
     warmup_ratio: float = option(0.03, "fraction of steps with linear LR warmup, then constant")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(2.0, "gradient-norm clipping (reference: 2.0)")
-    micro_batch: int = option(64, "at most this many sequences per forward/backward pass (gradient accumulation over the step)")
-    max_tokens_per_micro_batch: int = option(16384, "token budget of one forward/backward pass: sequences are sorted by length and grouped so that each group, padded, holds at most this many tokens (a longer sequence goes alone)")
-    logprob_chunk_tokens: int = option(1024, "completion tokens unembedded at a time (recomputed in the backward pass): bounds the log-prob step's memory at this many x vocab fp32 values")
-    update_autocast: Literal["off", "bfloat16"] = option("off", "run the update's forward and backward under bf16 autocast (weights and trained parameters stay in their dtype, log-softmax in fp32): ~1.4x faster on CPUs with avx512_bf16, log-probs differ from fp32 by up to ~0.25 on rare tokens")
-    activation_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward pass instead of keeping them (less memory, ~1 more forward; on in the GPU presets)")
-    share_prompt_forward: bool = option(True, "run each prompt's forward once for all its generations (their completions attend to its cached keys and values, gradients flow back through them): the prompt's generations - 1 copies are not computed. Applies without activation_checkpointing, which keeps no cache")
     # engines and hardware
-    verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at start)")
+    micro_batch: int = option(64, "at most this many sequences per forward/backward pass (gradient accumulation "
+                              "over the step)")
+    max_tokens_per_micro_batch: int = option(16384, "token budget of one forward/backward pass, in length-sorted "
+                                             "padded groups")
+    logprob_chunk_tokens: int = option(1024, "completion tokens unembedded at a time (bounds the log-prob step's "
+                                       "memory)")
+    update_autocast: Literal["off", "bfloat16"] = option("off", "run the update's forward and backward under bf16 "
+                                                         "autocast (faster on bf16 CPUs; not bit-equal)")
+    activation_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                            "pass (less memory)")
+    share_prompt_forward: bool = option(True, "run each prompt's forward once for all its generations (without "
+                                        "activation_checkpointing)")
+    verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at "
+                               "start)")
     verify_atol: float = option(2e-3, "largest allowed per-token log-prob difference between vLLM and the trainer")
     device: str = option("auto", "trainer device: auto, cpu, cuda, cuda:N")
     # bookkeeping
@@ -60,16 +140,20 @@ class TrainConfig(SharedOptions):
     data_seed: int = option(0, "seed of generated problem sets (training and held-out); fixed across seeds")
     out_dir: str = option("runs/toy-arith", "where checkpoints, metrics.jsonl and the final vectors go")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    keep_last: int = option(0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the whole model)")
-    resume: bool = option(False, "continue from the newest valid checkpoint in out_dir (never restarts over an existing run)")
-    allow_config_change: bool = option(False, "let --resume continue with changed result-affecting settings (the change is recorded in config_changes.jsonl)")
+    keep_last: int = option(0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the "
+                            "whole model)")
+    resume: bool = option(False, "continue from the newest valid checkpoint in out_dir (never restarts over an "
+                          "existing run)")
+    allow_config_change: bool = option(False, "let --resume continue with changed result-affecting settings "
+                                       "(recorded in config_changes.jsonl)")
     progress: bool = option(True, "show a live progress bar")
 
     def __post_init__(self) -> None:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-            (self.generations >= (2 if self.baseline == "rloo" else 1), "generations must be >= 2 for the rloo baseline"),
+            (self.generations >= (2 if self.baseline == "rloo" else 1),
+             "generations must be >= 2 for the rloo baseline"),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.micro_batch >= 1, "micro_batch must be >= 1"),
