@@ -1,6 +1,7 @@
 """One dataclass per job that is at once YAML, CLI flags and documentation.
 
-Each field carries its help text in `field(metadata={"help": ...})`. A config is built from defaults,
+Each field carries a one-clause help text in `field(metadata={"help": ...})` (`option(default, help)`): the
+CLI's option list and the YAML comments; the class docstring explains the fields. A config is built from defaults,
 then a YAML file, then `--key value` / `key=value` overrides; unknown keys and ill-typed values are
 errors that name the key, the source and what was expected. Numbers must be finite, and config files
 are read with limits (size, UTF-8 text, YAML aliases), so a damaged or hostile file fails fast in one line.
