@@ -739,7 +739,7 @@ def step_analysis(check: Check) -> StepResult:
 # ---- step 5 ----------------------------------------------------------------------------------------------
 def step_vllm(check: Check) -> StepResult:
     from steerlens.backends.vllm import (VERIFY_COMPLETION, VERIFY_PROMPT, SteeredLLM, SyncError,
-                                         hf_sequence_logprobs, sequence_logprobs, verify_push, vllm_available)
+                                         engine_logprobs, hf_sequence_logprobs, verify_push, vllm_available)
     from steerlens.vectors import SteeringVectors
 
     if not vllm_available():
@@ -769,11 +769,11 @@ def step_vllm(check: Check) -> StepResult:
     try:
         figures.update(_engine_facts(engine), prefill_tokens=len(prompt_ids) + len(completion_ids))
         with check.timed(figures, "logprobs_zero_s"):
-            zero_lp = sequence_logprobs(engine.llm, prompt_ids, completion_ids)
+            zero_lp = engine_logprobs(engine, prompt_ids, completion_ids)
         with check.timed(figures, "push_s"):
             engine.update(vectors)
         with check.timed(figures, "logprobs_steered_s"):
-            steered_lp = sequence_logprobs(engine.llm, prompt_ids, completion_ids)
+            steered_lp = engine_logprobs(engine, prompt_ids, completion_ids)
         change = max_diff(steered_lp, zero_lp)
         hf_zero = hf_sequence_logprobs(model, zeros, prompt_ids, completion_ids)
         figures.update(change_vs_zero=change, unsteered_diff_vs_hf=max_diff(zero_lp, hf_zero))
@@ -804,7 +804,7 @@ def step_vllm(check: Check) -> StepResult:
             problems.append(f"decoding: engine log-probs differ from HF's by {figures['decode_diff_vs_hf']:.3g} > {atol:g}")
 
         engine.remove()
-        removed_lp = sequence_logprobs(engine.llm, prompt_ids, completion_ids)
+        removed_lp = engine_logprobs(engine, prompt_ids, completion_ids)
         figures["removed_diff_vs_zero"] = max_diff(removed_lp, zero_lp)
         if not figures["removed_diff_vs_zero"] <= atol:
             problems.append(f"after remove() the log-probs differ from the unsteered ones by "

@@ -7,3 +7,7 @@ class SteerlensError(Exception):
 
 class ModelError(SteerlensError, ValueError):
     """A model cannot be found, loaded, or steered."""
+
+
+class SteeringNotApplied(ModelError):
+    """An engine's start-up probe found that a vector set written to it does not steer its outputs."""

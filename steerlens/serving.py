@@ -29,11 +29,17 @@ from pathlib import Path
 from typing import IO, Mapping
 
 from steerlens.backends.vector_bank import VectorBank
-from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredArchitecture, check_plugin_visible, use_every_core_on_small_cpus
+from steerlens.backends.vllm import (
+    DEFAULT_VECTOR_SETS,
+    SteeredArchitecture,
+    check_plugin_visible,
+    pin_v1_model_runner,
+    use_every_core_on_small_cpus,
+)
 from steerlens.backends.vllm_plugin import VECTOR_SETS, WORKER_EXTENSION
 from steerlens.errors import SteerlensError
 from steerlens.models import config_shape, resolve_model
-from steerlens.serving_middleware import SERVE_SETTINGS, ServeSettings, SteeringMiddleware
+from steerlens.serving_middleware import SERVE_SETTINGS, STARTUP_FAILED, ServeSettings, SteeringMiddleware
 from steerlens.vectors import SteeringVectors
 
 LOOPBACK = "127.0.0.1"
@@ -109,8 +115,10 @@ def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: i
 
 
 def server_environment(steering: ServeSettings | None) -> dict[str, str]:
-    """The environment a server runs in: this one (vLLM's worker on every core of a small machine, see
-    `use_every_core_on_small_cpus`), plus a steered server's middleware settings."""
+    """The environment a server runs in: this one (vLLM's V1 model runner unless the user chose, see
+    `pin_v1_model_runner`; its worker on every core of a small machine, see `use_every_core_on_small_cpus`),
+    plus a steered server's middleware settings."""
+    pin_v1_model_runner()
     use_every_core_on_small_cpus()
     return {**os.environ, **({SERVE_SETTINGS: steering.to_env()} if steering is not None else {})}
 
@@ -147,6 +155,8 @@ class LocalServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if refusal := self.startup_refusal():
+                    raise ServerError(f"vllm serve {self.model} did not start: {refusal}")
                 raise ServerError(f"vllm serve {self.model} exited with code {self.process.returncode}:\n{self.log_tail()}")
             if self.served_models():
                 return
@@ -162,6 +172,13 @@ class LocalServer:
                 return [entry["id"] for entry in json.load(response)["data"]]
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, KeyError):
             return []
+
+    def startup_refusal(self) -> str | None:
+        """The one-line reason the steering middleware printed when it stopped the server's start, if it did."""
+        self._log.flush()
+        reasons = [line.split(STARTUP_FAILED, 1)[1] for line in self.log_path.read_text(errors="replace").splitlines()
+                   if STARTUP_FAILED in line]
+        return reasons[-1] if reasons else None
 
     def log_tail(self, chars: int = 3000) -> str:
         self._log.flush()

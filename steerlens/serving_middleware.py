@@ -2,9 +2,11 @@
 
 `steerlens serve --vectors name=FILE` starts vLLM's own server on the steered architecture with this
 middleware (`--middleware`), the set names as extra served model names (so `/v1/models` lists them beside
-the base model, like `--lora-modules`), and its settings in the environment (`SERVE_SETTINGS`). Before the
-first request it makes the engine's workers fill their per-token slot buffers and loads every set into the
-bank (see `backends.vector_bank`).
+the base model, like `--lora-modules`), and its settings in the environment (`SERVE_SETTINGS`). At start-up
+(the ASGI lifespan, before the server accepts a connection) it makes the engine's workers fill their per-token
+slot buffers, proves that steering is applied (`backends.vllm.SteeringProbe`) and loads every set into the bank
+(see `backends.vector_bank`); if any of that fails, the server does not start: it prints one line
+(`STARTUP_FAILED` and the reason) and exits.
 
 A completion or chat request then runs under a set when its `model` is the set's name, or when its body
 says so: `{"steerlens": {"vectors": NAME, "scale": S}}` (scale optional: the set's own). The middleware
@@ -23,15 +25,18 @@ import asyncio
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from steerlens.backends.vector_bank import BASE, SCALE_ARG, SLOT_ARG, VectorBank, VectorSetError
+from steerlens.backends.vllm import SteeringProbe, check_installed
 from steerlens.backends.vllm_plugin import to_wire
 from steerlens.errors import SteerlensError
 from steerlens.vectors import ModelShape, SteeringVectors
 
 SERVE_SETTINGS = "STEERLENS_SERVE_SETTINGS"  # the environment variable the launcher writes them to
+STARTUP_FAILED = "steerlens: the server cannot start: "  # begins the one line a failed start prints
 VECTORS_PATH = "/steerlens/vectors"
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
@@ -82,18 +87,18 @@ class SteeringMiddleware:
         self.settings = ServeSettings.from_env()
         self.shape = ModelShape(self.settings.num_layers, self.settings.hidden_size, name=self.settings.base)
         self.bank = VectorBank(self.settings.capacity)
-        self._loading: asyncio.Future[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._starting(scope, send))
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         try:
             if scope["path"] == VECTORS_PATH:
-                await self._ensure_loaded(scope)
                 await self._vectors_endpoint(scope, receive, send)
             elif scope["method"] == "POST" and scope["path"] in GENERATION_PATHS and self._authorized(scope):
-                await self._ensure_loaded(scope)
                 await self._steer(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
@@ -106,17 +111,44 @@ class SteeringMiddleware:
         headers = dict(scope.get("headers") or [])
         return headers.get(b"authorization", b"").decode() == f"Bearer {self.settings.api_key}"
 
-    async def _ensure_loaded(self, scope: Scope) -> None:
-        """Before the first request: make every worker fill its slot buffers, and load the sets the server
-        was started with (one task, awaited by every request)."""
-        if self._loading is None:
-            self._loading = asyncio.ensure_future(self._load_started_sets(scope))
-        await asyncio.shield(self._loading)
+    def _starting(self, scope: Scope, send: Send) -> Send:
+        """The lifespan's `send`: before the server reports itself started, `_start`; if that fails, report the
+        start failed instead (uvicorn then exits), after printing the reason in one line."""
 
-    async def _load_started_sets(self, scope: Scope) -> None:
-        await scope["app"].state.engine_client.collective_rpc("steerlens_install")
+        async def send_after_start(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                try:
+                    await self._start(scope)
+                except Exception as err:  # noqa: BLE001 - every failure stops the start (see `failure_line`)
+                    line = STARTUP_FAILED + failure_line(err)
+                    print(line, file=sys.stderr, flush=True)
+                    message = {"type": "lifespan.startup.failed", "message": line}
+            await send(message)
+
+        return send_after_start
+
+    async def _start(self, scope: Scope) -> None:
+        """Make every worker fill its slot buffers, prove steering applied, load the sets the server started with."""
+        engine = scope["app"].state.engine_client
+        check_installed(await engine.collective_rpc("steerlens_install"))
+        await self._prove_steering(engine)
         for name, entry in self.settings.sets.items():
             await self._load(scope, name, entry["path"], float(entry.get("scale", 1.0)))
+
+    async def _prove_steering(self, engine: Any) -> float:
+        """The start-up probe (`SteeringProbe`) through the server's engine client; raises `SteeringNotApplied`."""
+        probe = SteeringProbe.of(engine.model_config, self.bank.probe_slot)
+        await engine.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(probe.vectors(self.shape).dense())))
+        try:
+            outputs = []
+            for call, (prompts, params) in enumerate(probe.calls()):
+                requests = (engine.generate(prompt, sampling, f"steerlens-probe-{call}-{i}")
+                            for i, (prompt, sampling) in enumerate(zip(prompts, params)))
+                outputs.append(await asyncio.gather(*map(final_output, requests)))
+        finally:
+            zeros = SteeringVectors.zeros(self.shape).dense()
+            await engine.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(zeros)))
+        return probe.judge(outputs)
 
     async def _load(self, scope: Scope, name: str, path: str, scale: float) -> dict[str, Any]:
         """Load the vectors in `path` as set `name` (a new set, or new values for an existing one)."""
@@ -191,6 +223,24 @@ class SteeringMiddleware:
         if name not in self.bank.names():
             raise RequestError(404, f"no vector set or model named {name!r}; available: {available}")
         return name, None if scale is None else float(scale)
+
+
+def failure_line(err: Exception) -> str:
+    """Why the start failed, in one line: a steerlens error's message, else the error's type and first line.
+    Every error is caught and reported so: one escaping the lifespan would read to uvicorn's default ("auto")
+    as an app without a lifespan, and the server would start without steering."""
+    if isinstance(err, (SteerlensError, RequestError)):
+        return str(err)
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+async def final_output(outputs: Any) -> Any:
+    """The last of the outputs an engine client's `generate` yields for one request."""
+    last = None
+    async for last in outputs:
+        pass
+    return last
 
 
 def finite_number(value: Any) -> bool:

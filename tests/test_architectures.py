@@ -135,8 +135,8 @@ def test_vllm_gives_the_hf_logprobs(family: Family, tmp_path: Path) -> None:
     except sl.ModelError as err:  # the engine refused the model: vLLM here has no model for it or cannot run it
         pytest.skip(f"vLLM: {first_line(err)}")
     with engine:
-        assert max_diff(sl.vllm.sequence_logprobs(engine.llm, prompt, completion), hf_logprobs(vectors)) <= ENGINE_ATOL
+        assert max_diff(sl.vllm.engine_logprobs(engine, prompt, completion), hf_logprobs(vectors)) <= ENGINE_ATOL
         handed_back = engine.vectors().save(tmp_path / "engine.safetensors")
         engine.remove()
-        assert max_diff(sl.vllm.sequence_logprobs(engine.llm, prompt, completion), hf_logprobs(zeros)) <= ENGINE_ATOL
+        assert max_diff(sl.vllm.engine_logprobs(engine, prompt, completion), hf_logprobs(zeros)) <= ENGINE_ATOL
     assert torch.equal(sl.SteeringVectors.load(handed_back).dense(), vectors.dense())

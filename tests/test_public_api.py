@@ -147,7 +147,7 @@ def test_vllm_engine_speaks_the_same_verbs(tiny_qwen_dir: Path, hf_model: tuple)
     first, second = random_vectors(model, 4), random_vectors(model, 5, layers=(0, 2))
     with sl.vllm.SteeredLLM(tiny_qwen_dir, first, kv_cache_memory_bytes=64 << 20, max_model_len=512) as engine:
         def engine_logprobs() -> torch.Tensor:
-            return sl.vllm.sequence_logprobs(engine.llm, prompt, completion)
+            return sl.vllm.engine_logprobs(engine, prompt, completion)
 
         assert (engine_logprobs() - hf_logprobs(first)).abs().max() <= 1e-3
         engine.update(second)

@@ -4,6 +4,7 @@ re-pushed vectors; bad pushes and stale syncs must fail loudly, and a model the 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,13 +16,15 @@ pytest.importorskip("vllm")
 
 from steerlens.backends.vllm import (  # noqa: E402
     SteeredArchitecture,
-    SyncError,
     SteeredLLM,
+    SteeringProbe,
+    SyncError,
+    engine_logprobs,
     hf_sequence_logprobs,
-    sequence_logprobs,
     verify_push,
 )
-from steerlens.errors import ModelError  # noqa: E402
+from steerlens.backends.vllm_plugin import to_wire  # noqa: E402
+from steerlens.errors import ModelError, SteeringNotApplied  # noqa: E402
 from steerlens.models import load_model  # noqa: E402
 from steerlens.tiny import byte_tokenizer  # noqa: E402
 from steerlens.vectors import ModelShape, SteeringVectors, VectorsError  # noqa: E402
@@ -80,7 +83,7 @@ def test_zero_vectors_match_stock_hf(engine: SteeredLLM, hf: tuple) -> None:
     model, tokenizer = hf
     engine.update(SteeringVectors.zeros(engine.shape))
     prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7, so \\boxed{7}.")
-    diff = (sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)).abs()
+    diff = (engine_logprobs(engine, prompt, completion) - stock_logprobs(model, prompt, completion)).abs()
     assert float(diff.max()) <= ATOL
 
 
@@ -90,7 +93,7 @@ def test_pushed_vectors_match_hf_hooks(engine: SteeredLLM, hf: tuple) -> None:
     engine.update(vectors)
     assert verify_push(engine, model, tokenizer, vectors, atol=ATOL) <= ATOL
     prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7.")
-    moved = sequence_logprobs(engine.llm, prompt, completion) - stock_logprobs(model, prompt, completion)
+    moved = engine_logprobs(engine, prompt, completion) - stock_logprobs(model, prompt, completion)
     assert float(moved.abs().max()) > 100 * ATOL  # the vectors really steer, so the match above means something
 
 
@@ -144,6 +147,36 @@ def test_push_clears_prefix_cache(engine: SteeredLLM, hf: tuple) -> None:
     token = output.outputs[0].token_ids[0]
     expected = hf_sequence_logprobs(model, vectors, prompt, [token])[0]
     assert abs(output.outputs[0].logprobs[0][token].logprob - float(expected)) <= ATOL
+
+
+def test_engine_runs_v1_and_base_slot_equals_stock_hf(engine: SteeredLLM, hf: tuple) -> None:
+    # The V1 pin reached vLLM's config; "base" (slot 0) is the stock model whatever the default set holds.
+    model, tokenizer = hf
+    assert engine.llm.llm_engine.vllm_config.use_v2_model_runner is False
+    engine.update(random_vectors(engine.shape, seed=11))
+    prompt, completion = ids(tokenizer, "Question: 3 + 4 =?\nAnswer:"), ids(tokenizer, " 7, so \\boxed{7}.")
+    diff = engine_logprobs(engine, prompt, completion, vectors="base") - stock_logprobs(model, prompt, completion)
+    assert float(diff.abs().max()) <= ATOL
+
+
+def test_startup_probe_passes_and_rejects_mixed_up_outputs(engine: SteeredLLM) -> None:
+    # The real probe passes (as it did at start, in under a second); the same real outputs with a batch's rows
+    # swapped, or with the scale-0 request given the steered one's output, are refused.
+    start = time.perf_counter()
+    shift = engine.prove_steering()
+    assert shift >= 0.01 and time.perf_counter() - start < 1.0
+    probe = SteeringProbe.of(engine.llm.llm_engine.model_config, engine.bank.probe_slot)
+    engine.llm.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(probe.vectors(engine.shape).dense())))
+    try:
+        outputs = [engine.llm.generate(prompts, params, use_tqdm=False) for prompts, params in probe.calls()]
+    finally:
+        engine.llm.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(torch.zeros(4, 128))))
+    assert probe.judge(outputs) == pytest.approx(shift, abs=1e-4)
+    (base, steered, off), *alone = outputs
+    for mixed_up in ([steered, base, off], [base, steered, steered]):
+        with pytest.raises(SteeringNotApplied, match=r"^steering is misapplied .* differ from its own run by") as info:
+            probe.judge([mixed_up, *alone])
+        assert "\n" not in str(info.value)
 
 
 def test_steered_architecture_override() -> None:

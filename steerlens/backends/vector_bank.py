@@ -2,7 +2,9 @@
 
 An engine's steered model keeps a bank of vector sets (see `vllm_plugin`): slot 0 is no steering, slot 1
 the engine's default set (what `SteeredLLM(model, vectors)` and `update(vectors)` write, and what a request
-that names no set gets), slots 2.. the named sets. `VectorBank` is the bookkeeping beside it, in the process
+that names no set gets), slots 2.. the named sets, and one last slot for the engine's start-up probe (a random
+set that proves steering is applied before anything is served; see `backends.vllm.SteeringProbe`).
+`VectorBank` is the bookkeeping beside it, in the process
 that sends requests (a `SteeredLLM`, or the OpenAI server's middleware): which slot each name has, its scale,
 its version, and how many requests are using it right now.
 
@@ -31,6 +33,11 @@ FIRST_NAMED_SLOT = 2
 SLOT_ARG = "steerlens_slot"  # the keys of a request's slot and scale in SamplingParams.extra_args
 SCALE_ARG = "steerlens_scale"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")
+
+
+def bank_slots(capacity: int) -> int:
+    """The slots of an engine's bank holding `capacity` named sets: base, default, the named sets, the probe's."""
+    return FIRST_NAMED_SLOT + capacity + 1
 
 
 class VectorSetError(SteerlensError, ValueError):
@@ -68,7 +75,12 @@ class VectorBank:
 
     @property
     def slots(self) -> int:
-        """The bank's size in the engine: base, default and `capacity` named slots."""
+        """The bank's size in the engine (`bank_slots`)."""
+        return bank_slots(self.capacity)
+
+    @property
+    def probe_slot(self) -> int:
+        """The slot the start-up probe writes its random set to (the last; never a named set's)."""
         return FIRST_NAMED_SLOT + self.capacity
 
     def names(self) -> list[str]:
@@ -96,7 +108,7 @@ class VectorBank:
             if name in self._sets:
                 raise VectorSetError(f"the engine already holds a vector set named {name!r}; update or remove it")
             used = {entry.slot for entry in self._sets.values()}
-            free = next((slot for slot in range(FIRST_NAMED_SLOT, self.slots) if slot not in used), None)
+            free = next((slot for slot in range(FIRST_NAMED_SLOT, self.probe_slot) if slot not in used), None)
             if free is None:
                 raise VectorSetError(f"the engine holds its maximum of {self.capacity} vector sets "
                                      f"({', '.join(self._sets)}); remove one, or start it with a larger max_vector_sets")

@@ -12,6 +12,8 @@ through `hf_overrides`, nothing on disk is touched. The engine holds a default s
   cache is keyed by set and version, so nothing is cleared), `remove(name)`, `names()`, `vectors(name)`;
 - `generate(prompts, sampling, vectors=...)` runs one batch in which each prompt has its own set (a name,
   or a name per prompt; "base" is the model unsteered).
+Before anything runs on it, the engine proves that it steers (`SteeringProbe`; one line, `SteeringNotApplied`,
+if not), and an engine whose model runner steerlens cannot fill its slots from stops there in one line too.
 `close()` stops the engine. `verify_push` checks the engine's log-probabilities, set by set, against the
 HF model with the same vectors, because a sync nobody verified is a sync that may have done nothing.
 A model the engine refuses, whichever layer of vLLM refuses it, raises one line (`engine_refusal`).
@@ -34,6 +36,7 @@ from torch import nn
 
 from steerlens.backends.hf import attach
 from steerlens.backends.vector_bank import (
+    BASE_SLOT,
     DEFAULT_SLOT,
     SCALE_ARG,
     SLOT_ARG,
@@ -45,6 +48,7 @@ from steerlens.backends.vector_bank import (
 )
 from steerlens.backends.vllm_plugin import (
     PREFIX,
+    V1_RUNNER_PARTS,
     VECTOR_SETS,
     WORKER_EXTENSION,
     from_wire,
@@ -52,7 +56,7 @@ from steerlens.backends.vllm_plugin import (
     to_wire,
     vllm_architectures,
 )
-from steerlens.errors import ModelError, SteerlensError
+from steerlens.errors import ModelError, SteeringNotApplied, SteerlensError
 from steerlens.models import resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
 
@@ -121,6 +125,16 @@ def engine_refusal(source: str, err: Exception) -> SteerlensError:
                       "objects to, or use the HF engine (engine='hf', --engine hf)")
 
 
+def check_installed(runners: Sequence[str | None]) -> None:
+    """Raise one line if a worker could not hook its model runner (`steerlens_install`'s replies: None, or the
+    class of a runner it cannot fill slots in), so an engine that cannot steer stops where it is built."""
+    refused = next((runner for runner in runners if runner), None)
+    if refused:
+        raise ModelError(f"vLLM's model runner {refused} has no {'/'.join(V1_RUNNER_PARTS)}, from which steerlens "
+                         "fills each token's vector-set slot, so this engine cannot steer; run the V1 model runner: "
+                         f"{V2_RUNNER_SETTING}=0 (the steerlens default; unset it or set it to 0)")
+
+
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False}
 
 
@@ -134,11 +148,23 @@ def engine_defaults() -> dict[str, Any]:
     """
     from vllm.platforms import current_platform
 
+    pin_v1_model_runner()
     defaults: dict[str, Any] = {"gpu_memory_utilization": 0.3}
     if current_platform.is_cpu():
         defaults.update(CPU_ENGINE_DEFAULTS)
         use_every_core_on_small_cpus()  # an environment setting: vLLM reads it in its worker process
     return defaults
+
+
+V2_RUNNER_SETTING = "VLLM_USE_V2_MODEL_RUNNER"
+
+
+def pin_v1_model_runner() -> None:
+    """Run vLLM's V1 model runner, the one whose batch layout steerlens fills its slots from (see `vllm_plugin`),
+    unless the user set `VLLM_USE_V2_MODEL_RUNNER` themselves. vLLM reads it from the environment when it builds
+    the engine config (`VllmConfig.use_v2_model_runner`), in this process and in the engine process it starts,
+    which inherits the environment; without it, CUDA vLLM 0.32 picks V2 for dense models."""
+    os.environ.setdefault(V2_RUNNER_SETTING, "0")
 
 
 SMALL_CPU = 4  # cores: up to this many, vLLM's worker gets them all (`use_every_core_on_small_cpus`)
@@ -182,10 +208,11 @@ DEFAULT_VECTOR_SETS = 8
 
 class SteeredLLM:
     """A `vllm.LLM` (`.llm`) running a steered model: a default vector set with the verbs of every steering
-    handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`)."""
+    handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`). It proves at
+    construction that steering is applied (`prove_steering`; `startup_probe=False` skips that)."""
 
     def __init__(self, model: str | Path, vectors: SteeringVectors | None = None,
-                 max_vector_sets: int = DEFAULT_VECTOR_SETS, **llm_kwargs: Any) -> None:
+                 max_vector_sets: int = DEFAULT_VECTOR_SETS, startup_probe: bool = True, **llm_kwargs: Any) -> None:
         require_vllm()
         from vllm import LLM
 
@@ -208,11 +235,28 @@ class SteeredLLM:
             name=str(model),
             architecture=model_config.architectures[0].removeprefix(PREFIX),
         )
-        self.llm.collective_rpc("steerlens_install")
         self.adapter: Any = None  # the LoRARequest every request carries (`load_adapter`), or None
         self._adapter_version = 0
-        if vectors is not None:
-            self.update(vectors)
+        try:
+            check_installed(self.llm.collective_rpc("steerlens_install"))
+            if startup_probe:
+                self.prove_steering()
+            if vectors is not None:
+                self.update(vectors)
+        except BaseException:
+            self.close()
+            raise
+
+    def prove_steering(self) -> float:
+        """Run the start-up probe (`SteeringProbe`): raise `SteeringNotApplied` in one line unless a random set
+        steers and every request gets its own set; returns how far it moved the log-probs (nats)."""
+        probe = SteeringProbe.of(self.llm.llm_engine.model_config, self.bank.probe_slot)
+        self._write(probe.slot, probe.vectors(self.shape))
+        try:
+            outputs = [self.llm.generate(prompts, params, use_tqdm=False) for prompts, params in probe.calls()]
+        finally:
+            self._write(probe.slot, SteeringVectors.zeros(self.shape))
+        return probe.judge(outputs)
 
     def load_adapter(self, path: str | Path) -> None:
         """Serve the peft LoRA adapter saved in `path` from now on (the engine must have been started with
@@ -312,13 +356,6 @@ class SteeredLLM:
             generate_kwargs.setdefault("use_tqdm", False)
             return self.llm.generate(inputs, per_request, **generate_kwargs)
 
-    def sequence_logprobs(self, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None) -> torch.Tensor:
-        """Log-probabilities the engine gives each token of `completion_ids` after `prompt_ids` under set
-        `vectors` (None: the default set) and the loaded adapter (fp32, CPU)."""
-        (output,) = self.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
-                                  scoring_params(prompt_ids, completion_ids), vectors=vectors)
-        return scored_logprobs(output, prompt_ids, completion_ids)
-
     def close(self) -> None:
         """Stop the engine's processes now rather than when the object is garbage-collected."""
         self.llm.llm_engine.engine_core.shutdown()
@@ -359,7 +396,7 @@ def scoring_params(prompt_ids: list[int], completion_ids: list[int]) -> Any:
     from vllm import SamplingParams
 
     if not prompt_ids or not completion_ids:
-        raise SteerlensError("sequence_logprobs needs a non-empty prompt and a non-empty completion")
+        raise SteerlensError("engine_logprobs needs a non-empty prompt and a non-empty completion")
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
 
@@ -370,13 +407,90 @@ def scored_logprobs(output: Any, prompt_ids: list[int], completion_ids: list[int
                         dtype=torch.float32)
 
 
-def sequence_logprobs(llm: Any, prompt_ids: list[int], completion_ids: list[int], lora_request: Any = None) -> torch.Tensor:
-    """Log-probabilities a `vllm.LLM` gives each token of `completion_ids` after `prompt_ids` (fp32, CPU),
-    with the LoRA adapter of `lora_request` if given; a steered engine's raw `llm` runs its default set
-    (`SteeredLLM.sequence_logprobs` picks a set)."""
-    (output,) = llm.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
-                             scoring_params(prompt_ids, completion_ids), use_tqdm=False, lora_request=lora_request)
+def engine_logprobs(steering: SteeredLLM, prompt_ids: list[int], completion_ids: list[int],
+                    vectors: str | None = None) -> torch.Tensor:
+    """Log-probabilities the vLLM engine gives each token of `completion_ids` after `prompt_ids` under set
+    `vectors` (None: the default set; "base": unsteered) and its loaded adapter (fp32, CPU)."""
+    (output,) = steering.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
+                                  scoring_params(prompt_ids, completion_ids), vectors=vectors)
     return scored_logprobs(output, prompt_ids, completion_ids)
+
+
+PROBE_TOKENS = 16  # length of the fixed token sequence the start-up probe scores
+PROBE_SEED = 29
+PROBE_STD = 4.0  # per-coordinate standard deviation of the probe's random vectors, at every layer
+PROBE_MIN_SHIFT = 10  # times atol: the least the probe set must move some token's log-prob
+PROBE_SALT = "steerlens:probe"  # its requests' prefix-cache salt: no other request reads their KV
+
+
+def probe_atol(dtype: torch.dtype) -> float:
+    """How far a request's log-probs may differ between a batch and running alone: fp32 is nearly batch-invariant,
+    16-bit kernels can differ between batch shapes by hundredths of a nat."""
+    return 1e-3 if dtype == torch.float32 else 0.1
+
+
+@dataclass(frozen=True)
+class SteeringProbe:
+    """The start-up proof that an engine applies its vector sets, request by request, on whatever model runner.
+
+    A random set is written to the bank's spare probe slot and a fixed token sequence is scored (prompt log-probs)
+    in three calls: one batch of base (slot 0), the probe set, and the probe set at scale 0; then base alone;
+    then the probe set alone. Steering is applied when the probe set moves some token's log-prob by at least
+    `PROBE_MIN_SHIFT` times `atol` and every request of the batch gets what it gets alone (the probe at scale 0
+    what base gets) to `atol`. A fill that never runs, layers that do not add, scales ignored, or slots given to
+    the wrong rows all fail. No reference model is needed: slot 0 adds exact zeros, so base is the stock model
+    (the trainer's `verify_push` compares with HF as well).
+    """
+
+    slot: int
+    vocab_size: int
+    atol: float
+
+    @classmethod
+    def of(cls, model_config: Any, slot: int) -> SteeringProbe:
+        """The probe of an engine with vLLM model config `model_config`, writing to bank slot `slot`."""
+        return cls(slot, model_config.get_vocab_size(), probe_atol(model_config.dtype))
+
+    def vectors(self, shape: ModelShape) -> SteeringVectors:
+        """The random set written to the probe slot (seeded: the same on every start)."""
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        values = torch.randn(shape.num_layers, shape.hidden_size, generator=generator) * PROBE_STD
+        return SteeringVectors(values, tuple(range(shape.num_layers)), shape.num_layers)
+
+    def tokens(self) -> list[int]:
+        """The fixed token sequence scored (spread over the vocabulary)."""
+        return [(11 + 7919 * position) % self.vocab_size for position in range(PROBE_TOKENS)]
+
+    def calls(self) -> list[tuple[list[dict[str, Any]], list[Any]]]:
+        """The prompts and sampling parameters of each call: the mixed batch, base alone, the probe set alone."""
+        tokens = self.tokens()
+        base, steered, off = (BASE_SLOT, 0.0), (self.slot, 1.0), (self.slot, 0.0)
+        prompt = {"prompt_token_ids": tokens, "cache_salt": PROBE_SALT}
+        scoring = scoring_params(tokens[:1], tokens[1:])
+        params = {choice: with_extra_args(scoring, {SLOT_ARG: choice[0], SCALE_ARG: choice[1]})
+                  for choice in (base, steered, off)}
+        return [([prompt] * 3, [params[base], params[steered], params[off]]), ([prompt], [params[base]]),
+                ([prompt], [params[steered]])]
+
+    def judge(self, outputs: Sequence[Sequence[Any]]) -> float:
+        """Raise `SteeringNotApplied` unless the calls' outputs show steering applied; returns the shift (nats)."""
+        tokens = self.tokens()
+        (mixed_base, mixed_steered, mixed_off), (base,), (steered,) = (
+            [scored_logprobs(output, tokens[:1], tokens[1:]) for output in call] for call in outputs)
+        shift = float((steered - base).abs().max())
+        if not shift >= PROBE_MIN_SHIFT * self.atol:  # also catches NaN
+            raise SteeringNotApplied(
+                f"steering is not applied in this vLLM engine: a random vector set moved its log-probs by at most "
+                f"{shift:.3g} nats (expected >= {PROBE_MIN_SHIFT * self.atol:g}), so the slot fill or the steered "
+                "layers never ran; nothing was generated")
+        drift = max(float((got - alone).abs().max())
+                    for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base)))
+        if not drift <= self.atol:
+            raise SteeringNotApplied(
+                f"steering is misapplied in this vLLM engine: in one batch, a request's log-probs differ from its "
+                f"own run by {drift:.3g} nats (> {self.atol:g}), so requests got other requests' vector sets or "
+                "scales; nothing was generated")
+        return shift
 
 
 @torch.no_grad()
@@ -404,7 +518,7 @@ def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vecto
     """
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    engine = steering.sequence_logprobs(prompt_ids, completion_ids, vectors=name)
+    engine = engine_logprobs(steering, prompt_ids, completion_ids, vectors=name)
     scale = steering.bank.request(name)[0][SCALE_ARG]  # the scale the set's requests run at
     expected = vectors.scale(scale) if vectors is not None and scale != 1.0 else vectors
     reference = hf_sequence_logprobs(hf_model, expected, prompt_ids, completion_ids)

@@ -22,13 +22,16 @@ returning `(hidden, residual)` whose sum the next layer's fused norm (or the fin
 The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model
 runner's `_prepare_inputs` so that, once the scheduled batch is laid out, each token gets the slot and
 scale of its own request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default
-slot 1, scale 1). The forward pass itself runs no Python of ours beyond the add, and compiled or captured
+slot 1, scale 1). That is vLLM's V1 model runner (steerlens pins it: `VLLM_USE_V2_MODEL_RUNNER=0`); on a
+runner without it the install reports the runner's class instead of raising, because an error raised here
+reaches the host as a plain `Exception` (its type is lost in `collective_rpc`), and the host raises it. The forward pass itself runs no Python of ours beyond the add, and compiled or captured
 graphs stay valid, because the buffers are only ever written in place. Being buffers, not parameters, they are never expected in a checkpoint nor
 filled by dummy weight loading. Values arrive through `SteeringWorkerExtension` as in-place `copy_`s.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from steerlens.anatomy import decoder_layers
-from steerlens.backends.vector_bank import DEFAULT_SLOT, FIRST_NAMED_SLOT, SCALE_ARG, SLOT_ARG
+from steerlens.backends.vector_bank import DEFAULT_SLOT, SCALE_ARG, SLOT_ARG, bank_slots
 from steerlens.errors import ModelError
 from steerlens.vectors import VectorsError
 
@@ -46,6 +49,8 @@ SLOTS = "steerlens_slots"
 SCALES = "steerlens_scales"
 VECTOR_SETS = "steerlens_vector_sets"  # the config attribute that sizes the bank (set by SteeredArchitecture)
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
+V1_RUNNER_PARTS = ("_prepare_inputs", "input_batch", "requests")  # what `fill_slots` reads from the model runner
+SKIP_FILL = "STEERLENS_TEST_SKIP_SLOT_FILL"  # "1": install nothing, as on a runner whose batches go unseen (tests)
 
 _layer_classes: dict[type, type] = {}
 
@@ -109,7 +114,7 @@ def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> N
     layers = decoder_layers(model, architecture)
     text_config = vllm_config.model_config.hf_text_config
     named = int(getattr(vllm_config.model_config.hf_config, VECTOR_SETS, 0) or 0)
-    bank = torch.zeros(len(layers), FIRST_NAMED_SLOT + named, int(text_config.hidden_size))
+    bank = torch.zeros(len(layers), bank_slots(named), int(text_config.hidden_size))
     tokens = max(int(vllm_config.scheduler_config.max_num_batched_tokens),
                  int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0))
     buffers = {BANK: bank, SLOTS: torch.full((tokens,), DEFAULT_SLOT, dtype=torch.long), SCALES: torch.ones(tokens, 1)}
@@ -193,16 +198,15 @@ class SteeringWorkerExtension:
 
     model_runner: Any
 
-    def steerlens_install(self) -> int:
-        """Make this worker fill the slot buffer before every forward pass (idempotent); returns the bank's
-        slot count."""
+    def steerlens_install(self) -> str | None:
+        """Make this worker fill the slot buffers before every forward pass (idempotent). Returns None, or
+        the model runner's class when it lacks what the fill reads (`V1_RUNNER_PARTS`): the host raises."""
         runner = self.model_runner
         bank, slots, scales = steering_buffers(runner.get_model())
-        prepare = getattr(runner, "_prepare_inputs", None)
-        if prepare is None:
-            raise ModelError(f"{type(runner).__name__} has no _prepare_inputs: this vLLM build lays out batches "
-                             "in a way steerlens does not know, so per-request vector sets cannot run on it")
-        if not getattr(prepare, "steerlens", False):
+        if not all(hasattr(runner, part) for part in V1_RUNNER_PARTS):
+            return f"{type(runner).__module__}.{type(runner).__qualname__}"
+        prepare = runner._prepare_inputs
+        if not getattr(prepare, "steerlens", False) and os.environ.get(SKIP_FILL) != "1":
 
             def prepare_with_slots(scheduler_output: Any, scheduled: np.ndarray, *args: Any, **kwargs: Any) -> Any:
                 result = prepare(scheduler_output, scheduled, *args, **kwargs)
@@ -211,7 +215,7 @@ class SteeringWorkerExtension:
 
             prepare_with_slots.steerlens = True  # type: ignore[attr-defined]
             runner._prepare_inputs = prepare_with_slots
-        return int(bank.shape[1])
+        return None
 
     def steerlens_write(self, slot: int, data: bytes, shape: list[int]) -> None:
         """Copy the `[L, d]` values in `data` (see `to_wire`) into bank slot `slot` of this worker, in place."""
