@@ -8,9 +8,9 @@ objects, call a library function, save what it returns and print where. Nothing 
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
+import pkgutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,8 +88,7 @@ class ConfigCommand(TyperCommand):
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from steerlens.config import describe
 
-        module, _, name = self.config.partition(":")
-        options = describe(getattr(importlib.import_module(module), name)).replace("\n", "\n\n")
+        options = describe(pkgutil.resolve_name(self.config)).replace("\n", "\n\n")
         formatter.write_paragraph()
         with formatter.indentation():
             formatter.write_text("Options of the config (YAML keys, or --key value on the command line):\n\n" + options)
