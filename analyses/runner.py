@@ -7,8 +7,9 @@ root on `sys.path` to import this module as `analyses.runner`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from steerlens.config import build_config, read_config
 from steerlens.rl.config import TrainConfig
@@ -27,6 +28,16 @@ def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -
 def training_config(preset: Path, out_dir: Path, steps: int, **overrides: Any) -> TrainConfig:
     """The training preset for `steps` steps into `out_dir`, saved once at the end, with no held-out report or
     progress bar, resuming what an earlier run left there; `overrides` set further keys (checked as a file's)."""
-    return build_config(TrainConfig, preset, {"steps": steps, "save_every": steps, "eval_data": None,
-                                              "progress": False, "out_dir": str(out_dir),
-                                              "resume": out_dir.exists(), **overrides})
+    return build_config(
+        TrainConfig,
+        preset,
+        {
+            "steps": steps,
+            "save_every": steps,
+            "eval_data": None,
+            "progress": False,
+            "out_dir": str(out_dir),
+            "resume": out_dir.exists(),
+            **overrides,
+        },
+    )

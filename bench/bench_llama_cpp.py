@@ -68,12 +68,14 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
 def shift(vectors: SteeringVectors, by: int) -> SteeringVectors:
     """The same directions added `by` blocks later (layers that fall off the model are dropped)."""
     keep = [i for i, layer in enumerate(vectors.layers) if 0 <= layer + by < vectors.num_layers]
-    return SteeringVectors(values=vectors.values[keep].clone(), layers=tuple(vectors.layers[i] + by for i in keep),
-                           num_layers=vectors.num_layers)
+    return SteeringVectors(
+        values=vectors.values[keep].clone(),
+        layers=tuple(vectors.layers[i] + by for i in keep),
+        num_layers=vectors.num_layers,
+    )
 
 
-def layer_check(llm: Any, model: Any, prompts: list[list[int]], dropped: SteeringVectors,
-                path: Path) -> dict[str, Any]:
+def layer_check(llm: Any, model: Any, prompts: list[list[int]], dropped: SteeringVectors, path: Path) -> dict[str, Any]:
     """How llama.cpp's steered-minus-base last logits compare with steerlens HF's when HF adds the same
     directions shifted by -1, 0, +1 blocks: mean correlation and relative error over `prompts`."""
     n_vocab = llm.n_vocab()
@@ -104,9 +106,11 @@ def layer_check(llm: Any, model: Any, prompts: list[list[int]], dropped: Steerin
             corr[by].append(float(np.corrcoef(delta, hf_delta)[0, 1]))
             error[by].append(float(np.linalg.norm(delta - hf_delta) / np.linalg.norm(hf_delta)))
     apply_control_vector(llm, None)
-    return {**{f"corr{by:+d}": float(np.mean(v)) for by, v in corr.items()},
-            **{f"relerr{by:+d}": float(np.mean(v)) for by, v in error.items()},
-            "per_prompt_corr": {f"{by:+d}": v for by, v in corr.items()}}
+    return {
+        **{f"corr{by:+d}": float(np.mean(v)) for by, v in corr.items()},
+        **{f"relerr{by:+d}": float(np.mean(v)) for by, v in error.items()},
+        "per_prompt_corr": {f"{by:+d}": v for by, v in corr.items()},
+    }
 
 
 def score(tokenizer: Any, ids: list[list[int]], problems: list[Problem]) -> tuple[float, list[str]]:
@@ -130,12 +134,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full = SteeringVectors.load(smollm.TRAINED_VECTORS)
     dropped = full.select([layer for layer in full.layers if layer != 0])
 
-    llm = llama_cpp.Llama(str(smollm.gguf_path()), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        str(smollm.gguf_path()), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False
+    )
     results: dict[str, Any] = {
-        "problems": args.problems, "max_new_tokens": args.max_new_tokens, "threads": args.threads, "reps": args.reps,
-        "check_prompts": args.check_prompts, "llama_cpp_python": llama_cpp.__version__,
-        "vectors": smollm.TRAINED_VECTORS.name, "runs": {}, "agreement": {},
+        "problems": args.problems,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "reps": args.reps,
+        "check_prompts": args.check_prompts,
+        "llama_cpp_python": llama_cpp.__version__,
+        "vectors": smollm.TRAINED_VECTORS.name,
+        "runs": {},
+        "agreement": {},
     }
     tokens: dict[str, list[list[int]]] = {}
 
@@ -153,14 +164,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         accuracy, texts = score(tokenizer, ids, problems)
         generated = sum(len(row) for row in ids)
         tokens[name] = ids
-        results["runs"][name] = {"engine": engine, "accuracy": accuracy, "wall_s": wall, "tokens": generated,
-                                 "tokens_per_s": generated / wall, "repeats_identical": True,
-                                 "completions": texts, "token_ids": ids}
+        results["runs"][name] = {
+            "engine": engine,
+            "accuracy": accuracy,
+            "wall_s": wall,
+            "tokens": generated,
+            "tokens_per_s": generated / wall,
+            "repeats_identical": True,
+            "completions": texts,
+            "token_ids": ids,
+        }
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = write_vectors(full, Path(tmp) / "smollm2-word-arith.gguf", "llama.cpp", drop_layer0=True)
             results["layer_check"] = layer_check(llm, model, encoded[: args.check_prompts], dropped, path)
+
             def llama() -> list[list[int]]:
                 return greedy_generate(llm, encoded, args.max_new_tokens, stops)
 
@@ -186,13 +205,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timed("steerlens HF steered (layers 1-29)", "steerlens HF", lambda: hf(dropped))
     rollout.update(None)
 
-    pairs = {"llama.cpp vs HF, base": ("llama.cpp base", "steerlens HF base"),
-             "llama.cpp vs HF, steered layers 1-29": ("llama.cpp steered (layers 1-29)",
-                                                      "steerlens HF steered (layers 1-29)"),
-             "llama.cpp layers 1-29 vs HF layers 0-29": ("llama.cpp steered (layers 1-29)",
-                                                         "steerlens HF steered (layers 0-29)"),
-             "HF layers 1-29 vs HF layers 0-29 (what dropping layer 0 changes)": (
-                 "steerlens HF steered (layers 1-29)", "steerlens HF steered (layers 0-29)")}
+    pairs = {
+        "llama.cpp vs HF, base": ("llama.cpp base", "steerlens HF base"),
+        "llama.cpp vs HF, steered layers 1-29": (
+            "llama.cpp steered (layers 1-29)",
+            "steerlens HF steered (layers 1-29)",
+        ),
+        "llama.cpp layers 1-29 vs HF layers 0-29": (
+            "llama.cpp steered (layers 1-29)",
+            "steerlens HF steered (layers 0-29)",
+        ),
+        "HF layers 1-29 vs HF layers 0-29 (what dropping layer 0 changes)": (
+            "steerlens HF steered (layers 1-29)",
+            "steerlens HF steered (layers 0-29)",
+        ),
+    }
     for label, (a, b) in pairs.items():
         results["agreement"][label] = agreement(tokens[a], tokens[b])
     return results
@@ -210,18 +237,25 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, run_ in result["runs"].items():
         same = "yes" if run_["repeats_identical"] else "NO"
-        lines.append(f"| {name} | {run_['engine']} | {run_['accuracy']:.3f} | {run_['wall_s']:.1f} | "
-                     f"{run_['tokens']} | {run_['tokens_per_s']:.0f} | {same} |")
-    lines += ["", "| token agreement | identical completions | mean share before first difference |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {name} | {run_['engine']} | {run_['accuracy']:.3f} | {run_['wall_s']:.1f} | "
+            f"{run_['tokens']} | {run_['tokens_per_s']:.0f} | {same} |"
+        )
+    lines += ["", "| token agreement | identical completions | mean share before first difference |", "|---|---|---|"]
     for label, agree in result["agreement"].items():
         lines.append(f"| {label} | {agree['identical']:.3f} | {agree['prefix_share']:.3f} |")
-    lines += ["", "| layer placement: steerlens HF adds direction.N after block | N-1 | N | N+1 |", "|---|---|---|---|",
-              "| correlation with llama.cpp's change to the next-token logits | "
-              + " | ".join(f"{check[f'corr{by:+d}']:.3f}" for by in (-1, 0, 1)) + " |",
-              "| relative error of HF's change vs llama.cpp's | "
-              + " | ".join(f"{check[f'relerr{by:+d}']:.3f}" for by in (-1, 0, 1)) + " |",
-              f"(mean over {result['check_prompts']} prompts)"]
+    lines += [
+        "",
+        "| layer placement: steerlens HF adds direction.N after block | N-1 | N | N+1 |",
+        "|---|---|---|---|",
+        "| correlation with llama.cpp's change to the next-token logits | "
+        + " | ".join(f"{check[f'corr{by:+d}']:.3f}" for by in (-1, 0, 1))
+        + " |",
+        "| relative error of HF's change vs llama.cpp's | "
+        + " | ".join(f"{check[f'relerr{by:+d}']:.3f}" for by in (-1, 0, 1))
+        + " |",
+        f"(mean over {result['check_prompts']} prompts)",
+    ]
     return "\n".join(lines)
 
 
@@ -232,8 +266,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp n_threads and torch threads")
     parser.add_argument("--reps", type=int, default=2, help="runs of each setting, interleaved; best wall time kept")
     parser.add_argument("--check-prompts", type=int, default=4, help="prompts in the layer-placement check")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="write the results (completions and their token ids included) as JSON")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the results (completions and their token ids included) as JSON"
+    )
     return parser
 
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(0)
     unembed = torch.empty(args.vocab, args.hidden, dtype=getattr(torch, args.dtype))
     for start in range(0, args.vocab, 8192):  # filled in blocks: no full-size fp32 temporary
-        block = unembed[start:start + 8192]
+        block = unembed[start : start + 8192]
         block.copy_(torch.randn(block.shape, generator=gen))
     vectors = torch.randn(args.layers, args.hidden, generator=gen)
     before = peak_rss_gib()
@@ -58,9 +58,18 @@ def run(args: argparse.Namespace) -> dict:
         result = logit_lens(vectors, unembed, k=args.k, chunk_size=args.chunk_size)
         times.append(time.perf_counter() - start)
     assert len(result.top) == args.layers * args.k
-    return {"layers": args.layers, "vocab": args.vocab, "hidden": args.hidden, "dtype": args.dtype, "k": args.k,
-            "threads": torch.get_num_threads(), "unembedding_gib": unembed.numel() * unembed.element_size() / 2**30,
-            "median_s": statistics.median(times), "all_s": times, "extra_peak_gib": peak_rss_gib() - before}
+    return {
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "dtype": args.dtype,
+        "k": args.k,
+        "threads": torch.get_num_threads(),
+        "unembedding_gib": unembed.numel() * unembed.element_size() / 2**30,
+        "median_s": statistics.median(times),
+        "all_s": times,
+        "extra_peak_gib": peak_rss_gib() - before,
+    }
 
 
 def main() -> None:
@@ -69,8 +78,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(r, indent=2))
         return
-    print(f"logit lens: {r['layers']} layers x {r['vocab']} tokens x d={r['hidden']} ({r['dtype']}, "
-          f"{r['unembedding_gib']:.2f} GiB), k={r['k']}, chunk {args.chunk_size}, {r['threads']} threads")
+    print(
+        f"logit lens: {r['layers']} layers x {r['vocab']} tokens x d={r['hidden']} ({r['dtype']}, "
+        f"{r['unembedding_gib']:.2f} GiB), k={r['k']}, chunk {args.chunk_size}, {r['threads']} threads"
+    )
     print(f"  median {r['median_s']:.2f} s over {args.repeats} runs (all: {', '.join(f'{t:.2f}' for t in r['all_s'])})")
     print(f"  peak memory beyond the unembedding: {r['extra_peak_gib']:.2f} GiB")
 

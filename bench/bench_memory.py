@@ -76,12 +76,12 @@ BENCH_SHAPE = "Qwen/Qwen2.5-1.5B"
 
 # The GPU: an 80 GB card as CUDA reports it (H100 80GB: 81,559 MiB; A100 80GB: 81,920 MiB; the smaller one).
 GPU_BYTES = 81559 * MiB
-HEADROOM = 0.10            # a preset fits when trainer + engine <= (1 - HEADROOM) x GPU
+HEADROOM = 0.10  # a preset fits when trainer + engine <= (1 - HEADROOM) x GPU
 TRAINER_ALLOWANCE = 2 * GiB  # trainer's CUDA context (~0.5-1 GB), cuBLAS workspaces, allocator fragmentation
-ENGINE_CONTEXT = 1 * GiB     # vLLM's engine process: its own CUDA context, outside gpu_memory_utilization
-ENGINE_OVERHEAD = 2 * GiB    # inside vLLM's share, besides weights and KV: profiled activations, CUDA graphs
-PROMPT_TOKENS = 1024         # the presets keep 1024 tokens of context for the prompt
-BF16 = 2 / 4                 # activation bytes on GPU (bf16) relative to the fp32 CPU measurement
+ENGINE_CONTEXT = 1 * GiB  # vLLM's engine process: its own CUDA context, outside gpu_memory_utilization
+ENGINE_OVERHEAD = 2 * GiB  # inside vLLM's share, besides weights and KV: profiled activations, CUDA graphs
+PROMPT_TOKENS = 1024  # the presets keep 1024 tokens of context for the prompt
+BF16 = 2 / 4  # activation bytes on GPU (bf16) relative to the fp32 CPU measurement
 
 # The fit of the run recorded in bench/RESULTS.md ("Memory model of one RLOO update (issue 14)"); used by
 # --predict-only and --quick. Bytes, fp32, Qwen2.5-1.5B layer shape.
@@ -89,9 +89,14 @@ RECORDED_FIT: dict[str, Any] = {
     "plain": {"a": 109794090.2, "b": 100480.4, "c": 135687.9},
     "checkpointed": {"a": 27215046.2, "b": 248935.0, "c": 6155.2},
     "logprob_k": 2.9966,
-    "layer_saved": {"Qwen/Qwen2.5-1.5B|full": 194616.0, "Qwen/Qwen2.5-1.5B|lora": 171068.0,
-                    "Qwen/Qwen2.5-1.5B|steering": 135224.0, "Qwen/Qwen2.5-14B|steering": 257192.0,
-                    "Qwen/Qwen2.5-7B|steering": 289912.0, "meta-llama/Llama-3.1-8B|steering": 246920.0},
+    "layer_saved": {
+        "Qwen/Qwen2.5-1.5B|full": 194616.0,
+        "Qwen/Qwen2.5-1.5B|lora": 171068.0,
+        "Qwen/Qwen2.5-1.5B|steering": 135224.0,
+        "Qwen/Qwen2.5-14B|steering": 257192.0,
+        "Qwen/Qwen2.5-7B|steering": 289912.0,
+        "meta-llama/Llama-3.1-8B|steering": 246920.0,
+    },
 }
 
 
@@ -102,10 +107,19 @@ def build(layers: int, vocab: int, shape: str = BENCH_SHAPE) -> Any:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     _, d, mlp, heads, kv, _, _, _ = HUB[shape]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=d, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=32768,
-                         rope_theta=1e6, tie_word_embeddings=True, attn_implementation="sdpa",
-                         architectures=["Qwen2ForCausalLM"])
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        architectures=["Qwen2ForCausalLM"],
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
@@ -155,8 +169,12 @@ def measure_update(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     grad = policy.parameters()[0].grad
     assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad.abs().sum()) > 0
-    return {**spec, "resident_mib": resident / MiB, "peak_mib": (status_kib("VmHWM") * 1024 - resident) / MiB,
-            "seconds": seconds}
+    return {
+        **spec,
+        "resident_mib": resident / MiB,
+        "peak_mib": (status_kib("VmHWM") * 1024 - resident) / MiB,
+        "seconds": seconds,
+    }
 
 
 def layer_saved_bytes(shape: str, kind: str, tokens: int = 128) -> float:
@@ -208,19 +226,36 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 SWEEP_VOCAB, SWEEP_CHUNK = 32768, 512
 
 
-def spec(layers: int, completion: int, checkpointing: bool = False, vocab: int = SWEEP_VOCAB, chunk: int = SWEEP_CHUNK,
-         path: str = "chunked", group: str = "sweep", prompt: int = BENCH_PROMPT) -> dict[str, Any]:
-    return {"task": "update", "group": group, "layers": layers, "completion": completion, "prompt": prompt,
-            "checkpointing": checkpointing, "vocab": vocab, "chunk": chunk, "path": path}
+def spec(
+    layers: int,
+    completion: int,
+    checkpointing: bool = False,
+    vocab: int = SWEEP_VOCAB,
+    chunk: int = SWEEP_CHUNK,
+    path: str = "chunked",
+    group: str = "sweep",
+    prompt: int = BENCH_PROMPT,
+) -> dict[str, Any]:
+    return {
+        "task": "update",
+        "group": group,
+        "layers": layers,
+        "completion": completion,
+        "prompt": prompt,
+        "checkpointing": checkpointing,
+        "vocab": vocab,
+        "chunk": chunk,
+        "path": path,
+    }
 
 
 def plan(quick: bool) -> list[dict[str, Any]]:
     if quick:
         return [spec(1, 256, prompt=128, chunk=256), spec(1, 512, prompt=128, chunk=256)]
-    runs = [spec(2, c) for c in (512, 1024, 2048, 4096, 8192)]                        # n = 1, every length
-    runs += [spec(4, c) for c in (1024, 8192)]                                         # n = 3
-    runs += [spec(2, c, True) for c in (1024, 4096, 8192)]                             # checkpointed, n = 1
-    runs += [spec(4, c, True) for c in (1024, 8192)]                                   # checkpointed, n = 3
+    runs = [spec(2, c) for c in (512, 1024, 2048, 4096, 8192)]  # n = 1, every length
+    runs += [spec(4, c) for c in (1024, 8192)]  # n = 3
+    runs += [spec(2, c, True) for c in (1024, 4096, 8192)]  # checkpointed, n = 1
+    runs += [spec(4, c, True) for c in (1024, 8192)]  # checkpointed, n = 3
     runs += [spec(1, c, vocab=v, chunk=1024, group="logprob") for v in (32768, 151936) for c in (1024, 2048)]
     runs += [spec(1, 1024, vocab=151936, chunk=256, group="logprob")]
     runs += [spec(1, c, vocab=151936, path="full-logits", group="reference") for c in (1024, 8192)]
@@ -246,8 +281,13 @@ CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536
 
 
 def run_child(payload: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(payload)], capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, **CHILD_ENV})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **CHILD_ENV},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"child {payload} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,15 +304,20 @@ def measure(runs: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
             continue
         r = run_child(s)
         results.append(r)
-        print(f"run   {label(s)}: peak +{r['peak_mib']:.0f} MiB over {r['resident_mib']:.0f} MiB resident, "
-              f"{r['seconds']:.1f} s", file=sys.stderr)
+        print(
+            f"run   {label(s)}: peak +{r['peak_mib']:.0f} MiB over {r['resident_mib']:.0f} MiB resident, "
+            f"{r['seconds']:.1f} s",
+            file=sys.stderr,
+        )
     return results
 
 
 def label(s: dict[str, Any]) -> str:
     mode = "ckpt" if s["checkpointing"] else "plain"
-    return (f"{s['group']:9s} L={s['layers']} {mode:5s} V={s['vocab']:6d} chunk={s['chunk']:4d} {s['path']:11s} "
-            f"C={s['completion']}")
+    return (
+        f"{s['group']:9s} L={s['layers']} {mode:5s} V={s['vocab']:6d} chunk={s['chunk']:4d} {s['path']:11s} "
+        f"C={s['completion']}"
+    )
 
 
 # ---- the fit -------------------------------------------------------------------------------------------
@@ -305,8 +350,16 @@ def fit(results: list[dict[str, Any]]) -> dict[str, Any]:
         out[mode] = {"a": a, "b": b, "c": c}
         for r, row in zip(pts, rows):
             model = a + b * row[1] + c * row[2]
-            out["residuals"].append({"fit": mode, "layers": r["layers"], "tokens": row[1], "peak_mib": r["peak_mib"],
-                                     "fitted_mib": model / MiB, "residual_mib": r["peak_mib"] - model / MiB})
+            out["residuals"].append(
+                {
+                    "fit": mode,
+                    "layers": r["layers"],
+                    "tokens": row[1],
+                    "peak_mib": r["peak_mib"],
+                    "fitted_mib": model / MiB,
+                    "residual_mib": r["peak_mib"] - model / MiB,
+                }
+            )
     pts = [r for r in done if r["group"] == "logprob"]
     if len(pts) >= 3:
         # peak = a' + b'*T + k * chunk * vocab * 4 (one sequence, layer 0 only: n = 0)
@@ -315,16 +368,29 @@ def fit(results: list[dict[str, Any]]) -> dict[str, Any]:
         out["logprob"] = {"a": a, "b": b, "k": k}
         for r, row in zip(pts, rows):
             model = a + b * row[1] + k * row[2]
-            out["residuals"].append({"fit": "logprob", "layers": r["layers"], "tokens": row[1], "vocab": r["vocab"],
-                                     "chunk": r["chunk"], "peak_mib": r["peak_mib"], "fitted_mib": model / MiB,
-                                     "residual_mib": r["peak_mib"] - model / MiB})
+            out["residuals"].append(
+                {
+                    "fit": "logprob",
+                    "layers": r["layers"],
+                    "tokens": row[1],
+                    "vocab": r["vocab"],
+                    "chunk": r["chunk"],
+                    "peak_mib": r["peak_mib"],
+                    "fitted_mib": model / MiB,
+                    "residual_mib": r["peak_mib"] - model / MiB,
+                }
+            )
     ref = [r for r in done if r["group"] == "reference"]
     if ref and "logprob" in out:
         lp = out["logprob"]
         out["reference_bytes_per_token"] = [
-            {"completion": r["completion"],
-             "bytes_per_token": (r["peak_mib"] * MiB - lp["a"] - lp["b"] * (r["prompt"] + r["completion"]))
-             / (r["prompt"] + r["completion"])} for r in ref]
+            {
+                "completion": r["completion"],
+                "bytes_per_token": (r["peak_mib"] * MiB - lp["a"] - lp["b"] * (r["prompt"] + r["completion"]))
+                / (r["prompt"] + r["completion"]),
+            }
+            for r in ref
+        ]
     return out
 
 
@@ -333,15 +399,21 @@ def fit_summary(f: dict[str, Any]) -> list[str]:
     for mode in ("plain", "checkpointed"):
         if mode in f:
             p = f[mode]
-            lines.append(f"{mode:12s}: peak = {p['a'] / MiB:7.1f} MiB + {p['b'] / 1024:6.1f} KiB x T + "
-                         f"{p['c'] / 1024:6.1f} KiB x n x T   (fp32; T tokens, n backward layers)")
+            lines.append(
+                f"{mode:12s}: peak = {p['a'] / MiB:7.1f} MiB + {p['b'] / 1024:6.1f} KiB x T + "
+                f"{p['c'] / 1024:6.1f} KiB x n x T   (fp32; T tokens, n backward layers)"
+            )
     if "logprob" in f:
         p = f["logprob"]
-        lines.append(f"log-prob    : peak = {p['a'] / MiB:7.1f} MiB + {p['b'] / 1024:6.1f} KiB x T + "
-                     f"{p['k']:.2f} x chunk x vocab x 4 B   (n = 0)")
+        lines.append(
+            f"log-prob    : peak = {p['a'] / MiB:7.1f} MiB + {p['b'] / 1024:6.1f} KiB x T + "
+            f"{p['k']:.2f} x chunk x vocab x 4 B   (n = 0)"
+        )
     for r in f.get("reference_bytes_per_token", []):
-        lines.append(f"full-logits reference path, C={r['completion']}: {r['bytes_per_token'] / MiB:.2f} MiB per token "
-                     "beyond the chunked path's per-token cost")
+        lines.append(
+            f"full-logits reference path, C={r['completion']}: {r['bytes_per_token'] / MiB:.2f} MiB per token "
+            "beyond the chunked path's per-token cost"
+        )
     return lines
 
 
@@ -359,7 +431,7 @@ def kv_bytes_per_token(shape: str) -> int:
     return 2 * layers * kv * (d // heads) * 2  # K and V, bf16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_settings(path: Path) -> Any:
     from steerlens.config import build_config
     from steerlens.rl.config import TrainConfig
@@ -392,8 +464,9 @@ def trainable_bytes(cfg: Any, shape: str) -> tuple[float, float]:
     return n * (2 + 4), n * 2
 
 
-def gpu_row(path: Path, f: dict[str, Any], budget: int | None = None,
-            utilization: float | None = None) -> dict[str, Any]:
+def gpu_row(
+    path: Path, f: dict[str, Any], budget: int | None = None, utilization: float | None = None
+) -> dict[str, Any]:
     """The predicted peak of `path`'s preset on one GPU, from the CPU fit `f`.
 
     Trainer = bf16 weights + trained values, gradients and AdamW states + the update's activations for
@@ -451,17 +524,33 @@ def gpu_row(path: Path, f: dict[str, Any], budget: int | None = None,
     # CUDA-graph pool stay (not implemented in steerlens; reported only)
     asleep = trainer + (ENGINE_CONTEXT + ENGINE_OVERHEAD if vllm else 0.0)
     rollout_phase = weights + states + TRAINER_ALLOWANCE + engine  # the engine awake, no update running
-    return {"preset": path.name, "model": shape, "trainable": cfg.trainable, "budget": budget, "tokens": tokens,
-            "checkpointing": cfg.activation_checkpointing, "chunk": cfg.logprob_chunk_tokens,
-            "engine": "vllm" if vllm else "hf", "utilization": utilization if vllm else None,
-            "weights_gib": weights / GiB, "states_gib": states / GiB, "activations_gib": activations / GiB,
-            "logprob_gib": logprob / GiB, "trainer_gib": trainer / GiB, "engine_gib": engine / GiB,
-            "total_gib": total / GiB, "headroom": 1 - total / GPU_BYTES, "fits": total <= (1 - HEADROOM) * GPU_BYTES,
-            "asleep_gib": asleep / GiB,
-            "fits_asleep": max(asleep, rollout_phase) <= (1 - HEADROOM) * GPU_BYTES,
-            "kv_tokens": kv_tokens, "kv_sequences": kv_tokens / longest if vllm else float("nan"),
-            "max_model_len": max_len, "longest": longest,
-            "engine_starts": (not vllm) or kv_tokens >= max_len}
+    return {
+        "preset": path.name,
+        "model": shape,
+        "trainable": cfg.trainable,
+        "budget": budget,
+        "tokens": tokens,
+        "checkpointing": cfg.activation_checkpointing,
+        "chunk": cfg.logprob_chunk_tokens,
+        "engine": "vllm" if vllm else "hf",
+        "utilization": utilization if vllm else None,
+        "weights_gib": weights / GiB,
+        "states_gib": states / GiB,
+        "activations_gib": activations / GiB,
+        "logprob_gib": logprob / GiB,
+        "trainer_gib": trainer / GiB,
+        "engine_gib": engine / GiB,
+        "total_gib": total / GiB,
+        "headroom": 1 - total / GPU_BYTES,
+        "fits": total <= (1 - HEADROOM) * GPU_BYTES,
+        "asleep_gib": asleep / GiB,
+        "fits_asleep": max(asleep, rollout_phase) <= (1 - HEADROOM) * GPU_BYTES,
+        "kv_tokens": kv_tokens,
+        "kv_sequences": kv_tokens / longest if vllm else float("nan"),
+        "max_model_len": max_len,
+        "longest": longest,
+        "engine_starts": (not vllm) or kv_tokens >= max_len,
+    }
 
 
 def max_budget(path: Path, f: dict[str, Any]) -> tuple[int, int]:
@@ -489,10 +578,12 @@ def gpu_table(f: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def gpu_markdown(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| preset | model | trainable | budget tokens (largest fitting; cap = micro_batch x longest) | "
-           "checkpointing | trainer peak GiB (weights / states / activations / log-prob) | engine share GiB | "
-           "total GiB | headroom | fits? | engine KV room |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| preset | model | trainable | budget tokens (largest fitting; cap = micro_batch x longest) | "
+        "checkpointing | trainer peak GiB (weights / states / activations / log-prob) | engine share GiB | "
+        "total GiB | headroom | fits? | engine KV room |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["engine"] == "vllm":
             kv = f"{r['kv_tokens'] / 1000:.0f}k tokens ({r['kv_sequences']:.1f} x {r['longest']})"
@@ -507,23 +598,30 @@ def gpu_markdown(rows: list[dict[str, Any]]) -> list[str]:
             verdict = "no"
         if not r["engine_starts"]:
             verdict += f"; but vLLM refuses to start: KV room < its context {r['max_model_len']} (set max_model_len)"
-        out.append(f"| {r['preset'].removesuffix('.yaml')} | {r['model']} | {r['trainable']} | {r['budget']} "
-                   f"({r['max_budget']}{' = cap' if r['max_budget'] == r['budget_cap'] else ''}) | "
-                   f"{'on' if r['checkpointing'] else 'off'} | {r['trainer_gib']:.1f} "
-                   f"({r['weights_gib']:.1f} / {r['states_gib']:.2f} / {r['activations_gib']:.1f} / "
-                   f"{r['logprob_gib']:.1f}) | {engine} | {r['total_gib']:.1f} | {100 * r['headroom']:.0f}% | "
-                   f"{verdict} | {kv} |")
+        out.append(
+            f"| {r['preset'].removesuffix('.yaml')} | {r['model']} | {r['trainable']} | {r['budget']} "
+            f"({r['max_budget']}{' = cap' if r['max_budget'] == r['budget_cap'] else ''}) | "
+            f"{'on' if r['checkpointing'] else 'off'} | {r['trainer_gib']:.1f} "
+            f"({r['weights_gib']:.1f} / {r['states_gib']:.2f} / {r['activations_gib']:.1f} / "
+            f"{r['logprob_gib']:.1f}) | {engine} | {r['total_gib']:.1f} | {100 * r['headroom']:.0f}% | "
+            f"{verdict} | {kv} |"
+        )
     return out
 
 
 # ---- output ---------------------------------------------------------------------------------------------
 def cpu_markdown(results: list[dict[str, Any]]) -> list[str]:
-    out = ["| group | layers | backward layers n | checkpointing | vocab | chunk | path | tokens (prompt + completion) "
-           "| resident MiB | update peak MiB | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| group | layers | backward layers n | checkpointing | vocab | chunk | path | tokens (prompt + completion) "
+        "| resident MiB | update peak MiB | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        head = (f"| {r['group']} | {r['layers']} | {r['layers'] - 1} | {'on' if r['checkpointing'] else 'off'} | "
-                f"{r['vocab']} | {r['chunk'] if r['path'] == 'chunked' else '-'} | {r['path']} | "
-                f"{r['prompt']} + {r['completion']} |")
+        head = (
+            f"| {r['group']} | {r['layers']} | {r['layers'] - 1} | {'on' if r['checkpointing'] else 'off'} | "
+            f"{r['vocab']} | {r['chunk'] if r['path'] == 'chunked' else '-'} | {r['path']} | "
+            f"{r['prompt']} + {r['completion']} |"
+        )
         if "skipped" in r:
             out.append(head + f" - | skipped: {r['skipped']} | - |")
         else:
@@ -532,12 +630,16 @@ def cpu_markdown(results: list[dict[str, Any]]) -> list[str]:
 
 
 def residual_markdown(f: dict[str, Any]) -> list[str]:
-    out = ["| fit | layers | tokens | vocab / chunk | measured MiB | fitted MiB | residual MiB |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| fit | layers | tokens | vocab / chunk | measured MiB | fitted MiB | residual MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in f["residuals"]:
         vc = f"{r['vocab']} / {r['chunk']}" if "vocab" in r else "32768 / 512"
-        out.append(f"| {r['fit']} | {r['layers']} | {r['tokens']} | {vc} | {r['peak_mib']:.0f} | "
-                   f"{r['fitted_mib']:.0f} | {r['residual_mib']:+.0f} |")
+        out.append(
+            f"| {r['fit']} | {r['layers']} | {r['tokens']} | {vc} | {r['peak_mib']:.0f} | "
+            f"{r['fitted_mib']:.0f} | {r['residual_mib']:+.0f} |"
+        )
     return out
 
 
@@ -587,8 +689,10 @@ def main() -> None:
             f = dict(RECORDED_FIT)
             line = [[1.0, r["prompt"] + r["completion"]] for r in results]
             a, b = lstsq(line, [r["peak_mib"] * MiB for r in results])
-            print(f"quick: peak = {a / MiB:.0f} MiB + {b / 1024:.1f} KiB x T (L=1, n=0; "
-                  "GPU table below from RECORDED_FIT)")
+            print(
+                f"quick: peak = {a / MiB:.0f} MiB + {b / 1024:.1f} KiB x T (L=1, n=0; "
+                "GPU table below from RECORDED_FIT)"
+            )
         else:
             f = fit(results)
             f["logprob_k"] = f["logprob"]["k"]
@@ -605,13 +709,18 @@ def main() -> None:
         lines += ["Saved bytes per token of one backward layer (fp32, saved-tensor count):"]
         lines += [f"  {key}: {value / 1024:.1f} KiB" for key, value in sorted(f["layer_saved"].items())] + [""]
     if rows:
-        lines += [f"GPU prediction (one {GPU_BYTES / GiB:.1f} GiB GPU per rank, bf16; fits: total <= "
-                  f"{1 - HEADROOM:.0%} of it):", *gpu_markdown(rows), ""]
+        lines += [
+            f"GPU prediction (one {GPU_BYTES / GiB:.1f} GiB GPU per rank, bf16; fits: total <= "
+            f"{1 - HEADROOM:.0%} of it):",
+            *gpu_markdown(rows),
+            "",
+        ]
     lines.append(f"wall time {wall:.0f} s")
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"measurements": results, "fit": f, "gpu": rows, "wall_s": wall}, indent=1,
-                                        default=str))
+        args.json.write_text(
+            json.dumps({"measurements": results, "fit": f, "gpu": rows, "wall_s": wall}, indent=1, default=str)
+        )
 
 
 if __name__ == "__main__":

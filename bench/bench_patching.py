@@ -1,6 +1,6 @@
 """Cost of a full head-patching sweep against the forward passes it replaces.
 
-    python bench/bench_patching.py                          # random Qwen2: 6 layers, d=512, 16 q / 4 KV heads, 2 x 128 tokens
+    python bench/bench_patching.py        # random Qwen2: 6 layers, d=512, 16 q / 4 KV heads, 2 x 128 tokens
     python bench/bench_patching.py --model smollm2-135m     # a real model's shapes (30 layers, 9 q / 3 KV heads)
 
 The sweep (`head_patching`: every query head, KV group, all V, attention, MLP and whole layer, each "only"
@@ -17,16 +17,14 @@ import tempfile
 from typing import Any
 
 import torch
+from bench_rollout import median_time  # bench/ is on sys.path: the script's own directory
 
-from steerlens.analysis.patching import (DEFAULT_VARIANTS, MODES, head_patching, make_patch, patch_hooks,
-                                         variant_patches)
-from steerlens.backends import hf
+from steerlens.analysis.patching import DEFAULT_VARIANTS, MODES, head_patching, make_patch, patch_hooks, variant_patches
 from steerlens.anatomy import attention_parts, model_shape
+from steerlens.backends import hf
 from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
-
-from bench_rollout import median_time  # bench/ is on sys.path: the script's own directory
 
 
 def load(args: argparse.Namespace, workdir: str) -> tuple[torch.nn.Module, str]:
@@ -47,7 +45,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = attention_parts(model, layer + 1)
     variants = len(variant_patches(DEFAULT_VARIANTS, MODES, ("both",), parts.heads, parts.groups))
     with torch.no_grad():
-        sweep_s = median_time(lambda: head_patching(model, ids, vectors, layer, batch_size=args.batch_size), args.repeats)
+        sweep_s = median_time(
+            lambda: head_patching(model, ids, vectors, layer, batch_size=args.batch_size), args.repeats
+        )
         patch = make_patch("q", 0, "only", parts.heads, parts.groups)
 
         def patched_forward() -> None:
@@ -57,21 +57,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         patched_s = median_time(patched_forward, args.repeats)
         with hf.attach(model, vectors):
             steered_s = median_time(lambda: model(ids), args.repeats)
-    return {"bench": "patching", "model": label, "layers": shape.num_layers, "heads": parts.heads,
-            "kv_groups": parts.groups, "batch": args.batch, "tokens": args.tokens, "variants": variants,
-            "sweep_s": sweep_s, "patched_forward_s": patched_s, "steered_forward_s": steered_s,
-            "naive_s": variants * patched_s, "speedup_vs_naive": variants * patched_s / sweep_s,
-            "sweep_in_forward_passes": sweep_s / steered_s, "threads": torch.get_num_threads()}
+    return {
+        "bench": "patching",
+        "model": label,
+        "layers": shape.num_layers,
+        "heads": parts.heads,
+        "kv_groups": parts.groups,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "variants": variants,
+        "sweep_s": sweep_s,
+        "patched_forward_s": patched_s,
+        "steered_forward_s": steered_s,
+        "naive_s": variants * patched_s,
+        "speedup_vs_naive": variants * patched_s / sweep_s,
+        "sweep_in_forward_passes": sweep_s / steered_s,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def markdown(r: dict[str, Any]) -> str:
-    return "\n".join([
-        f"### Head-patching sweep ({r['model']}, study layer {r['layers'] - 1}, {r['batch']} x {r['tokens']} tokens)", "",
-        "| variants | sweep (s) | one forward (s) | naive: a patched forward per variant (s) | speed-up | sweep cost in forward passes |",
-        "|---|---|---|---|---|---|",
-        f"| {r['variants']} | {r['sweep_s']:.2f} | {r['steered_forward_s']:.3f} | {r['naive_s']:.2f} | "
-        f"x{r['speedup_vs_naive']:.1f} | {r['sweep_in_forward_passes']:.1f} |",
-    ])
+    return "\n".join(
+        [
+            f"### Head-patching sweep ({r['model']}, study layer {r['layers'] - 1}, "
+            f"{r['batch']} x {r['tokens']} tokens)",
+            "",
+            "| variants | sweep (s) | one forward (s) | naive: a patched forward per variant (s) | speed-up "
+            "| sweep cost in forward passes |",
+            "|---|---|---|---|---|---|",
+            f"| {r['variants']} | {r['sweep_s']:.2f} | {r['steered_forward_s']:.3f} | {r['naive_s']:.2f} | "
+            f"x{r['speedup_vs_naive']:.1f} | {r['sweep_in_forward_passes']:.1f} |",
+        ]
+    )
 
 
 def parser() -> argparse.ArgumentParser:

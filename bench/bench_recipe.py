@@ -51,21 +51,32 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
         for text in args.set or [""]:
             cfg = build_config(TrainConfig, args.config, {**parse_overrides(args.override), **settings(text)})
             start = time.perf_counter()
-            groups = rollout.generate([prompt(p) for p in problems], cfg.generations, cfg.sampling(),
-                                      seeds=[sample_seed(0, 0, i) for i in range(len(problems))])
+            groups = rollout.generate(
+                [prompt(p) for p in problems],
+                cfg.generations,
+                cfg.sampling(),
+                seeds=[sample_seed(0, 0, i) for i in range(len(problems))],
+            )
             seconds = time.perf_counter() - start
             values = reward([c.text for g in groups for c in g], [p for p, g in zip(problems, groups) for _ in g])
             n = cfg.generations
             ok = [is_success(reward, v) for v in values]
             per_group = [ok[i : i + n] for i in range(0, len(ok), n)]
             tokens = sum(len(c.token_ids) for g in groups for c in g)
-            rows.append({
-                "setting": text or "config", "generations": n, "temperature": cfg.temperature,
-                "max_new_tokens": cfg.max_new_tokens, "success": sum(ok) / len(ok),
-                "truncated": sum(c.truncated for g in groups for c in g) / len(ok),
-                "no_signal_groups": sum(len(set(g)) == 1 for g in per_group) / len(per_group),
-                "mean_tokens": tokens / len(ok), "tokens_per_s": tokens / seconds, "seconds": seconds,
-            })
+            rows.append(
+                {
+                    "setting": text or "config",
+                    "generations": n,
+                    "temperature": cfg.temperature,
+                    "max_new_tokens": cfg.max_new_tokens,
+                    "success": sum(ok) / len(ok),
+                    "truncated": sum(c.truncated for g in groups for c in g) / len(ok),
+                    "no_signal_groups": sum(len(set(g)) == 1 for g in per_group) / len(per_group),
+                    "mean_tokens": tokens / len(ok),
+                    "tokens_per_s": tokens / seconds,
+                    "seconds": seconds,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     finally:
         rollout.close()
@@ -91,7 +102,8 @@ def seed_row(seed: int, run: Path, minutes: float | None) -> dict[str, Any]:
         "no_signal": [summary.get("no_signal_share_first_steps"), summary.get("no_signal_share_last_steps")],
         "truncated": [summary.get("truncation_first_steps"), summary.get("truncation_last_steps")],
         "heldout": [summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]],
-        "step_seconds": summary["mean_step_seconds"], "minutes": minutes,
+        "step_seconds": summary["mean_step_seconds"],
+        "minutes": minutes,
         "rollout_floor_share": sum(floor) / sum(r["time_rollout"] for r in rows),
         "update_floor_share": 2 * sum(floor) / sum(r["time_forward_backward"] for r in rows),
     }
@@ -124,19 +136,26 @@ def fmt(pair: list[float | None], digits: int = 2, sign: bool = False) -> str:
 
 def seeds_markdown(rows: list[dict[str, Any]]) -> str:
     """The per-seed table with the held-out gain's mean, std and worst seed."""
-    lines = ["| seed | reward (first -> last fifth) | no-signal groups | truncated | held-out greedy | s/step | "
-             "floor / rollout | floor / update | min |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| seed | reward (first -> last fifth) | no-signal groups | truncated | held-out greedy | s/step | "
+        "floor / rollout | floor / update | min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         minutes = "-" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        lines.append(f"| {r['seed']} | {fmt(r['reward'], sign=True)} | {fmt(r['no_signal'])} | {fmt(r['truncated'])} | "
-                     f"{fmt(r['heldout'], 3)} | {r['step_seconds']:.1f} | {r['rollout_floor_share']:.0%} | "
-                     f"{r['update_floor_share']:.0%} | {minutes} |")
+        lines.append(
+            f"| {r['seed']} | {fmt(r['reward'], sign=True)} | {fmt(r['no_signal'])} | {fmt(r['truncated'])} | "
+            f"{fmt(r['heldout'], 3)} | {r['step_seconds']:.1f} | {r['rollout_floor_share']:.0%} | "
+            f"{r['update_floor_share']:.0%} | {minutes} |"
+        )
     gains = [100 * (r["heldout"][1] - r["heldout"][0]) for r in rows]
     if gains:
         spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
         worst = min(rows, key=lambda r: r["heldout"][1] - r["heldout"][0])
-        lines.append(f"\nheld-out gain: {statistics.mean(gains):+.1f} ± {spread:.1f} points over {len(gains)} seeds; "
-                     f"worst seed {worst['seed']}: {min(gains):+.1f}; rises on {sum(g > 0 for g in gains)} of {len(gains)}")
+        lines.append(
+            f"\nheld-out gain: {statistics.mean(gains):+.1f} ± {spread:.1f} points over {len(gains)} seeds; "
+            f"worst seed {worst['seed']}: {min(gains):+.1f}; rises on {sum(g > 0 for g in gains)} of {len(gains)}"
+        )
     return "\n".join(lines)
 
 

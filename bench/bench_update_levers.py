@@ -28,8 +28,9 @@ import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -60,14 +61,20 @@ SETUPS = [
 ]
 
 
-def sequences(tokenizer: Any, prompts: int, generations: int, max_new: int, seed: int) -> list[tuple[list[int], list[int]]]:
+def sequences(
+    tokenizer: Any, prompts: int, generations: int, max_new: int, seed: int
+) -> list[tuple[list[int], list[int]]]:
     """Real prompts, random completion tokens with lengths like the preset's (a quarter run to the limit)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for problem in generate("word-arith", prompts, seed=seed):
         prompt = encode_prompt(tokenizer, format_prompt(tokenizer, problem.problem))
         for _ in range(generations):
-            length = max_new if torch.rand(1, generator=gen).item() < 0.25 else int(torch.randint(12, max_new, (1,), generator=gen))
+            length = (
+                max_new
+                if torch.rand(1, generator=gen).item() < 0.25
+                else int(torch.randint(12, max_new, (1,), generator=gen))
+            )
             out.append((prompt, torch.randint(100, tokenizer.vocab_size, (length,), generator=gen).tolist()))
     return out
 
@@ -78,8 +85,15 @@ def precision(bf16: bool) -> Iterator[None]:
         yield
 
 
-def update(policy: Any, optimizer: torch.optim.Optimizer, seqs: list[tuple[list[int], list[int]]], adv: torch.Tensor,
-           setup: Setup, micro_batch: int, pad: int) -> tuple[float, torch.Tensor, float]:
+def update(
+    policy: Any,
+    optimizer: torch.optim.Optimizer,
+    seqs: list[tuple[list[int], list[int]]],
+    adv: torch.Tensor,
+    setup: Setup,
+    micro_batch: int,
+    pad: int,
+) -> tuple[float, torch.Tensor, float]:
     """One update; returns seconds, the log-probs (fp32, in input order, padded to the longest) and the
     token positions its forward passes computed."""
     model = policy.model
@@ -137,7 +151,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     positions: dict[str, int] = {}
     for rep in range(args.warmup + args.reps):
         for setup in SETUPS:
-            seconds, logp, computed = update(policy, optimizer, seqs, adv, setup, args.micro_batch, tokenizer.pad_token_id)
+            seconds, logp, computed = update(
+                policy, optimizer, seqs, adv, setup, args.micro_batch, tokenizer.pad_token_id
+            )
             if rep >= args.warmup:
                 times[setup.name].append(seconds)
             logps[setup.name], positions[setup.name] = logp, computed
@@ -146,25 +162,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, previous = [], base
     for setup in SETUPS:
         median = statistics.median(times[setup.name])
-        rows.append({"setup": setup.name, "seconds": median, "speedup": base / median,
-                     "gain_share": (previous - median) / (base - statistics.median(times[SETUPS[-1].name])),
-                     "positions": positions[setup.name],
-                     "max_abs_logprob_diff": float((logps[setup.name] - reference).abs().max())})
+        rows.append(
+            {
+                "setup": setup.name,
+                "seconds": median,
+                "speedup": base / median,
+                "gain_share": (previous - median) / (base - statistics.median(times[SETUPS[-1].name])),
+                "positions": positions[setup.name],
+                "max_abs_logprob_diff": float((logps[setup.name] - reference).abs().max()),
+            }
+        )
         previous = median
-    return {"model": args.model, "sequences": len(seqs), "completion_tokens": sum(len(c) for _, c in seqs),
-            "prompt_tokens": sum(len(p) for p, _ in seqs), "micro_batch": args.micro_batch, "reps": args.reps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
+    return {
+        "model": args.model,
+        "sequences": len(seqs),
+        "completion_tokens": sum(len(c) for _, c in seqs),
+        "prompt_tokens": sum(len(p) for p, _ in seqs),
+        "micro_batch": args.micro_batch,
+        "reps": args.reps,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"{result['model']}: {result['sequences']} sequences ({result['prompt_tokens']} prompt + "
-             f"{result['completion_tokens']} completion tokens), median of {result['reps']}, "
-             f"{result['threads']} threads, torch {result['torch']}", "",
-             "| setup | s / update | speed-up | share of the gain | token positions computed | max abs Δ log-prob vs fp32 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"{result['model']}: {result['sequences']} sequences ({result['prompt_tokens']} prompt + "
+        f"{result['completion_tokens']} completion tokens), median of {result['reps']}, "
+        f"{result['threads']} threads, torch {result['torch']}",
+        "",
+        "| setup | s / update | speed-up | share of the gain | token positions computed | max abs Δ log-prob vs fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['setup']} | {r['seconds']:.2f} | x{r['speedup']:.2f} | {r['gain_share']:.0%} | "
-                     f"{r['positions']:,} | {r['max_abs_logprob_diff']:.2e} |")
+        lines.append(
+            f"| {r['setup']} | {r['seconds']:.2f} | x{r['speedup']:.2f} | {r['gain_share']:.0%} | "
+            f"{r['positions']:,} | {r['max_abs_logprob_diff']:.2e} |"
+        )
     return "\n".join(lines)
 
 

@@ -41,8 +41,14 @@ HERE = Path(__file__).parent
 def machine() -> dict[str, Any]:
     import transformers
 
-    info = {"date": datetime.date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     if vllm_available():
@@ -53,11 +59,14 @@ def machine() -> dict[str, Any]:
 
 
 def train_steps(device: str, reps: int) -> list[dict[str, Any]]:
-    shapes = [("toy", "float32")] + ([("qwen2.5-1.5b", "bfloat16"), ("qwen2.5-7b", "bfloat16")] if device == "cuda" else [])
+    shapes = [("toy", "float32")] + (
+        [("qwen2.5-1.5b", "bfloat16"), ("qwen2.5-7b", "bfloat16")] if device == "cuda" else []
+    )
     results = []
     for shape, dtype in shapes:
-        args = bench_train_step.parser().parse_args(["--shape", shape, "--device", device, "--dtype", dtype,
-                                                     "--reps", str(reps)])
+        args = bench_train_step.parser().parse_args(
+            ["--shape", shape, "--device", device, "--dtype", dtype, "--reps", str(reps)]
+        )
         if shape == "qwen2.5-7b":  # full tuning of 7B does not fit beside the others in 80 GB
             args.kinds = "steering,lora"
         results.append(bench_train_step.run(args))
@@ -73,27 +82,46 @@ def main() -> None:
     reps = 2 if args.quick else 5
     engines = "hf,vllm" if vllm_available() and args.device == "cpu" else "hf"
     rollout_args = bench_rollout.parser().parse_args(["--engines", engines, "--reps", str(reps)])
-    lens_args = bench_logit_lens.parser().parse_args(["--vocab", "150000", "--hidden", "1024" if args.quick else "3584",
-                                                      "--layers", "28", "--repeats", str(min(reps, 3))])
+    lens_args = bench_logit_lens.parser().parse_args(
+        [
+            "--vocab",
+            "150000",
+            "--hidden",
+            "1024" if args.quick else "3584",
+            "--layers",
+            "28",
+            "--repeats",
+            str(min(reps, 3)),
+        ]
+    )
     patching_args = bench_patching.parser().parse_args(["--repeats", str(min(reps, 3))])
-    results = {"machine": machine(), "train_step": train_steps(args.device, reps),
-               "rollout": bench_rollout.run(rollout_args), "logit_lens": bench_logit_lens.run(lens_args),
-               "patching": bench_patching.run(patching_args)}
+    results = {
+        "machine": machine(),
+        "train_step": train_steps(args.device, reps),
+        "rollout": bench_rollout.run(rollout_args),
+        "logit_lens": bench_logit_lens.run(lens_args),
+        "patching": bench_patching.run(patching_args),
+    }
     if not args.no_peer:
         steps = "2" if args.quick else "4"
-        results["trl_peer"] = [bench_trl_peer.run(bench_trl_peer.parser().parse_args(["--trainable", kind, "--steps", steps]))
-                               for kind in ("steering", "lora")]
+        results["trl_peer"] = [
+            bench_trl_peer.run(bench_trl_peer.parser().parse_args(["--trainable", kind, "--steps", steps]))
+            for kind in ("steering", "lora")
+        ]
     write_text(HERE / "RESULTS.json", json.dumps(results, indent=2) + "\n")
     lens = results["logit_lens"]
     sections = [
         f"# Benchmark results\n\n{json.dumps(results['machine'])}\n",
         "## RLOO update: steering vs LoRA vs full\n",
         *[bench_train_step.markdown(r) + "\n" for r in results["train_step"]],
-        "## Rollouts and sync\n", bench_rollout.markdown(results["rollout"]) + "\n",
+        "## Rollouts and sync\n",
+        bench_rollout.markdown(results["rollout"]) + "\n",
         "## Logit lens\n",
         f"{lens['layers']} layers x {lens['vocab']:,} tokens x d={lens['hidden']} ({lens['dtype']}), "
-        f"{lens['threads']} threads: median {lens['median_s']:.2f} s, extra peak memory {lens['extra_peak_gib']:.2f} GiB\n",
-        "## Head patching\n", bench_patching.markdown(results["patching"]) + "\n",
+        f"{lens['threads']} threads: median {lens['median_s']:.2f} s, "
+        f"extra peak memory {lens['extra_peak_gib']:.2f} GiB\n",
+        "## Head patching\n",
+        bench_patching.markdown(results["patching"]) + "\n",
     ]
     if "trl_peer" in results:
         sections += ["## Peer: TRL's RLOOTrainer\n", *[bench_trl_peer.markdown(r) + "\n" for r in results["trl_peer"]]]

@@ -9,8 +9,9 @@ indexed module list called `layers`, `h`, `blocks` or `layer`. The same rule rea
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,11 +162,25 @@ def attention_parts(model: nn.Module, index: int) -> AttentionParts:
     layer: Any = decoder_layers(model)[index]
     attn = getattr(layer, "self_attn", None)
     names = ("input_layernorm", "post_attention_layernorm")
-    if attn is None or not all(hasattr(layer, n) for n in names) or hasattr(layer, "pre_feedforward_layernorm") \
-            or not all(hasattr(attn, f"{p}_proj") for p in "qkvo"):
-        raise ModelError(f"{type(layer).__name__} is not a pre-norm layer with input_layernorm, "
-                         "self_attn.{q,k,v,o}_proj and post_attention_layernorm")
+    if (
+        attn is None
+        or not all(hasattr(layer, n) for n in names)
+        or hasattr(layer, "pre_feedforward_layernorm")
+        or not all(hasattr(attn, f"{p}_proj") for p in "qkvo")
+    ):
+        raise ModelError(
+            f"{type(layer).__name__} is not a pre-norm layer with input_layernorm, "
+            "self_attn.{q,k,v,o}_proj and post_attention_layernorm"
+        )
     config: Any = model.config
     head_dim = int(getattr(attn, "head_dim", 0)) or attn.q_proj.out_features // config.num_attention_heads
-    return AttentionParts(layer, layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                          layer.post_attention_layernorm, head_dim)
+    return AttentionParts(
+        layer,
+        layer.input_layernorm,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        layer.post_attention_layernorm,
+        head_dim,
+    )

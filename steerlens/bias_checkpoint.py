@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, cast
 import torch
 from safetensors import safe_open
 
-from steerlens.io import atomic_dir
 from steerlens.anatomy import model_shape
 from steerlens.errors import ModelError
+from steerlens.io import atomic_dir
 from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
@@ -30,10 +30,26 @@ BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.bias$")
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
 # Config keys Qwen2 and Llama share with the same meaning.
 SHARED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-    "rope_theta", "rope_scaling", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-    "attention_dropout", "initializer_range", "use_cache", "head_dim",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+    "initializer_range",
+    "use_cache",
+    "head_dim",
 )
 
 
@@ -108,8 +124,10 @@ def export_checkpoint(base: str | Path, vectors: SteeringVectors, out_dir: str |
     exported = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
     missing, unexpected = exported.load_state_dict(state, strict=False)
     if unexpected or [key for key in missing if not key.endswith("rotary_emb.inv_freq")]:
-        raise ModelError(f"export: weights did not map onto {type(exported).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelError(
+            f"export: weights did not map onto {type(exported).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     with atomic_dir(out_dir) as tmp:
         exported.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -12,8 +12,9 @@ import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import click
 import typer
@@ -22,8 +23,12 @@ from typer.core import TyperCommand
 from steerlens.analysis.llm_client import ChatConfig
 from steerlens.errors import SteerlensError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  help="steerlens: train and study steering vectors (one vector per layer, base weights frozen).")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    help="steerlens: train and study steering vectors (one vector per layer, base weights frozen).",
+)
 
 JOB = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -32,9 +37,16 @@ QUIET_ENV = "VLLM_LOGGING_LEVEL"
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show vLLM's and transformers' INFO logs "
-                                      "(e.g. vLLM's ~80 lines of engine configuration); default: only their "
-                                      "warnings and errors")) -> None:
+def main(
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="show vLLM's and transformers' INFO logs "
+        "(e.g. vLLM's ~80 lines of engine configuration); default: only their "
+        "warnings and errors",
+    ),
+) -> None:
     """steerlens: train and study steering vectors (one vector per layer, base weights frozen)."""
     if not verbose:
         quiet_libraries()
@@ -103,7 +115,7 @@ TRAIN_COMMAND = config_command("steerlens.rl.config:TrainConfig")  # steerlens t
 EVAL_COMMAND = config_command("steerlens.evaluation.config:EvalConfig")
 
 
-def _job_config(cls: type, config: Optional[Path], args: list[str], print_config: bool) -> Any:
+def _job_config(cls: type, config: Path | None, args: list[str], print_config: bool) -> Any:
     """The job's config from YAML plus `--key value` overrides; None after printing it if asked to."""
     from steerlens.config import build_config, to_yaml
 
@@ -120,7 +132,7 @@ PRINT_CONFIG = typer.Option(False, "--print-config", help="print the resolved co
 
 @app.command(cls=TRAIN_COMMAND, context_settings=JOB)
 @friendly
-def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
+def train(ctx: typer.Context, config: Path | None = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
     """Train steering vectors with RLOO (default: the toy demo, a few minutes on a CPU)."""
     from steerlens.rl.config import TrainConfig
 
@@ -137,7 +149,7 @@ def train(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config
 
 @app.command("eval", cls=EVAL_COMMAND, context_settings=JOB)
 @friendly
-def eval_(ctx: typer.Context, config: Optional[Path] = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
+def eval_(ctx: typer.Context, config: Path | None = CONFIG_FILE, print_config: bool = PRINT_CONFIG) -> None:
     """Evaluate a model with or without steering vectors on math benchmarks (resumable; writes tables)."""
     from steerlens.evaluation.config import EvalConfig
 
@@ -173,14 +185,25 @@ def analyze(
     analyses: str = typer.Option("logit_lens,stats,clustering", "--analyses", help="comma-separated analyses"),
     top_k: int = typer.Option(50, "--top-k", help="top/bottom tokens per layer in the logit lens"),
     final_norm: bool = typer.Option(False, "--final-norm", help="pass vectors through the model's final norm first"),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="OpenAI-compatible URL for LLM clustering "
-                                           "(default $OPENAI_BASE_URL; none: offline clustering)"),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="chat model for clustering (default: the "
-                                            "endpoint's only model); the key comes from $OPENAI_API_KEY"),
-    llm_timeout: float = typer.Option(ChatConfig.deadline_s, "--llm-timeout", metavar="SECONDS", help="most seconds "
-                                      "one clustering request may take, retries included"),
-    compare: list[Path] = typer.Option([], "--compare", metavar="PATH", help="another run's vectors (e.g. a "
-                                       "seed) to compare per layer; repeatable"),
+    endpoint: str | None = typer.Option(
+        None,
+        "--endpoint",
+        help="OpenAI-compatible URL for LLM clustering (default $OPENAI_BASE_URL; none: offline clustering)",
+    ),
+    llm_model: str | None = typer.Option(
+        None,
+        "--llm-model",
+        help="chat model for clustering (default: the endpoint's only model); the key comes from $OPENAI_API_KEY",
+    ),
+    llm_timeout: float = typer.Option(
+        ChatConfig.deadline_s,
+        "--llm-timeout",
+        metavar="SECONDS",
+        help="most seconds one clustering request may take, retries included",
+    ),
+    compare: list[Path] = typer.Option(
+        [], "--compare", metavar="PATH", help="another run's vectors (e.g. a seed) to compare per layer; repeatable"
+    ),
 ) -> None:
     """Analyse steering vectors (logit lens, statistics, token clustering) into one HTML report."""
     from steerlens.analysis.clustering import ClusteringConfig
@@ -193,8 +216,17 @@ def analyze(
     steering = SteeringVectors.load(vectors)
     others = {str(path): SteeringVectors.load(path) for path in compare}
     hf_model, tokenizer = load_model(model)
-    result = run_analyses(steering, hf_model, tokenizer, chosen, name=str(vectors), top_k=top_k,
-                          final_norm=final_norm, compare=others, clustering=clustering)
+    result = run_analyses(
+        steering,
+        hf_model,
+        tokenizer,
+        chosen,
+        name=str(vectors),
+        top_k=top_k,
+        final_norm=final_norm,
+        compare=others,
+        clustering=clustering,
+    )
     result.save(out)
     typer.echo(f"report: {out / 'report.html'}")
     typer.echo(f"tables: {', '.join(sorted(result.tables))} in {out / 'tables'}")
@@ -203,20 +235,33 @@ def analyze(
 @app.command()
 @friendly
 def serve(
-    model: str = typer.Option(..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory "
-                              "or hub id"),
+    model: str = typer.Option(
+        ..., "--model", "-m", help="model to serve: short name (smollm2-135m), local directory or hub id"
+    ),
     port: int = typer.Option(8000, "--port", help="TCP port"),
-    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback by default; another "
-                             "address exposes the server to the network: set --api-key)"),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="address to listen on (loopback by default; another "
+        "address exposes the server to the network: set --api-key)",
+    ),
     max_model_len: int = typer.Option(4096, "--max-model-len", help="context length the server accepts"),
-    vectors: list[str] = typer.Option([], "--vectors", help="NAME=FILE: serve these steering vectors as model NAME "
-                                      "(repeat, or comma-separate); requests may also send "
-                                      '{"steerlens": {"vectors": NAME, "scale": S}}'),
-    api_key: Optional[str] = typer.Option(None, "--api-key", help="require this key (Authorization: Bearer KEY)"),
-    allow_vector_loading: bool = typer.Option(False, "--allow-vector-loading", help="open POST /steerlens/vectors "
-                                              "{name, path, scale}: load vector files at run time"),
-    max_vector_sets: Optional[int] = typer.Option(None, "--max-vector-sets", help="named sets the engine can hold "
-                                                  "(default: 8, or as many as --vectors gives)"),
+    vectors: list[str] = typer.Option(
+        [],
+        "--vectors",
+        help="NAME=FILE: serve these steering vectors as model NAME "
+        "(repeat, or comma-separate); requests may also send "
+        '{"steerlens": {"vectors": NAME, "scale": S}}',
+    ),
+    api_key: str | None = typer.Option(None, "--api-key", help="require this key (Authorization: Bearer KEY)"),
+    allow_vector_loading: bool = typer.Option(
+        False,
+        "--allow-vector-loading",
+        help="open POST /steerlens/vectors {name, path, scale}: load vector files at run time",
+    ),
+    max_vector_sets: int | None = typer.Option(
+        None, "--max-vector-sets", help="named sets the engine can hold (default: 8, or as many as --vectors gives)"
+    ),
 ) -> None:
     """Serve a model with vLLM's OpenAI-compatible server, e.g. for token clustering; with --vectors, each
     vector set is its own model name beside the base model."""
@@ -227,11 +272,16 @@ def serve(
     files = dict(entry.split("=", 1) for item in vectors for entry in item.split(",") if "=" in entry)
     if len(files) != sum(len(item.split(",")) for item in vectors):
         raise SteerlensError(f"--vectors takes NAME=FILE with distinct names, got {', '.join(vectors)}")
-    steering = (steering_settings(model, files, api_key, allow_vector_loading, max_vector_sets)
-                if files or allow_vector_loading or api_key else None)
+    steering = (
+        steering_settings(model, files, api_key, allow_vector_loading, max_vector_sets)
+        if files or allow_vector_loading or api_key
+        else None
+    )
     names = ", ".join([model, *files])
-    typer.echo(f"serving {names} at http://{host}:{port}/v1 (export OPENAI_BASE_URL=http://{host}:{port}/v1); "
-               "Ctrl-C stops it", err=True)
+    typer.echo(
+        f"serving {names} at http://{host}:{port}/v1 (export OPENAI_BASE_URL=http://{host}:{port}/v1); Ctrl-C stops it",
+        err=True,
+    )
     command = server_command(model, port, host=host, max_model_len=max_model_len, steering=steering)
     os.execve(command[0], command, server_environment(steering))
 
@@ -241,14 +291,22 @@ def serve(
 def convert(
     source: Path = typer.Argument(..., help="vectors file to read"),
     target: Path = typer.Argument(..., help="file to write"),
-    to: str = typer.Option("auto", "--to", help="format to write: steerlens, llama.cpp, easysteer, vllm-lens "
-                           "(auto: from TARGET's suffix)"),
+    to: str = typer.Option(
+        "auto", "--to", help="format to write: steerlens, llama.cpp, easysteer, vllm-lens (auto: from TARGET's suffix)"
+    ),
     source_format: str = typer.Option("auto", "--from", help="format of SOURCE (auto: from its suffix)"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="the model the vectors steer: gives the layer "
-                                        "count to formats that lack it and checks the vectors fit"),
-    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="the model's layer count, without --model"),
-    drop_layer0: bool = typer.Option(False, "--drop-layer0", help="llama.cpp: leave out layer 0's vector, which it "
-                                     "cannot express (this changes the steering)"),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="the model the vectors steer: gives the layer count to formats that lack it and checks the vectors fit",
+    ),
+    num_layers: int | None = typer.Option(None, "--num-layers", help="the model's layer count, without --model"),
+    drop_layer0: bool = typer.Option(
+        False,
+        "--drop-layer0",
+        help="llama.cpp: leave out layer 0's vector, which it cannot express (this changes the steering)",
+    ),
 ) -> None:
     """Convert steering vectors between steerlens, llama.cpp (GGUF control vectors, also repeng's files),
     EasySteer and vllm-lens; layer n means "after decoder block n" in every one (docs/formats.md)."""
@@ -264,13 +322,16 @@ def convert(
     typer.echo(f"wrote {written} ({to if to != 'auto' else detect_format(target)}{dropped})")
 
 
-study = typer.Typer(no_args_is_help=True, help="Studies over many vector sets (evaluated with steerlens eval's "
-                    "options, given as --key value after the study's own options).")
+study = typer.Typer(
+    no_args_is_help=True,
+    help="Studies over many vector sets (evaluated with steerlens eval's "
+    "options, given as --key value after the study's own options).",
+)
 app.add_typer(study, name="study")
 STUDY_OUT = typer.Option(..., "--out", "-o", help="output directory (tables as CSV, figures as HTML, evaluations)")
 
 
-def _study_eval(ctx: typer.Context, config: Optional[Path]) -> Any:
+def _study_eval(ctx: typer.Context, config: Path | None) -> Any:
     from steerlens.evaluation.config import EvalConfig
 
     return _job_config(EvalConfig, config, ctx.args, False)
@@ -284,10 +345,14 @@ def _report(written: list[Path]) -> None:
 @friendly
 def study_swap(
     ctx: typer.Context,
-    run: list[str] = typer.Option(..., "--run", metavar="NAME:MODEL:VECTORS", help="a model and its own trained "
-                                  "vectors; repeat for every model / seed / dataset"),
+    run: list[str] = typer.Option(
+        ...,
+        "--run",
+        metavar="NAME:MODEL:VECTORS",
+        help="a model and its own trained vectors; repeat for every model / seed / dataset",
+    ),
     out: Path = STUDY_OUT,
-    config: Optional[Path] = CONFIG_FILE,
+    config: Path | None = CONFIG_FILE,
 ) -> None:
     """Apply every run's vectors to every run's model: a donor x recipient accuracy matrix, raw and normalised."""
     from steerlens.analysis.studies import run_swap
@@ -309,10 +374,14 @@ def study_pairs(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="base model"),
     vectors: Path = typer.Option(..., "--vectors", help="all-layer vectors (the reference score)"),
-    single: list[Path] = typer.Option([], "--single", help="a single-layer vectors file (steerlens train "
-                                      "--layers i); repeat per layer. None: each layer of --vectors alone"),
+    single: list[Path] = typer.Option(
+        [],
+        "--single",
+        help="a single-layer vectors file (steerlens train "
+        "--layers i); repeat per layer. None: each layer of --vectors alone",
+    ),
     out: Path = STUDY_OUT,
-    config: Optional[Path] = CONFIG_FILE,
+    config: Path | None = CONFIG_FILE,
 ) -> None:
     """Evaluate each single-layer vector and every pair; relative improvement over the better single."""
     from steerlens.analysis.studies import run_pairs
@@ -332,11 +401,14 @@ def study_pairs(
 @friendly
 def study_singles(
     ctx: typer.Context,
-    layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated layers (default: all)"),
-    one_by_one: bool = typer.Option(False, "--one-by-one", help="train the runs one after another instead of "
-                                    "together (one engine batch per step for all of them)"),
+    layers: str | None = typer.Option(None, "--layers", help="comma-separated layers (default: all)"),
+    one_by_one: bool = typer.Option(
+        False,
+        "--one-by-one",
+        help="train the runs one after another instead of together (one engine batch per step for all of them)",
+    ),
     out: Path = STUDY_OUT,
-    config: Optional[Path] = CONFIG_FILE,
+    config: Path | None = CONFIG_FILE,
 ) -> None:
     """Train one single-layer vector per layer (steerlens train's options after these), for `study pairs`;
     the runs train together, each with its own parameters, optimizer, checkpoints and metrics."""
@@ -347,11 +419,18 @@ def study_singles(
     try:
         chosen = [int(layer) for layer in layers.split(",") if layer.strip()] if layers else None
     except ValueError:
-        raise typer.BadParameter(f"{layers!r}: expected layer indices separated by commas", param_hint="--layers")
+        raise typer.BadParameter(
+            f"{layers!r}: expected layer indices separated by commas", param_hint="--layers"
+        ) from None
     files = train_each_layer(cfg, chosen, together=not one_by_one)
     _report(list(files.values()))
-    typer.echo("next: steerlens study pairs --model " + cfg.model + " --vectors ALL_LAYER_VECTORS "
-               + " ".join(f"--single {path}" for path in files.values()) + " --out PAIRS_DIR")
+    typer.echo(
+        "next: steerlens study pairs --model "
+        + cfg.model
+        + " --vectors ALL_LAYER_VECTORS "
+        + " ".join(f"--single {path}" for path in files.values())
+        + " --out PAIRS_DIR"
+    )
 
 
 @study.command("magnitude", context_settings=JOB)
@@ -362,7 +441,7 @@ def study_magnitude(
     vectors: Path = typer.Option(..., "--vectors", help="trained vectors to scale"),
     factors: str = typer.Option("0,0.5,1,1.5,2", "--factors", help="comma-separated scale factors"),
     out: Path = STUDY_OUT,
-    config: Optional[Path] = CONFIG_FILE,
+    config: Path | None = CONFIG_FILE,
 ) -> None:
     """Accuracy with all vectors scaled by each factor."""
     from steerlens.analysis.studies import run_magnitude
@@ -371,14 +450,15 @@ def study_magnitude(
     try:
         values = [float(f) for f in factors.split(",") if f.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{factors!r}: expected numbers separated by commas", param_hint="--factors")
+        raise typer.BadParameter(f"{factors!r}: expected numbers separated by commas", param_hint="--factors") from None
     _report(run_magnitude(model, SteeringVectors.load(vectors), values, _study_eval(ctx, config), out).save(out))
 
 
 STUDY_MODEL = typer.Option(..., "--model", "-m", help="base model: short name, local directory or hub id")
 STUDY_VECTORS = typer.Option(..., "--vectors", help="steering vectors file (.safetensors)")
-STUDY_DATA = typer.Option("toy-arith", "--data", help="problems to prompt with: a benchmark file or a generated set "
-                          "(toy-arith, word-arith)")
+STUDY_DATA = typer.Option(
+    "toy-arith", "--data", help="problems to prompt with: a benchmark file or a generated set (toy-arith, word-arith)"
+)
 STUDY_PROMPTS = typer.Option(8, "--prompts", help="how many problems")
 STUDY_TOKENS = typer.Option(48, "--max-new-tokens", help="greedy completion length")
 
@@ -398,10 +478,15 @@ def _study_inputs(model: str, vectors: Path, data: str, prompts: int) -> tuple[A
 
 @study.command("patching")
 @friendly
-def study_patching(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS,
-                   layer: int = typer.Option(..., "--layer", help="the steered layer l; layer l+1 is patched"),
-                   data: str = STUDY_DATA, prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS,
-                   out: Path = STUDY_OUT) -> None:
+def study_patching(
+    model: str = STUDY_MODEL,
+    vectors: Path = STUDY_VECTORS,
+    layer: int = typer.Option(..., "--layer", help="the steered layer l; layer l+1 is patched"),
+    data: str = STUDY_DATA,
+    prompts: int = STUDY_PROMPTS,
+    max_new_tokens: int = STUDY_TOKENS,
+    out: Path = STUDY_OUT,
+) -> None:
     """Head patching on layer l+1 with the vector of layer l, scored on the steered run's own completions."""
     from steerlens.analysis.mechanisms import run_patching
 
@@ -411,8 +496,14 @@ def study_patching(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS,
 
 @study.command("first-token")
 @friendly
-def study_first_token(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
-                      prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
+def study_first_token(
+    model: str = STUDY_MODEL,
+    vectors: Path = STUDY_VECTORS,
+    data: str = STUDY_DATA,
+    prompts: int = STUDY_PROMPTS,
+    max_new_tokens: int = STUDY_TOKENS,
+    out: Path = STUDY_OUT,
+) -> None:
     """Change in next-token probabilities at every generated position; the first-token prefix control."""
     from steerlens.analysis.mechanisms import run_first_token
 
@@ -422,8 +513,14 @@ def study_first_token(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, d
 
 @study.command("propagation")
 @friendly
-def study_propagation(model: str = STUDY_MODEL, vectors: Path = STUDY_VECTORS, data: str = STUDY_DATA,
-                      prompts: int = STUDY_PROMPTS, max_new_tokens: int = STUDY_TOKENS, out: Path = STUDY_OUT) -> None:
+def study_propagation(
+    model: str = STUDY_MODEL,
+    vectors: Path = STUDY_VECTORS,
+    data: str = STUDY_DATA,
+    prompts: int = STUDY_PROMPTS,
+    max_new_tokens: int = STUDY_TOKENS,
+    out: Path = STUDY_OUT,
+) -> None:
     """For each layer's vector alone: the hidden-state change at every later layer (the L x L grids)."""
     from steerlens.analysis.mechanisms import run_propagation
 

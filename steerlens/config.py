@@ -16,8 +16,9 @@ import re
 import reprlib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -48,8 +49,12 @@ class _Loader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
-                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name); refused "
-                                                  "rather than expanded", self.peek_event().start_mark)
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"more than {MAX_ALIASES} aliases (*name); refused rather than expanded",
+                    self.peek_event().start_mark,
+                )
         return super().compose_node(parent, index)
 
 
@@ -88,8 +93,9 @@ def read_config(path: Path) -> dict[Any, Any]:
     if content is None:
         return {}
     if not isinstance(content, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
-                          f"got {type(content).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of keys to values at the top level, got {type(content).__name__}"
+        )
     return content
 
 
@@ -254,10 +260,16 @@ def describe(cls: type) -> str:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        )
         hint = hints[f.name]
-        kind = ("|".join(map(str, typing.get_args(hint))) if typing.get_origin(hint) is Literal
-                else getattr(hint, "__name__", str(hint).replace("typing.", "")))
+        kind = (
+            "|".join(map(str, typing.get_args(hint)))
+            if typing.get_origin(hint) is Literal
+            else getattr(hint, "__name__", str(hint).replace("typing.", ""))
+        )
         rows.append(f"--{f.name.replace('_', '-')} ({kind}, default {default!r}): {f.metadata.get('help', '')}")
     return "\n".join(rows)

@@ -51,10 +51,21 @@ def load_steering(pretrained: str, vectors: str | Path | None, scale: float) -> 
 class SteerlensLM(TemplateLM):
     """A steered model for lm-eval on a steerlens vLLM engine (`backend=hf`: lm-eval's HFLM, steered)."""
 
-    def __init__(self, pretrained: str, vectors: str | None = None, scale: float = 1.0, dtype: str = "float32",
-                 max_gen_toks: int = 256, max_length: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.3, engine: SteeredLLM | None = None,
-                 batch_size: Any = None, max_batch_size: Any = None, device: Any = None) -> None:
+    def __init__(
+        self,
+        pretrained: str,
+        vectors: str | None = None,
+        scale: float = 1.0,
+        dtype: str = "float32",
+        max_gen_toks: int = 256,
+        max_length: int | None = None,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+        engine: SteeredLLM | None = None,
+        batch_size: Any = None,
+        max_batch_size: Any = None,
+        device: Any = None,
+    ) -> None:
         """`engine` reuses a running engine of `pretrained` (its vectors are replaced); batch size and
         device are vLLM's business and ignored."""
         super().__init__()
@@ -63,8 +74,9 @@ class SteerlensLM(TemplateLM):
         steering = load_steering(pretrained, vectors, scale)
         source = resolve_model(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
-        self.engine = engine or SteeredLLM(source, dtype=dtype, seed=seed,
-                                           gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = engine or SteeredLLM(
+            source, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization
+        )
         if steering is None:
             self.engine.remove()
         else:
@@ -110,8 +122,9 @@ class SteerlensLM(TemplateLM):
         return self.tokenizer.chat_template
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
         """Token ids as steerlens's own engines encode a prompt (BOS only if the text lacks it)."""
@@ -119,17 +132,18 @@ class SteerlensLM(TemplateLM):
             return encode_prompt(self.tokenizer, string)
         return list(self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"])
 
-    def _loglikelihood_tokens(self, requests: list[tuple[tuple[str, str], list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """Sum of the continuation's log-probs, and whether greedy decoding would produce it."""
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
-        prompts = [(context + continuation)[-self.max_length:] for _, context, continuation in requests]
+        prompts = [(context + continuation)[-self.max_length :] for _, context, continuation in requests]
         outputs = self.engine.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         results = []
         for (args, _, continuation), ids, output in zip(requests, prompts, outputs, strict=True):
-            scored = output.prompt_logprobs[len(ids) - len(continuation):]
+            scored = output.prompt_logprobs[len(ids) - len(continuation) :]
             picked = [entry[token] for entry, token in zip(scored, continuation, strict=True)]
             answer = (sum(p.logprob for p in picked), all(p.rank == 1 for p in picked))
             if args is not None:
@@ -142,9 +156,15 @@ class SteerlensLM(TemplateLM):
         results = []
         for request in requests:
             (text,) = request.args
-            windows = [(None,) + make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+            windows = [
+                (None,) + make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
             total = sum(logprob for logprob, _ in self._loglikelihood_tokens(windows))
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             results.append(total)
@@ -174,14 +194,20 @@ class SteerlensLM(TemplateLM):
         budget = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
         sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 1.0 if sample else 0.0))
-        params = SamplingParams(max_tokens=budget, temperature=temperature if sample else 0.0,
-                                stop=[until] if isinstance(until, str) else list(until),
-                                stop_token_ids=self.stops, skip_special_tokens=True, **kwargs)
+        params = SamplingParams(
+            max_tokens=budget,
+            temperature=temperature if sample else 0.0,
+            stop=[until] if isinstance(until, str) else list(until),
+            stop_token_ids=self.stops,
+            skip_special_tokens=True,
+            **kwargs,
+        )
         return params, budget
 
 
-def steered_hflm(pretrained: str, vectors: str | None = None, scale: float = 1.0, dtype: str = "float32",
-                 **hflm_args: Any) -> Any:
+def steered_hflm(
+    pretrained: str, vectors: str | None = None, scale: float = 1.0, dtype: str = "float32", **hflm_args: Any
+) -> Any:
     """lm-eval's `HFLM` running `pretrained` with `vectors` attached by hooks (kept as `.steering`)."""
     from lm_eval.models.huggingface import HFLM
 

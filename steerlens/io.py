@@ -11,9 +11,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from steerlens.errors import SteerlensError
 
@@ -45,8 +46,9 @@ def _reported(path: Path) -> Iterator[None]:
     except WriteError:
         raise
     except OSError as err:
-        raise WriteError(f"could not write {path}: {err.strerror or err}; nothing that was there before "
-                         "was changed") from err
+        raise WriteError(
+            f"could not write {path}: {err.strerror or err}; nothing that was there before was changed"
+        ) from err
 
 
 @contextmanager
@@ -130,7 +132,7 @@ def append_jsonl(path: str | Path, rows: dict[str, Any] | Sequence[dict[str, Any
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             except OSError:
                 if existed:
@@ -158,8 +160,9 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], bool]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             if number < len(lines):
-                raise SteerlensError(f"{path}: line {number} is damaged ({err.msg}); only a torn last line "
-                                     "can be repaired") from err
+                raise SteerlensError(
+                    f"{path}: line {number} is damaged ({err.msg}); only a torn last line can be repaired"
+                ) from err
             write_jsonl(path, rows)
             return rows, True
     return rows, False

@@ -5,9 +5,10 @@ Where a loaded model keeps its layers, norm and unembedding is `steerlens.anatom
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

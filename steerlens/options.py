@@ -29,10 +29,12 @@ class ModelOptions:
     """
 
     model: str = option("toy-arith", "base model: short name (toy-arith, smollm2-135m), local directory or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "model dtype (training log-probs are "
-                                                              "always computed in fp32)")
-    engine: Literal["auto", "vllm", "hf"] = option("auto", "generation engine: vllm, hf (generate), or auto (vLLM "
-                                                   "if installed)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "model dtype (training log-probs are always computed in fp32)"
+    )
+    engine: Literal["auto", "vllm", "hf"] = option(
+        "auto", "generation engine: vllm, hf (generate), or auto (vLLM if installed)"
+    )
     gpu_memory_utilization: float = option(0.3, "vLLM memory fraction (GPU) / KV-cache share (CPU)")
     max_model_len: int | None = option(None, "vLLM context in tokens, prompt + completion (default: the model's own)")
 
@@ -55,12 +57,15 @@ class DataOptions:
 
     problem_key: str | None = option(None, "column holding the problem (default: recognised per dataset)")
     answer_key: str | None = option(None, "column holding the gold answer (default: recognised per dataset)")
-    template: Literal["auto", "chat", "r1"] = option("auto", "prompt template: chat (asks for \\boxed{}), r1 "
-                                                     "(plain, for base models), auto")
-    bad_answers: Literal["error", "drop", "keep"] = option("error", "gold answers math-verify cannot read: error "
-                                                           "(stop, listing them), drop or keep")
-    answer_fallback: Literal["none", "last_number"] = option("none", "a completion without a boxed answer: none = "
-                                                             "wrong, last_number = its last number verified")
+    template: Literal["auto", "chat", "r1"] = option(
+        "auto", "prompt template: chat (asks for \\boxed{}), r1 (plain, for base models), auto"
+    )
+    bad_answers: Literal["error", "drop", "keep"] = option(
+        "error", "gold answers math-verify cannot read: error (stop, listing them), drop or keep"
+    )
+    answer_fallback: Literal["none", "last_number"] = option(
+        "none", "a completion without a boxed answer: none = wrong, last_number = its last number verified"
+    )
 
 
 @dataclass
@@ -74,8 +79,9 @@ class SamplingOptions:
     - `top_p`: nucleus sampling's probability mass.
     """
 
-    max_new_tokens: int = option(48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 "
-                                 "for others)")
+    max_new_tokens: int = option(
+        48, "completion length cap in tokens (paper: up to 4096 for Qwen2.5-Math, 32768 for others)"
+    )
     temperature: float = option(1.0, "sampling temperature (> 0; greedy decoding is its own setting)")
     top_p: float = option(1.0, "nucleus sampling")
 
@@ -95,8 +101,10 @@ def option_checks(opts: SharedOptions) -> list[tuple[bool, str]]:
     """The shared options' range checks, as (ok, message) pairs for a config's `__post_init__`."""
     return [
         (0 < opts.gpu_memory_utilization <= 1, "gpu_memory_utilization must be in (0, 1]"),
-        (opts.max_model_len is None or opts.max_model_len > opts.max_new_tokens,
-         "max_model_len must exceed max_new_tokens (it holds the prompt and the completion)"),
+        (
+            opts.max_model_len is None or opts.max_model_len > opts.max_new_tokens,
+            "max_model_len must exceed max_new_tokens (it holds the prompt and the completion)",
+        ),
         (opts.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (opts.temperature > 0, "temperature must be > 0 (greedy decoding is decoding=greedy in eval)"),
         (0 < opts.top_p <= 1, "top_p must be in (0, 1]"),

@@ -20,6 +20,7 @@ from typing import Literal
 
 from steerlens.errors import SteerlensError
 
+
 class RewardError(SteerlensError, ValueError):
     """Completions and gold answers that cannot be scored together."""
 
@@ -74,8 +75,9 @@ def extract_answer(text: str, answer_format: AnswerFormat = "boxed", fallback: F
     return answer
 
 
-def is_correct(completion: str, gold: str, answer_format: AnswerFormat = "boxed", timeout_s: int = 5,
-               fallback: Fallback = "none") -> bool:
+def is_correct(
+    completion: str, gold: str, answer_format: AnswerFormat = "boxed", timeout_s: int = 5, fallback: Fallback = "none"
+) -> bool:
     """Whether the completion's final answer equals `gold` according to math-verify (no answer: False)."""
     from math_verify import parse, verify
 
@@ -90,16 +92,23 @@ def is_correct(completion: str, gold: str, answer_format: AnswerFormat = "boxed"
         return False
 
 
-def _score_chunk(items: list[tuple[str, str]], answer_format: AnswerFormat, timeout_s: int,
-                 fallback: Fallback) -> list[bool]:
+def _score_chunk(
+    items: list[tuple[str, str]], answer_format: AnswerFormat, timeout_s: int, fallback: Fallback
+) -> list[bool]:
     return [is_correct(completion, gold, answer_format, timeout_s, fallback) for completion, gold in items]
 
 
 class RewardScorer:
     """Verifies batches of completions without ever hanging the caller."""
 
-    def __init__(self, answer_format: AnswerFormat = "boxed", workers: int = 2, timeout_s: int = 5,
-                 in_process_below: int = 8, fallback: Fallback = "none") -> None:
+    def __init__(
+        self,
+        answer_format: AnswerFormat = "boxed",
+        workers: int = 2,
+        timeout_s: int = 5,
+        in_process_below: int = 8,
+        fallback: Fallback = "none",
+    ) -> None:
         self.answer_format = answer_format
         self.fallback = fallback
         self.workers = max(1, workers)
@@ -158,7 +167,7 @@ class RewardScorer:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def __enter__(self) -> "RewardScorer":
+    def __enter__(self) -> RewardScorer:
         return self
 
     def __exit__(self, *exc: object) -> None:

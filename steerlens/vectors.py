@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -70,9 +71,7 @@ class SteeringVectors:
         if self.values.ndim != 2:
             raise VectorsError(f"values must be [layers, hidden], got shape {tuple(self.values.shape)}")
         if len(self.layers) != self.values.shape[0]:
-            raise VectorsError(
-                f"{len(self.layers)} layer indices for {self.values.shape[0]} vectors; they must match"
-            )
+            raise VectorsError(f"{len(self.layers)} layer indices for {self.values.shape[0]} vectors; they must match")
         if len(set(self.layers)) != len(self.layers):
             raise VectorsError(f"layer indices repeat: {list(self.layers)}")
         bad = [layer for layer in self.layers if not 0 <= layer < self.num_layers]
@@ -81,14 +80,15 @@ class SteeringVectors:
         finite = torch.isfinite(self.values.detach()).all(dim=1)
         if not bool(finite.all()):
             broken = [layer for layer, ok in zip(self.layers, finite.tolist()) if not ok]
-            raise VectorsError(f"values are not finite (NaN or Inf) at layers {broken}: vectors from a diverged "
-                               "run cannot steer")
+            raise VectorsError(
+                f"values are not finite (NaN or Inf) at layers {broken}: vectors from a diverged run cannot steer"
+            )
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def zeros(
         cls, shape: ModelShape, layers: Iterable[int] | None = None, dtype: torch.dtype = torch.float32
-    ) -> "SteeringVectors":
+    ) -> SteeringVectors:
         """Zero vectors for `layers` (default: every layer) of a model of `shape`."""
         chosen = tuple(range(shape.num_layers)) if layers is None else tuple(layers)
         return cls(
@@ -100,7 +100,7 @@ class SteeringVectors:
         )
 
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, **meta: Any) -> "SteeringVectors":
+    def from_dense(cls, dense: torch.Tensor, **meta: Any) -> SteeringVectors:
         """Wrap an `[L, d]` tensor that has one row for every layer."""
         return cls(values=dense, layers=tuple(range(dense.shape[0])), num_layers=dense.shape[0], **meta)
 
@@ -130,7 +130,7 @@ class SteeringVectors:
         return {layer: float(v.norm()) for layer, v in zip(self.layers, self.values.float())}
 
     # ---- operations ---------------------------------------------------------------------------
-    def select(self, layers: Iterable[int]) -> "SteeringVectors":
+    def select(self, layers: Iterable[int]) -> SteeringVectors:
         """Keep only `layers` (each must be present)."""
         wanted = tuple(layers)
         missing = [layer for layer in wanted if layer not in self.layers]
@@ -139,12 +139,12 @@ class SteeringVectors:
         rows = [self.layers.index(layer) for layer in wanted]
         return replace(self, values=self.values[rows].clone(), layers=wanted)
 
-    def scale(self, factor: float) -> "SteeringVectors":
+    def scale(self, factor: float) -> SteeringVectors:
         """Every vector multiplied by `factor` (the magnitude sweep)."""
         return replace(self, values=self.values * factor, provenance={**self.provenance, "scaled_by": factor})
 
     @classmethod
-    def merge(cls, parts: Sequence["SteeringVectors"]) -> "SteeringVectors":
+    def merge(cls, parts: Sequence[SteeringVectors]) -> SteeringVectors:
         """Stack sets that steer disjoint layers of the same model (e.g. single-layer runs)."""
         if not parts:
             raise VectorsError("merge needs at least one set")
@@ -159,7 +159,7 @@ class SteeringVectors:
         sources = [p.provenance for p in parts]
         return replace(first, values=values, layers=tuple(sorted(layers)), provenance={"merged": sources})
 
-    def cosine(self, other: "SteeringVectors") -> dict[int, float]:
+    def cosine(self, other: SteeringVectors) -> dict[int, float]:
         """Per-layer cosine similarity with `other` over the layers both steer."""
         self.check_fits(other.shape, what="compared set")
         out = {}
@@ -200,7 +200,7 @@ class SteeringVectors:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "SteeringVectors":
+    def load(cls, path: str | Path) -> SteeringVectors:
         """Read a file written by `save`, with clear errors for anything else."""
         path = Path(path)
         if not path.is_file():

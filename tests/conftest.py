@@ -39,7 +39,29 @@ def trained_toy_vectors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from steerlens.rl.job import train
 
     out = tmp_path_factory.mktemp("toy-run")
-    train(build_config(TrainConfig, None, [
-        "--engine", "hf", "--steps", "16", "--prompts-per-step", "16", "--generations", "8",
-        "--max-new-tokens", "40", "--lr", "1e-1", "--eval-data", "null", "--no-progress", "--out-dir", str(out)]))
+    train(
+        build_config(
+            TrainConfig,
+            None,
+            [
+                "--engine",
+                "hf",
+                "--steps",
+                "16",
+                "--prompts-per-step",
+                "16",
+                "--generations",
+                "8",
+                "--max-new-tokens",
+                "40",
+                "--lr",
+                "1e-1",
+                "--eval-data",
+                "null",
+                "--no-progress",
+                "--out-dir",
+                str(out),
+            ],
+        )
+    )
     return out / "vectors.safetensors"

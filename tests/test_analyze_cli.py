@@ -14,8 +14,8 @@ import torch
 from typer.testing import CliRunner
 
 from steerlens.analysis import stats
-from steerlens.cli import app
 from steerlens.anatomy import model_shape
+from steerlens.cli import app
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
@@ -33,12 +33,24 @@ def vector_files(tiny_qwen_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return paths[0], paths[1]
 
 
-def test_analyze_writes_report_and_tables(tiny_qwen_dir: Path, vector_files: tuple[Path, Path], tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_analyze_writes_report_and_tables(
+    tiny_qwen_dir: Path, vector_files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     out = tmp_path / "report"
-    args = ["analyze", str(vector_files[0]), "--model", str(tiny_qwen_dir), "--out", str(out), "--top-k", "7",
-            "--final-norm", "--compare", str(vector_files[1])]
+    args = [
+        "analyze",
+        str(vector_files[0]),
+        "--model",
+        str(tiny_qwen_dir),
+        "--out",
+        str(out),
+        "--top-k",
+        "7",
+        "--final-norm",
+        "--compare",
+        str(vector_files[1]),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "report.html" in result.output
@@ -62,28 +74,61 @@ def test_analyze_writes_report_and_tables(tiny_qwen_dir: Path, vector_files: tup
     assert {p.name for p in (out / "figures").iterdir()} >= {"norms.json", "logit_lens_histogram.json"}
 
 
-def test_analyze_reports_bad_input_in_one_line(tiny_qwen_dir: Path, vector_files: tuple[Path, Path],
-                                               tmp_path: Path) -> None:
+def test_analyze_reports_bad_input_in_one_line(
+    tiny_qwen_dir: Path, vector_files: tuple[Path, Path], tmp_path: Path
+) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["analyze", str(vector_files[0]), "--model", str(tiny_qwen_dir),
-                                 "--out", str(tmp_path), "--analyses", "logit_lens,vibes"])
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(vector_files[0]),
+            "--model",
+            str(tiny_qwen_dir),
+            "--out",
+            str(tmp_path),
+            "--analyses",
+            "logit_lens,vibes",
+        ],
+    )
     assert result.exit_code == 2 and "unknown analyses ['vibes']" in result.output
     wide = SteeringVectors.zeros(model_shape(load_model(tiny_qwen_dir)[0]), layers=[0])
     wide.values = torch.zeros(1, 64)
-    result = runner.invoke(app, ["analyze", str(wide.save(tmp_path / "w.safetensors")), "--model",
-                                 str(tiny_qwen_dir), "--out", str(tmp_path / "o")])
+    result = runner.invoke(
+        app,
+        [
+            "analyze",
+            str(wide.save(tmp_path / "w.safetensors")),
+            "--model",
+            str(tiny_qwen_dir),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert result.exit_code == 2 and "hidden size: vectors have 64" in result.output
 
 
-def test_llm_timeout_bounds_a_silent_endpoint(tiny_qwen_dir: Path, vector_files: tuple[Path, Path],
-                                              tmp_path: Path) -> None:
+def test_llm_timeout_bounds_a_silent_endpoint(
+    tiny_qwen_dir: Path, vector_files: tuple[Path, Path], tmp_path: Path
+) -> None:
     runner = CliRunner()
-    args = ["analyze", str(vector_files[0]), "--model", str(tiny_qwen_dir), "--out", str(tmp_path / "o"),
-            "--analyses", "clustering", "--top-k", "3"]
+    args = [
+        "analyze",
+        str(vector_files[0]),
+        "--model",
+        str(tiny_qwen_dir),
+        "--out",
+        str(tmp_path / "o"),
+        "--analyses",
+        "clustering",
+        "--top-k",
+        "3",
+    ]
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
         start = time.monotonic()
-        result = runner.invoke(app, args + ["--endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
-                                            "--llm-timeout", "2"])
+        result = runner.invoke(
+            app, args + ["--endpoint", f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "--llm-timeout", "2"]
+        )
         elapsed = time.monotonic() - start
     assert result.exit_code == 2 and elapsed < 30, (elapsed, result.output)
     last = result.output.strip().splitlines()[-1]  # after the model's and the logit lens' progress bars

@@ -54,17 +54,27 @@ def test_api_reference_builds_without_warnings(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     report = f"$ python {' '.join(cmd[1:])}\nexit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.returncode == 0, report
-    problems = [line for line in (proc.stderr + proc.stdout).splitlines()
-                if "warn" in line.lower() or "error" in line.lower()]
+    problems = [
+        line for line in (proc.stderr + proc.stdout).splitlines() if "warn" in line.lower() or "error" in line.lower()
+    ]
     if problems:
         pytest.fail("pdoc warned:\n" + "\n".join(problems) + "\n\n" + report, pytrace=False)
-    for page in ["steerlens.html", "steerlens/backends.html", "steerlens/backends/hf.html",
-                 "steerlens/backends/vllm.html", "steerlens/vectors.html", "steerlens/data.html",
-                 "steerlens/evaluation.html", "steerlens/rl/trainer.html", "steerlens/analysis.html"]:
+    for page in [
+        "steerlens.html",
+        "steerlens/backends.html",
+        "steerlens/backends/hf.html",
+        "steerlens/backends/vllm.html",
+        "steerlens/vectors.html",
+        "steerlens/data.html",
+        "steerlens/evaluation.html",
+        "steerlens/rl/trainer.html",
+        "steerlens/analysis.html",
+    ]:
         assert (out / page).is_file(), f"pdoc wrote no {page}\n{report}"
     # Every module has its page, named once (a repeated spec is a pdoc warning, caught above).
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-               for p in PACKAGE.rglob("*.py")}
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in PACKAGE.rglob("*.py")
+    }
     modules = {m for m in modules if not any(re.match(pattern, m) for pattern in SKIP)}
     pages = {".".join(p.relative_to(out).with_suffix("").parts) for p in out.rglob("*.html")} - {"index"}
     assert pages == modules, f"missing pages: {sorted(modules - pages)}; unexpected: {sorted(pages - modules)}"

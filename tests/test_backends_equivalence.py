@@ -6,19 +6,20 @@ the vectors are large enough that steering moves the logits far beyond the toler
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 from nnsight.modeling.transformers import TransformersModel
 from transformer_lens.model_bridge import TransformerBridge
 
+from steerlens.anatomy import model_shape
 from steerlens.backends import hf, tlens
 from steerlens.backends import nnsight as nnsight_backend
 from steerlens.bias_checkpoint import export_checkpoint
-from steerlens.anatomy import model_shape
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 

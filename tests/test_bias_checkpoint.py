@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from steerlens.anatomy import model_shape
 from steerlens.backends import hf
 from steerlens.bias_checkpoint import export_checkpoint, import_vectors
-from steerlens.anatomy import model_shape
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 

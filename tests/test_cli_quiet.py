@@ -6,7 +6,7 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from typer.testing import CliRunner
@@ -52,8 +52,10 @@ def test_user_setting_and_verbose_are_left_alone(monkeypatch: pytest.MonkeyPatch
 
 def test_help_imports_no_job_and_lists_config_options() -> None:
     """`steerlens --help` imports no job (no torch); a job's help describes its config's options."""
-    probe = ("import sys; from typer.testing import CliRunner; from steerlens.cli import app; "
-             "CliRunner().invoke(app, ['--help']); print('torch' in sys.modules)")
+    probe = (
+        "import sys; from typer.testing import CliRunner; from steerlens.cli import app; "
+        "CliRunner().invoke(app, ['--help']); print('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
     for command in (["train"], ["study", "singles"], ["eval"]):
         output = CliRunner().invoke(app, [*command, "--help"]).output

@@ -7,28 +7,40 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
-from steerlens.analysis.clustering import (FAILED, UNCLASSIFIED, ClusteringConfig, ClusteringError, cluster_tokens,
-                                           llm_clusters, parse_answer)
+from steerlens.analysis.clustering import (
+    FAILED,
+    UNCLASSIFIED,
+    ClusteringConfig,
+    ClusteringError,
+    cluster_tokens,
+    llm_clusters,
+    parse_answer,
+)
 from steerlens.config import ConfigError
 
 KEY = "sk-test-secret-123"
 TOKENS = {3: [" the", "Haus", "Katze", "+", "-"]}
 GOOD = {
-    "tokens": [{"token": " the", "language": "English", "translation": ""},
-               {"token": "Haus", "language": "German", "translation": "house"},
-               {"token": "Katze", "language": "German", "translation": "cat"},
-               {"token": "+", "language": "symbol", "translation": ""},
-               {"token": "-", "language": "symbol", "translation": ""}],
-    "topics": [{"topic": "Household and animals", "tokens": ["Haus", "Katze"]},
-               {"topic": "Arithmetic operators", "tokens": ["+", "-"]}],
+    "tokens": [
+        {"token": " the", "language": "English", "translation": ""},
+        {"token": "Haus", "language": "German", "translation": "house"},
+        {"token": "Katze", "language": "German", "translation": "cat"},
+        {"token": "+", "language": "symbol", "translation": ""},
+        {"token": "-", "language": "symbol", "translation": ""},
+    ],
+    "topics": [
+        {"topic": "Household and animals", "tokens": ["Haus", "Katze"]},
+        {"topic": "Arithmetic operators", "tokens": ["+", "-"]},
+    ],
     "unclassified": [" the"],
 }
 
@@ -58,8 +70,13 @@ class ChatServer:
 
             def do_GET(self) -> None:
                 server.requests.append({"path": self.path, "auth": self.headers.get("Authorization")})
-                self._send(200, {"object": "list", "data": [{"id": "served-model", "object": "model",
-                                                              "created": 0, "owned_by": "test"}]})
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": "served-model", "object": "model", "created": 0, "owned_by": "test"}],
+                    },
+                )
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -75,11 +92,19 @@ class ChatServer:
                 if status != 200:
                     self._send(status, {"error": {"message": content, "type": "scripted", "code": status}})
                     return
-                self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
-                                 "model": body["model"], "usage": {"prompt_tokens": 1, "completion_tokens": 1,
-                                                                   "total_tokens": 2},
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": content}}]})
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                        ],
+                    },
+                )
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -101,8 +126,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ChatServer]:
 
 
 def config(server: ChatServer, tmp_path: Path, **kwargs: Any) -> ClusteringConfig:
-    return ClusteringConfig(base_url=server.url, cache_dir=tmp_path / "cache", backoff_s=0.01, concurrency=1,
-                            **kwargs)
+    return ClusteringConfig(base_url=server.url, cache_dir=tmp_path / "cache", backoff_s=0.01, concurrency=1, **kwargs)
 
 
 def test_good_answer_is_parsed_into_topics(server: ChatServer, tmp_path: Path) -> None:
@@ -166,10 +190,16 @@ def test_unauthorised_gives_a_clear_error_naming_the_variable(server: ChatServer
     assert KEY not in str(err.value) and len(server.requests) == 1
 
 
-@pytest.mark.parametrize("body, needle", [(b"<html><p>It works!</p></html>", "with a body that is not JSON"),
-                                          (b'{"object": "error"}', "answered JSON without choices")])
-def test_an_answer_that_is_not_the_api_json_is_one_line(server: ChatServer, tmp_path: Path, body: bytes,
-                                                        needle: str) -> None:
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        (b"<html><p>It works!</p></html>", "with a body that is not JSON"),
+        (b'{"object": "error"}', "answered JSON without choices"),
+    ],
+)
+def test_an_answer_that_is_not_the_api_json_is_one_line(
+    server: ChatServer, tmp_path: Path, body: bytes, needle: str
+) -> None:
     server.script.append((200, body))
     with pytest.raises(ClusteringError, match=needle) as err:
         llm_clusters(TOKENS, config(server, tmp_path, model="m"))
@@ -177,32 +207,45 @@ def test_an_answer_that_is_not_the_api_json_is_one_line(server: ChatServer, tmp_
 
 
 @pytest.mark.parametrize("model, what", [(None, "listing models"), ("m", "clustering tokens")])
-def test_an_endpoint_that_never_answers_fails_within_the_deadline(tmp_path: Path, model: str | None,
-                                                                  what: str) -> None:
+def test_an_endpoint_that_never_answers_fails_within_the_deadline(tmp_path: Path, model: str | None, what: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as silent:  # the kernel accepts; nobody ever answers
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
         start = time.monotonic()
         with pytest.raises(ClusteringError, match=rf"still failing \(APITimeoutError\) while {what}.*within 1.5 s"):
-            llm_clusters(TOKENS, ClusteringConfig(base_url=url, model=model, cache_dir=tmp_path, deadline_s=1.5,
-                                                  api_key="local", backoff_s=0.01))
+            llm_clusters(
+                TOKENS,
+                ClusteringConfig(
+                    base_url=url, model=model, cache_dir=tmp_path, deadline_s=1.5, api_key="local", backoff_s=0.01
+                ),
+            )
         assert time.monotonic() - start < 1.5 + 1.0
 
 
 def test_time_limits_must_be_positive_numbers() -> None:
-    with pytest.raises(ConfigError, match=r"ClusteringConfig: deadline_s \(--llm-timeout\) must be a number of "
-                                          r"seconds > 0, got nan"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ClusteringConfig: deadline_s \(--llm-timeout\) must be a number of "
+        r"seconds > 0, got nan",
+    ):
         ClusteringConfig(deadline_s=float("nan"))
     with pytest.raises(ConfigError, match="timeout_s must be .* got 0"):
         ClusteringConfig(timeout_s=0)
 
 
 def test_parse_answer_is_lenient_but_keeps_the_rules() -> None:
-    text = ("<think>hmm</think>Here you go:\n" + json.dumps({
-        "topics": [{"topic": "Animals", "tokens": ["Katze ", "Hund", "invented"]},
-                   {"topic": "Alone", "tokens": ["Haus"]}]}))
+    text = "<think>hmm</think>Here you go:\n" + json.dumps(
+        {
+            "topics": [
+                {"topic": "Animals", "tokens": ["Katze ", "Hund", "invented"]},
+                {"topic": "Alone", "tokens": ["Haus"]},
+            ]
+        }
+    )
     answer = parse_answer(text, ["Katze", "Hund", "Haus", " the"])
-    assert answer["topics"] == [{"topic": "Animals", "tokens": ["Katze", "Hund"]},
-                                {"topic": UNCLASSIFIED, "tokens": ["Haus", " the"]}]
+    assert answer["topics"] == [
+        {"topic": "Animals", "tokens": ["Katze", "Hund"]},
+        {"topic": UNCLASSIFIED, "tokens": ["Haus", " the"]},
+    ]
     assert parse_answer(json.dumps(answer), ["Katze", "Hund", "Haus", " the"]) == answer
 
 
@@ -210,12 +253,26 @@ def test_offline_clustering_groups_tokens_by_unembedding(monkeypatch: pytest.Mon
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(3, 32, generator=gen)
-    unembed = torch.cat([base[0] + 0.05 * torch.randn(3, 32, generator=gen),
-                         base[1] + 0.05 * torch.randn(3, 32, generator=gen), base[2:]])
+    unembed = torch.cat(
+        [
+            base[0] + 0.05 * torch.randn(3, 32, generator=gen),
+            base[1] + 0.05 * torch.randn(3, 32, generator=gen),
+            base[2:],
+        ]
+    )
     tokens = pd.DataFrame({"layer": 0, "rank": range(1, 8), "token_id": range(7), "token": list("abcdefg")})
     table = cluster_tokens(tokens, unembed=unembed, n_clusters=3)  # no endpoint configured: offline
-    assert table.columns.tolist() == ["layer", "topic", "tokens", "translation", "language", "method", "model",
-                                      "status", "error"]
+    assert table.columns.tolist() == [
+        "layer",
+        "topic",
+        "tokens",
+        "translation",
+        "language",
+        "method",
+        "model",
+        "status",
+        "error",
+    ]
     assert sorted(map(sorted, table["tokens"])) == [["a", "b", "c"], ["d", "e", "f"], ["g"]]
     assert table["topic"].iloc[-1] == UNCLASSIFIED and set(table["method"]) == {"offline"}
     with pytest.raises(ClusteringError, match="needs the unembedding"):

@@ -77,7 +77,12 @@ def test_a_few_anchors_and_command_line_text_work(tmp_path: Path) -> None:
 
 def test_parse_overrides_forms() -> None:
     assert parse_overrides(["--a=1", "--b", "2", "c=3", "--flag", "--no-other"]) == {
-        "a": "1", "b": "2", "c": "3", "flag": "true", "other": "false"}
+        "a": "1",
+        "b": "2",
+        "c": "3",
+        "flag": "true",
+        "other": "false",
+    }
 
 
 def test_describe_documents_every_field() -> None:
@@ -118,13 +123,50 @@ def test_runners_build_the_configs_their_command_lines_did(tmp_path: Path, runne
     preset, run_dir = ROOT / "analyses" / "presets" / "smollm2-135m-word-arith.yaml", tmp_path / "run"
     run_dir.mkdir()
     built = runner.training_config(preset, run_dir, 12, trainable="lora", lr=2e-3, seed=1)
-    assert built == build_config(TrainConfig, preset, [
-        "--trainable", "lora", "--lr", "0.002", "--seed", "1", "--steps", "12", "--save-every", "12",
-        "--eval-data", "null", "--no-progress", "--out-dir", str(run_dir), "--resume"])
+    assert built == build_config(
+        TrainConfig,
+        preset,
+        [
+            "--trainable",
+            "lora",
+            "--lr",
+            "0.002",
+            "--seed",
+            "1",
+            "--steps",
+            "12",
+            "--save-every",
+            "12",
+            "--eval-data",
+            "null",
+            "--no-progress",
+            "--out-dir",
+            str(run_dir),
+            "--resume",
+        ],
+    )
     settings = read_config(ROOT / "analyses" / "table1" / "config.yaml")
-    assert build_config(EvalConfig, None, {**settings["eval"], "out_dir": "x"}) == build_config(EvalConfig, None, [
-        "--benchmarks", "word-arith", "--limit", "64", "--max-new-tokens", "48", "--decoding", "greedy", "--seeds", "0",
-        "--answer-fallback", "last_number", "--no-progress", "--out-dir", "x"])
+    assert build_config(EvalConfig, None, {**settings["eval"], "out_dir": "x"}) == build_config(
+        EvalConfig,
+        None,
+        [
+            "--benchmarks",
+            "word-arith",
+            "--limit",
+            "64",
+            "--max-new-tokens",
+            "48",
+            "--decoding",
+            "greedy",
+            "--seeds",
+            "0",
+            "--answer-fallback",
+            "last_number",
+            "--no-progress",
+            "--out-dir",
+            "x",
+        ],
+    )
 
 
 def test_help_is_one_short_clause_and_the_docstring_explains_each_field() -> None:

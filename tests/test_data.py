@@ -47,11 +47,14 @@ def test_known_dataset_formats_read_their_answers(tmp_path: Path) -> None:
     assert load_problems(custom, problem_key="q", answer_key="gold")[0].answer == "9"
 
 
-@pytest.mark.parametrize("content, needle", [
-    ('{"problem": "p", "reply": "2"}\n', "no answer column"),
-    ('{"problem": "p"\n', "line 1 is not valid JSON"),
-    ("", "the dataset is empty"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"problem": "p", "reply": "2"}\n', "no answer column"),
+        ('{"problem": "p"\n', "line 1 is not valid JSON"),
+        ("", "the dataset is empty"),
+    ],
+)
 def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, content: str, needle: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

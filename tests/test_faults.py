@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -21,8 +21,22 @@ from steerlens.cli import app
 from steerlens.rl.checkpoint import MANIFEST, newest_valid
 from steerlens.vectors import FORMAT, TENSOR_KEY, ModelShape, SteeringVectors
 
-TRAIN = ["train", "--engine", "hf", "--save-every", "2", "--prompts-per-step", "4", "--generations", "2",
-         "--max-new-tokens", "8", "--eval-data", "null", "--no-progress"]
+TRAIN = [
+    "train",
+    "--engine",
+    "hf",
+    "--save-every",
+    "2",
+    "--prompts-per-step",
+    "4",
+    "--generations",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--eval-data",
+    "null",
+    "--no-progress",
+]
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -63,9 +77,11 @@ DAMAGE = {
     "state.json missing": lambda d: (d / "state.json").unlink(),
     "state.json garbled": lambda d: (d / "state.json").write_text("{not json"),
     "tensor file truncated": lambda d: (d / "trainable.safetensors").write_bytes(
-        (d / "trainable.safetensors").read_bytes()[:40]),
+        (d / "trainable.safetensors").read_bytes()[:40]
+    ),
     "tensor file flipped": lambda d: (d / "optimizer.safetensors").write_bytes(
-        (d / "optimizer.safetensors").read_bytes()[:-1] + b"\x00"),
+        (d / "optimizer.safetensors").read_bytes()[:-1] + b"\x00"
+    ),
 }
 
 
@@ -88,8 +104,9 @@ def test_resume_does_not_need_the_latest_pointer(run_copy: Path, pointer: str) -
     code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
     assert code == 0 and "step_000004 (step 4)" in output, output
     assert len(metric_lines(run_copy)) == 4
-    assert {k: v for k, v in snapshot(run_copy / "checkpoints").items() if k.startswith("step_")} == \
-        {k: v for k, v in before.items() if k.startswith("step_")}
+    assert {k: v for k, v in snapshot(run_copy / "checkpoints").items() if k.startswith("step_")} == {
+        k: v for k, v in before.items() if k.startswith("step_")
+    }
 
 
 def test_nothing_valid_left_stops_without_touching_the_run(run_copy: Path) -> None:
@@ -115,8 +132,9 @@ def test_changed_settings_are_refused_unless_allowed_and_then_recorded(run_copy:
     code, output = run(*TRAIN, "--steps", "6", "--lr", "0.01", "--out-dir", str(run_copy), "--resume")
     assert_refused(code, output, str(run_copy))
     assert "lr: 0.05 -> 0.01" in output and "steps: 4 -> 6" in output and snapshot(run_copy) == before
-    code, output = run(*TRAIN, "--steps", "6", "--lr", "0.01", "--out-dir", str(run_copy), "--resume",
-                       "--allow-config-change")
+    code, output = run(
+        *TRAIN, "--steps", "6", "--lr", "0.01", "--out-dir", str(run_copy), "--resume", "--allow-config-change"
+    )
     assert code == 0, output
     (change,) = [json.loads(line) for line in (run_copy / "config_changes.jsonl").read_text().splitlines()]
     assert change["step"] == 4 and change["changes"]["lr"] == [0.05, 0.01]
@@ -142,7 +160,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs (root can mount one here; elsewhere the test is skipped with the reason)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
     try:
@@ -171,8 +191,26 @@ def test_full_disk_during_training_is_one_line_and_keeps_checkpoints(finished_ru
     assert snapshot(out) == before and newest_valid(out)[0] == out / "checkpoints" / "step_000004"
 
 
-EVAL = ["eval", "--engine", "hf", "--benchmarks", "toy-arith", "--limit", "6", "--decoding", "sample",
-        "--samples", "2", "--seeds", "0", "--chunk-problems", "2", "--max-new-tokens", "8", "--no-progress"]
+EVAL = [
+    "eval",
+    "--engine",
+    "hf",
+    "--benchmarks",
+    "toy-arith",
+    "--limit",
+    "6",
+    "--decoding",
+    "sample",
+    "--samples",
+    "2",
+    "--seeds",
+    "0",
+    "--chunk-problems",
+    "2",
+    "--max-new-tokens",
+    "8",
+    "--no-progress",
+]
 
 
 def test_a_problem_is_done_only_when_all_its_samples_are_on_disk(tmp_path: Path) -> None:
@@ -203,14 +241,30 @@ def test_full_disk_during_evaluation_is_one_line_and_leaves_no_partial_problem(s
 
 # ---- vectors ---------------------------------------------------------------------------------------
 def bad_vectors(path: Path, values: torch.Tensor, **header: str) -> Path:
-    meta = {"format": FORMAT, "layers": json.dumps(list(range(values.shape[0]))), "num_layers": "4",
-            "hidden_size": str(values.shape[1]), **header}
+    meta = {
+        "format": FORMAT,
+        "layers": json.dumps(list(range(values.shape[0]))),
+        "num_layers": "4",
+        "hidden_size": str(values.shape[1]),
+        **header,
+    }
     save_file({TENSOR_KEY: values}, str(path), metadata=meta)
     return path
 
 
-@pytest.mark.parametrize("case", ["nan", "inf", "int values", "layers null", "layers a string", "layers floats",
-                                  "num_layers not a number", "provenance not an object"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nan",
+        "inf",
+        "int values",
+        "layers null",
+        "layers a string",
+        "layers floats",
+        "num_layers not a number",
+        "provenance not an object",
+    ],
+)
 def test_bad_vectors_files_are_refused_everywhere_with_nothing_written(tmp_path: Path, case: str) -> None:
     values = torch.randn(4, 128)
     header: dict[str, str] = {}
@@ -221,15 +275,20 @@ def test_bad_vectors_files_are_refused_everywhere_with_nothing_written(tmp_path:
     elif case == "int values":
         values = torch.ones(4, 128, dtype=torch.int32)
     else:
-        header = {"layers null": {"layers": "null"}, "layers a string": {"layers": '"0,1,2,3"'},
-                  "layers floats": {"layers": "[0.5, 1, 2, 3]"}, "num_layers not a number": {"num_layers": "four"},
-                  "provenance not an object": {"provenance": "[1]"}}[case]
+        header = {
+            "layers null": {"layers": "null"},
+            "layers a string": {"layers": '"0,1,2,3"'},
+            "layers floats": {"layers": "[0.5, 1, 2, 3]"},
+            "num_layers not a number": {"num_layers": "four"},
+            "provenance not an object": {"provenance": "[1]"},
+        }[case]
     path = bad_vectors(tmp_path / "bad.safetensors", values, **header)
     code, output = run(*EVAL, "--vectors", str(path), "--out-dir", str(tmp_path / "eval"))
     assert_refused(code, output, str(path))
     assert not (tmp_path / "eval").exists()
-    code, output = run("analyze", str(path), "--model", "toy-arith", "--out", str(tmp_path / "report"),
-                       "--analyses", "stats")
+    code, output = run(
+        "analyze", str(path), "--model", "toy-arith", "--out", str(tmp_path / "report"), "--analyses", "stats"
+    )
     assert_refused(code, output, str(path))
     assert not (tmp_path / "report").exists()
 
@@ -246,8 +305,20 @@ def test_unreadable_gold_answers_are_reported_before_the_run(tmp_path: Path) -> 
     rows = [{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(4)]
     rows += [{"question": "Name a colour.", "answer": "\\frac{"}, {"question": "And another?", "answer": "\\sqrt{"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["eval", "--engine", "hf", "--benchmarks", f"gsm8k={data}", "--decoding", "greedy", "--seeds", "0",
-            "--max-new-tokens", "8", "--no-progress"]
+    args = [
+        "eval",
+        "--engine",
+        "hf",
+        "--benchmarks",
+        f"gsm8k={data}",
+        "--decoding",
+        "greedy",
+        "--seeds",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+    ]
     code, output = run(*args, "--out-dir", str(tmp_path / "refused"))
     assert_refused(code, output, str(data))
     assert "2 of 6 gold answers" in output and "--bad-answers drop" in output
@@ -256,4 +327,3 @@ def test_unreadable_gold_answers_are_reported_before_the_run(tmp_path: Path) -> 
     assert code == 0 and "dropped them" in output, output
     written = (tmp_path / "dropped" / "samples" / "gsm8k.seed0.jsonl").read_text().splitlines()
     assert len(written) == 4
-

@@ -18,8 +18,11 @@ from steerlens.cli import app
 from steerlens.config import MAX_CONFIG_BYTES
 
 # A "billion laughs": nine levels of nine aliases each, 9^9 strings if it were ever expanded.
-ALIAS_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "layers: *i\n"
+ALIAS_BOMB = (
+    "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    + "".join(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+    + "layers: *i\n"
+)
 
 CONFIGS = {
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text (byte 0)"),
@@ -56,13 +59,17 @@ DATASETS = {
     "non_object_line.jsonl": (json.dumps(ROW) + "\n[1, 2]\n", "line 2 is a list; expected an object"),
     "torn_line.jsonl": (json.dumps(ROW) + '\n{"problem": "What is 2+2?", "ans', "line 2 is not valid JSON (column 29"),
     "deep_line.jsonl": ("[" * 100_000 + "]" * 100_000 + "\n", "line 1 is not valid JSON (nested too deeply)"),
-    "missing_answer.jsonl": (json.dumps(ROW) + '\n\n{"problem": "What is 2+2?"}\n',
-                             "line 3 has no answer (column 'answer' is missing or null)"),
+    "missing_answer.jsonl": (
+        json.dumps(ROW) + '\n\n{"problem": "What is 2+2?"}\n',
+        "line 3 has no answer (column 'answer' is missing or null)",
+    ),
     "null_answer.jsonl": ('{"problem": "What is 2+2?", "answer": null}\n', "line 1 has no answer"),
     "empty_problem.jsonl": ('{"problem": " ", "answer": "4"}\n', "line 1 has an empty problem (column 'problem')"),
     "list_answer.jsonl": ('{"problem": "p", "answer": [4]}\n', "line 1: the answer (column 'answer') is a list"),
-    "not_utf8.jsonl": (json.dumps(ROW).encode() + b'\n{"problem": "\xff", "answer": "1"}\n',
-                       "line 2 is not UTF-8 text"),
+    "not_utf8.jsonl": (
+        json.dumps(ROW).encode() + b'\n{"problem": "\xff", "answer": "1"}\n',
+        "line 2 is not UTF-8 text",
+    ),
     "scalar.json": ("42", "the JSON is a number; expected a list of objects"),
     "broken.json": ('[\n{"problem": "p"\n', "the file is not valid JSON (line 3, column 1"),
     "strings.json": ('["What is 1+1?", "2"]', "row 1 is a string; expected an object"),
@@ -70,8 +77,10 @@ DATASETS = {
     "short_row.csv": ("problem,answer\nWhat is 1+1?,2\nWhat is 2+2?\n", "row 2 has an empty answer"),
     "garbage.parquet": (b"PAR1 this is not parquet", "cannot be read as parquet"),
     "missing_answer.parquet": (pd.DataFrame({"problem": ["p", "q"], "answer": ["1", None]}), "row 2 has no answer"),
-    "gsm8k_no_final_answer.jsonl": ('{"question": "q", "answer": "2 + 2 = 4 ####"}\n',
-                                    "line 1: no final answer can be read"),
+    "gsm8k_no_final_answer.jsonl": (
+        '{"question": "q", "answer": "2 + 2 = 4 ####"}\n',
+        "line 1: no final answer can be read",
+    ),
 }
 
 
@@ -118,12 +127,18 @@ def test_a_config_path_that_is_a_directory(tmp_path: Path) -> None:
 def test_damaged_dataset(tmp_path: Path, name: str) -> None:
     content, needle = DATASETS[name]
     path = write(tmp_path / name, content)
-    fails_in_one_line(["train", "--data", str(path), "--eval-data", "null", "--engine", "hf",
-                       "--out-dir", str(tmp_path / "run")], f"error: {path}: ", needle)
+    fails_in_one_line(
+        ["train", "--data", str(path), "--eval-data", "null", "--engine", "hf", "--out-dir", str(tmp_path / "run")],
+        f"error: {path}: ",
+        needle,
+    )
 
 
 def test_damaged_benchmark_file(tmp_path: Path) -> None:
     content, needle = DATASETS["missing_cell.csv"]
     path = write(tmp_path / "mine.csv", content)
-    fails_in_one_line(["eval", "--benchmarks", f"mine={path}", "--engine", "hf", "--out-dir", str(tmp_path / "run")],
-                      f"error: {path}: ", needle)
+    fails_in_one_line(
+        ["eval", "--benchmarks", f"mine={path}", "--engine", "hf", "--out-dir", str(tmp_path / "run")],
+        f"error: {path}: ",
+        needle,
+    )

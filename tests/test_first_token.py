@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlens.analysis.first_token import (FirstTokenError, by_position, delta_p, first_token_effect,
-                                            generate_greedy, prefix_control)
-from steerlens.backends import hf
+from steerlens.analysis.first_token import (
+    FirstTokenError,
+    by_position,
+    delta_p,
+    first_token_effect,
+    generate_greedy,
+    prefix_control,
+)
 from steerlens.anatomy import model_shape
+from steerlens.backends import hf
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
@@ -55,7 +61,7 @@ def test_delta_p_matches_a_direct_computation(model_tok) -> None:
     traj = result.trajectories
     row = 0
     ids = traj.ids[row][traj.attention_mask[row].bool()][None]  # drop the left padding
-    prompt_len = int(traj.attention_mask[row, :traj.prompt_width].sum())
+    prompt_len = int(traj.attention_mask[row, : traj.prompt_width].sum())
     with torch.no_grad():
         base = model(ids).logits[0].softmax(-1)
         with hf.attach(model, vectors):

@@ -24,7 +24,12 @@ from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
 
 PEERS = Path(__file__).resolve().parents[1] / ".peers"
-FILE_NAMES = {"steerlens": "v.safetensors", "llama.cpp": "v.gguf", "easysteer": "v.gguf", "vllm-lens": "v.vllm-lens.json"}
+FILE_NAMES = {
+    "steerlens": "v.safetensors",
+    "llama.cpp": "v.gguf",
+    "easysteer": "v.gguf",
+    "vllm-lens": "v.vllm-lens.json",
+}
 RECORDS_MODEL = {"steerlens", "llama.cpp", "easysteer"}
 PROMPT = "Vectors that travel between tools."
 ATOL = 1e-5
@@ -44,8 +49,13 @@ def peer(name: str) -> ModuleType:
 
 def random_vectors(num_layers: int, hidden: int, layers: tuple[int, ...], seed: int = 0) -> SteeringVectors:
     generator = torch.Generator().manual_seed(seed)
-    return SteeringVectors(values=2.0 * torch.randn(len(layers), hidden, generator=generator), layers=layers,
-                           num_layers=num_layers, model="tiny", architecture="Qwen2ForCausalLM")
+    return SteeringVectors(
+        values=2.0 * torch.randn(len(layers), hidden, generator=generator),
+        layers=layers,
+        num_layers=num_layers,
+        model="tiny",
+        architecture="Qwen2ForCausalLM",
+    )
 
 
 def same(a: SteeringVectors, b: SteeringVectors) -> bool:
@@ -88,7 +98,9 @@ def test_llama_cpp_layout(tmp_path: Path) -> None:
     assert reader.fields["controlvector.model_hint"].contents() == "qwen2"
     assert reader.fields["controlvector.layer_count"].contents() == 2
     assert [(t.name, t.tensor_type) for t in reader.tensors] == [
-        ("direction.2", gguf.GGMLQuantizationType.F32), ("direction.5", gguf.GGMLQuantizationType.F32)]
+        ("direction.2", gguf.GGMLQuantizationType.F32),
+        ("direction.5", gguf.GGMLQuantizationType.F32),
+    ]
 
 
 def test_llama_cpp_refuses_layer_zero_unless_dropped(tmp_path: Path) -> None:
@@ -121,7 +133,9 @@ def test_vllm_lens_json_is_its_steering_vector(tmp_path: Path) -> None:
     """vllm-lens's own pydantic model reads what steerlens writes, and steerlens reads what it dumps."""
     vllm_lens = peer("vllm_lens")
     vectors = random_vectors(6, 16, (1, 4))
-    theirs = vllm_lens.SteeringVector.model_validate_json(write_vectors(vectors, tmp_path / "a.vllm-lens.json").read_text())
+    theirs = vllm_lens.SteeringVector.model_validate_json(
+        write_vectors(vectors, tmp_path / "a.vllm-lens.json").read_text()
+    )
     assert theirs.layer_indices == [1, 4] and theirs.scale == 1.0 and not theirs.norm_match
     assert torch.equal(theirs.activations, vectors.values)
     dumped = vllm_lens.SteeringVector(activations=vectors.values.to(torch.bfloat16), layer_indices=[1, 4], scale=0.5)
@@ -180,7 +194,9 @@ def test_repeng_vectors_import(tiny: tuple) -> None:
     assert imported.layers == (1, vectors.num_layers - 1)
     controlled = repeng.ControlModel(model, [1, vectors.num_layers - 1])
     try:
-        controlled.set_control(repeng.ControlVector("qwen2", {1: directions[1], vectors.num_layers - 1: directions[-1]}))
+        controlled.set_control(
+            repeng.ControlVector("qwen2", {1: directions[1], vectors.num_layers - 1: directions[-1]})
+        )
         with torch.no_grad():
             got = controlled(input_ids=ids).logits
     finally:
@@ -229,8 +245,16 @@ def test_convert_command(tiny_qwen_dir: Path, tmp_path: Path) -> None:
     assert runner.invoke(app, ["convert", str(tmp_path / "v.gguf"), str(tmp_path / "v.vllm-lens.json")]).exit_code == 0
     missing = runner.invoke(app, ["convert", str(tmp_path / "v.vllm-lens.json"), str(tmp_path / "back.safetensors")])
     assert missing.exit_code == 2 and "--num-layers" in missing.output
-    back = runner.invoke(app, ["convert", str(tmp_path / "v.vllm-lens.json"), str(tmp_path / "back.safetensors"),
-                               "--model", str(tiny_qwen_dir)])
+    back = runner.invoke(
+        app,
+        [
+            "convert",
+            str(tmp_path / "v.vllm-lens.json"),
+            str(tmp_path / "back.safetensors"),
+            "--model",
+            str(tiny_qwen_dir),
+        ],
+    )
     assert back.exit_code == 0, back.output
     assert same(SteeringVectors.load(tmp_path / "back.safetensors"), vectors.select((1, 3)))
     narrow = random_vectors(4, 64, (1,)).save(tmp_path / "narrow.safetensors")

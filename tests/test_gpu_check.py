@@ -22,8 +22,13 @@ STEPS = ["equivalence", "rloo_update", "presets", "analysis", "vllm"]
 def test_cpu_mode_passes_every_step_and_writes_both_reports(tmp_path: Path) -> None:
     out = tmp_path / "check"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     report = json.loads((out / "gpu_check.json").read_text())
@@ -40,15 +45,19 @@ def test_cpu_mode_passes_every_step_and_writes_both_reports(tmp_path: Path) -> N
 
     backends = steps["equivalence"]["figures"]["backends"]
     assert all(part["status"] in ("pass", "skipped") for part in backends.values()), backends
-    assert all(part["steered_diff"] <= steps["equivalence"]["figures"]["tol"]
-               for part in backends.values() if part["status"] == "pass")
+    assert all(
+        part["steered_diff"] <= steps["equivalence"]["figures"]["tol"]
+        for part in backends.values()
+        if part["status"] == "pass"
+    )
     update = steps["rloo_update"]["figures"]
     assert update["predicted"]["total_bytes"] > update["predicted"]["weights_bytes"] > 0
     assert update["measured_peak_bytes"] is None  # no allocator statistics on CPU
 
     presets = steps["presets"]["figures"]
-    gpu_presets = sorted(p.stem for p in (SCRIPT.parents[1] / "analyses" / "presets").glob("*.yaml")
-                         if not p.stem.startswith("smollm2"))
+    gpu_presets = sorted(
+        p.stem for p in (SCRIPT.parents[1] / "analyses" / "presets").glob("*.yaml") if not p.stem.startswith("smollm2")
+    )
     assert sorted(k for k, v in presets.items() if isinstance(v, dict)) == gpu_presets
     assert {presets[name]["trainable"] for name in gpu_presets} == {"steering", "lora", "full"}
     assert all(presets[name]["status"] == "pass" and all(x == x for x in presets[name]["loss"]) for name in gpu_presets)

@@ -22,8 +22,11 @@ from steerlens.data.prompts import SYSTEM_PROMPT
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
 
-pytestmark = [pytest.mark.smollm, pytest.mark.vllm,
-              pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}")]
+pytestmark = [
+    pytest.mark.smollm,
+    pytest.mark.vllm,
+    pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}"),
+]
 
 NAME = "smollm2-135m"
 PROBLEMS = 24
@@ -81,9 +84,20 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("lm-eval-tasks")
     problems = generate("word-arith", PROBLEMS, heldout=True)
     data = folder / "wordarith.jsonl"
-    data.write_text("".join(json.dumps({"id": p.id, "problem": p.problem, "answer": p.answer,
-                                        "choices": [p.answer, str(int(p.answer) + 1), str(int(p.answer) + 10)]}) + "\n"
-                            for p in problems))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": p.id,
+                    "problem": p.problem,
+                    "answer": p.answer,
+                    "choices": [p.answer, str(int(p.answer) + 1), str(int(p.answer) + 10)],
+                }
+            )
+            + "\n"
+            for p in problems
+        )
+    )
     (folder / "wordarith_gen.yaml").write_text(GENERATE_TASK.format(data=data, max_new_tokens=MAX_NEW_TOKENS))
     (folder / "wordarith_choice.yaml").write_text(CHOICE_TASK.format(data=data))
     return folder
@@ -101,8 +115,14 @@ def run_lm_eval(lm: Any, task: str, folder: Path, **kwargs: Any) -> dict[str, An
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=str(folder)),
-                                   log_samples=True, bootstrap_iters=0, **kwargs)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=TaskManager(include_path=str(folder)),
+        log_samples=True,
+        bootstrap_iters=0,
+        **kwargs,
+    )
 
 
 def test_model_type_is_registered_by_name() -> None:
@@ -127,10 +147,20 @@ def test_generation_scores_equal_steerlens_eval(engine: Any, tasks: Path, tmp_pa
     for setup, vectors in (("base", None), ("steered", str(smollm.TRAINED_VECTORS))):
         lm = SteerlensLM(NAME, vectors=vectors, engine=engine, max_gen_toks=MAX_NEW_TOKENS)
         result = run_lm_eval(lm, "wordarith_gen", tasks, apply_chat_template=True, system_instruction=SYSTEM_PROMPT)
-        theirs = {s["doc"]["id"]: (s["resps"][0][0], bool(s["exact_match"])) for s in result["samples"]["wordarith_gen"]}
-        cfg = EvalConfig(model=NAME, vectors=vectors, benchmarks=[f"wordarith={tasks / 'wordarith.jsonl'}"],
-                         decoding="greedy", seeds=[0], max_new_tokens=MAX_NEW_TOKENS, answer_fallback="last_number",
-                         progress=False, out_dir=str(tmp_path / setup))
+        theirs = {
+            s["doc"]["id"]: (s["resps"][0][0], bool(s["exact_match"])) for s in result["samples"]["wordarith_gen"]
+        }
+        cfg = EvalConfig(
+            model=NAME,
+            vectors=vectors,
+            benchmarks=[f"wordarith={tasks / 'wordarith.jsonl'}"],
+            decoding="greedy",
+            seeds=[0],
+            max_new_tokens=MAX_NEW_TOKENS,
+            answer_fallback="last_number",
+            progress=False,
+            out_dir=str(tmp_path / setup),
+        )
         ours_score = float(evaluate(cfg, engine=VLLMRollout(engine, tokenizer))["scores"]["score"].iloc[0])
         (written,) = (tmp_path / setup / "samples").glob("*.seed0.jsonl")
         rows = [json.loads(line) for line in written.open()]
@@ -170,21 +200,33 @@ def test_loglikelihoods_equal_hf_with_hooks(engine: Any, tasks: Path) -> None:
 
     vectors = SteeringVectors.load(smollm.TRAINED_VECTORS)
     results = {
-        "vllm": run_lm_eval(SteerlensLM(NAME, vectors=str(smollm.TRAINED_VECTORS), engine=engine), "wordarith_choice", tasks),
-        "hf": run_lm_eval("steerlens", "wordarith_choice", tasks,
-                          model_args=f"pretrained={NAME},vectors={smollm.TRAINED_VECTORS},backend=hf", batch_size=4),
+        "vllm": run_lm_eval(
+            SteerlensLM(NAME, vectors=str(smollm.TRAINED_VECTORS), engine=engine), "wordarith_choice", tasks
+        ),
+        "hf": run_lm_eval(
+            "steerlens",
+            "wordarith_choice",
+            tasks,
+            model_args=f"pretrained={NAME},vectors={smollm.TRAINED_VECTORS},backend=hf",
+            batch_size=4,
+        ),
     }
     samples = sorted(results["vllm"]["samples"]["wordarith_choice"], key=lambda s: s["doc_id"])
     reference = hooked_loglikelihoods(samples, vectors)
     for backend, atol in (("vllm", VLLM_ATOL), ("hf", HF_ATOL)):
-        got = [[float(r[0][0]) for r in s["resps"]] for s in
-               sorted(results[backend]["samples"]["wordarith_choice"], key=lambda s: s["doc_id"])]
+        got = [
+            [float(r[0][0]) for r in s["resps"]]
+            for s in sorted(results[backend]["samples"]["wordarith_choice"], key=lambda s: s["doc_id"])
+        ]
         diff = max(abs(a - b) for row, ref in zip(got, reference, strict=True) for a, b in zip(row, ref, strict=True))
         print(f"\n{backend}: max |Δ loglikelihood| vs HF hooks = {diff:.2e}")
         assert diff <= atol, backend
     unsteered = run_lm_eval(SteerlensLM(NAME, engine=engine), "wordarith_choice", tasks)["samples"]["wordarith_choice"]
-    moved = max(abs(float(a[0][0]) - float(b[0][0])) for s, u in zip(samples, sorted(unsteered, key=lambda s: s["doc_id"]))
-                for a, b in zip(s["resps"], u["resps"]))
+    moved = max(
+        abs(float(a[0][0]) - float(b[0][0]))
+        for s, u in zip(samples, sorted(unsteered, key=lambda s: s["doc_id"]))
+        for a, b in zip(s["resps"], u["resps"])
+    )
     assert moved > 0.5  # the vectors change the scores far beyond the tolerance
 
 
@@ -195,10 +237,28 @@ def test_lm_eval_command_line_finds_the_model_type(tasks: Path, tmp_path: Path) 
 
     out = tmp_path / "results"
     run = subprocess.run(
-        [sys.executable, "-m", "steerlens.harness", "run", "--model", "steerlens", "--model_args",
-         f"pretrained={NAME},vectors={smollm.TRAINED_VECTORS},scale=0.5,backend=hf", "--tasks", "wordarith_choice",
-         "--include_path", str(tasks), "--limit", "4", "--output_path", str(out)],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "steerlens.harness",
+            "run",
+            "--model",
+            "steerlens",
+            "--model_args",
+            f"pretrained={NAME},vectors={smollm.TRAINED_VECTORS},scale=0.5,backend=hf",
+            "--tasks",
+            "wordarith_choice",
+            "--include_path",
+            str(tasks),
+            "--limit",
+            "4",
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     (written,) = out.rglob("results_*.json")
     result = json.loads(written.read_text())

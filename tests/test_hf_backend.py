@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from steerlens.anatomy import add_to_output, decoder_layers, model_shape
 from steerlens.backends import hf
-from steerlens.anatomy import add_to_output
-from steerlens.anatomy import decoder_layers, model_shape
 from steerlens.errors import ModelError
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors, VectorsError
@@ -35,8 +34,10 @@ def layer_outputs(model, ids) -> list[torch.Tensor]:
     show steering; capture the outputs directly instead.
     """
     captured: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(out if isinstance(out, torch.Tensor) else out[0]))
-             for layer in decoder_layers(model)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out: captured.append(out if isinstance(out, torch.Tensor) else out[0]))
+        for layer in decoder_layers(model)
+    ]
     try:
         model(ids)
     finally:

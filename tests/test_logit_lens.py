@@ -36,7 +36,7 @@ def test_cosine_projection_matches_per_token_computation() -> None:
         hist = result.histogram[result.histogram["layer"] == layer]
         assert hist["count"].sum() == len(unembed)
         lo = int(np.flatnonzero(counts)[0])
-        assert hist["count"].tolist() == counts[lo:lo + len(hist)].tolist()
+        assert hist["count"].tolist() == counts[lo : lo + len(hist)].tolist()
     assert set(result.table()["projection"]) == {"raw"} and set(result.histogram["projection"]) == {"raw"}
 
 

@@ -30,17 +30,49 @@ def test_lora_run_pushes_a_verified_adapter_every_step(tmp_path: Path) -> None:
 
     problems = write_problems("toy-arith", tmp_path / "train.jsonl", n=64, seed=3)
     out = tmp_path / "run"
-    cfg = build_config(TrainConfig, None, [
-        "--data", str(problems), "--eval-data", "null", "--trainable", "lora", "--engine", "vllm",
-        "--steps", str(STEPS), "--prompts-per-step", "8", "--generations", "8", "--max-new-tokens", "40",
-        "--lr", "5e-2", "--verify-every", "1", "--save-every", str(STEPS), "--gpu-memory-utilization", "0.05",
-        "--max-model-len", "256", "--no-progress", "--out-dir", str(out)])
+    cfg = build_config(
+        TrainConfig,
+        None,
+        [
+            "--data",
+            str(problems),
+            "--eval-data",
+            "null",
+            "--trainable",
+            "lora",
+            "--engine",
+            "vllm",
+            "--steps",
+            str(STEPS),
+            "--prompts-per-step",
+            "8",
+            "--generations",
+            "8",
+            "--max-new-tokens",
+            "40",
+            "--lr",
+            "5e-2",
+            "--verify-every",
+            "1",
+            "--save-every",
+            str(STEPS),
+            "--gpu-memory-utilization",
+            "0.05",
+            "--max-model-len",
+            "256",
+            "--no-progress",
+            "--out-dir",
+            str(out),
+        ],
+    )
     summary = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == len(rows) == STEPS
     assert any(row["grad_norm"] > 0 for row in rows)  # some group's rewards differed, so the adapter moved
     # every step's push was compared with the trainer's model (verify_push raises beyond atol)
-    assert all(0 <= row["sync_max_logprob_diff"] <= ATOL for row in rows), [r.get("sync_max_logprob_diff") for r in rows]
+    assert all(0 <= row["sync_max_logprob_diff"] <= ATOL for row in rows), [
+        r.get("sync_max_logprob_diff") for r in rows
+    ]
 
     # ... and the last adapter moves the model's log-probs far beyond that tolerance, so the engine
     # agreeing with the trainer means it ran the new adapter, not the base model or an older one

@@ -7,10 +7,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steerlens.analysis.patching import (LayerPatcher, Patch, PatchingError, head_patching, kl_divergence,
-                                         make_patch, patch_hooks, summarize_patching)
-from steerlens.backends import hf
+from steerlens.analysis.patching import (
+    LayerPatcher,
+    Patch,
+    PatchingError,
+    head_patching,
+    kl_divergence,
+    make_patch,
+    patch_hooks,
+    summarize_patching,
+)
 from steerlens.anatomy import decoder_layers, final_norm, model_shape
+from steerlens.backends import hf
 from steerlens.models import load_model
 from steerlens.tiny import build_tiny_model
 from steerlens.vectors import SteeringVectors
@@ -29,8 +37,9 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if arch not in built:
             path = build_tiny_model(tmp_path_factory.mktemp("patching") / arch, arch, seed=3, heads=4, kv_heads=2)
             model, tokenizer = load_model(path)
-            enc = tokenizer(["Steer the last layer.", "Heads, groups"], return_tensors="pt", padding=True,
-                            padding_side="left")
+            enc = tokenizer(
+                ["Steer the last layer.", "Heads, groups"], return_tensors="pt", padding=True, padding_side="left"
+            )
             vectors = SteeringVectors.zeros(model_shape(model), [LAYER])
             vectors.values = torch.randn(1, 128, generator=torch.Generator().manual_seed(0)) * 4
             built[arch] = (model, enc.input_ids, enc.attention_mask, vectors)
@@ -146,8 +155,10 @@ def test_head_routed_to_the_residual_only_leaves_the_mlp_clean(qwen) -> None:
     study = decoder_layers(model)[LAYER + 1]
     o_proj = study.self_attn.o_proj
     heads_in, outs = [], []
-    hooks = [o_proj.register_forward_pre_hook(lambda m, args: heads_in.append(args[0])),
-             study.register_forward_hook(lambda m, a, out: outs.append(out))]
+    hooks = [
+        o_proj.register_forward_pre_hook(lambda m, args: heads_in.append(args[0])),
+        study.register_forward_hook(lambda m, a, out: outs.append(out)),
+    ]
     run(model, ids, mask)
     run(model, ids, mask, vectors)
     for hook in hooks:
@@ -158,8 +169,9 @@ def test_head_routed_to_the_residual_only_leaves_the_mlp_clean(qwen) -> None:
         final = outs[0] + o_proj(delta) - o_proj(torch.zeros_like(delta))
         expected = model.get_output_embeddings()(final_norm(model)(final))
     patcher = LayerPatcher(model, ids, vectors, LAYER, mask)
-    residual, both = patched(patcher, make_patch("head", 1, "only", 4, 2, route="residual"),
-                             make_patch("head", 1, "only", 4, 2))
+    residual, both = patched(
+        patcher, make_patch("head", 1, "only", 4, 2, route="residual"), make_patch("head", 1, "only", 4, 2)
+    )
     assert close(residual, expected, mask)
     assert not close(both, expected, mask)
 
@@ -171,8 +183,7 @@ def test_head_patching_table_is_batched_consistently(qwen) -> None:
     one_by_one = head_patching(model, ids, vectors, LAYER, batch_size=3, **kwargs)
     assert len(table) == len(one_by_one) == (4 * 2 + 2 + 1) * int(mask.sum())
     for col in ("kl_steered", "kl_base", "prob"):
-        assert torch.allclose(torch.tensor(table[col].to_numpy()), torch.tensor(one_by_one[col].to_numpy()),
-                              atol=1e-5)
+        assert torch.allclose(torch.tensor(table[col].to_numpy()), torch.tensor(one_by_one[col].to_numpy()), atol=1e-5)
     assert (table["kl_steered"] >= 0).all() and (table["kl_base"] >= 0).all()
     skip_layer = table[(table.variant == "layer") & (table["mode"] == "skip")]
     assert (skip_layer.kl_steered > 1e-6).any()
@@ -185,8 +196,17 @@ def test_targets_and_scored_positions(qwen) -> None:
     model, ids, mask, vectors = qwen
     score = mask.bool().clone()
     score[:, :-3] = False
-    table = head_patching(model, ids, vectors, LAYER, variants=("attn",), modes=("only",), attention_mask=mask,
-                          score_mask=score, targets="next")
+    table = head_patching(
+        model,
+        ids,
+        vectors,
+        LAYER,
+        variants=("attn",),
+        modes=("only",),
+        attention_mask=mask,
+        score_mask=score,
+        targets="next",
+    )
     assert sorted(set(table.position)) == list(range(ids.shape[1] - 3, ids.shape[1]))
     last = table[table.position == ids.shape[1] - 1]
     assert last["prob"].isna().all() and table[table.position < ids.shape[1] - 1]["prob"].notna().all()

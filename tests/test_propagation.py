@@ -7,8 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from steerlens.analysis.propagation import (PropagationError, effect_propagation, grid, hidden_differences,
-                                            propagation_from_prompts)
+from steerlens.analysis.propagation import (
+    PropagationError,
+    effect_propagation,
+    grid,
+    hidden_differences,
+    propagation_from_prompts,
+)
 from steerlens.anatomy import model_shape
 from steerlens.models import load_model
 from steerlens.vectors import SteeringVectors
@@ -56,8 +61,9 @@ def test_single_source_against_a_partial_reference(case) -> None:
     score = mask.bool().clone()
     score[:, :-2] = False
     reference = vectors.select([2])
-    table = effect_propagation(model, ids, vectors, reference=reference, sources=[1], attention_mask=mask,
-                               score_mask=score).table
+    table = effect_propagation(
+        model, ids, vectors, reference=reference, sources=[1], attention_mask=mask, score_mask=score
+    ).table
     assert table.target.tolist() == [1, 2, 3]
     assert table.set_index("target").cos_vector.isna().tolist() == [True, False, True]
     assert table.cos_mean.notna().all()

@@ -34,8 +34,13 @@ def test_main_command_trains_and_shows_reward_rising(tmp_path: Path) -> None:
     main_command = readme_commands()[0]
     assert main_command.endswith(".venv/bin/steerlens train")
     steerlens = Path(sys.executable).parent / "steerlens"
-    run = subprocess.run([str(steerlens), "train", "--out-dir", str(tmp_path / "run"), "--no-progress"],
-                         capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    run = subprocess.run(
+        [str(steerlens), "train", "--out-dir", str(tmp_path / "run"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "held-out greedy accuracy" in run.stdout and "trainable parameters" in run.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

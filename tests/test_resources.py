@@ -5,7 +5,6 @@ sharded over 8 GPUs, per GPU (1,966,080 B / 8 = 240 KiB), as its full-tuning 13.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,11 +13,24 @@ from steerlens.errors import SteerlensError
 from steerlens.models import config_shape
 
 QWEN25_14B = {  # huggingface.co/Qwen/Qwen2.5-14B config.json
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120, "intermediate_size": 13824,
-    "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064,
-    "tie_word_embeddings": False, "max_position_embeddings": 131072, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-    "hidden_act": "silu", "sliding_window": 131072, "max_window_layers": 48, "use_sliding_window": False,
-    "bos_token_id": 151643, "eos_token_id": 151643,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "vocab_size": 152064,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "sliding_window": 131072,
+    "max_window_layers": 48,
+    "use_sliding_window": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
 }
 
 
@@ -50,6 +62,8 @@ def test_config_counts_match_the_instantiated_toy_model() -> None:
     for trainable in ("steering", "lora", "full"):
         model, _ = load_model("toy-arith")
         policy = make_policy(model, trainable, None, "toy-arith")
-        assert resource_cost("toy-arith", trainable).parameters == sum(p.numel() for p in policy.parameters()), trainable
+        assert resource_cost("toy-arith", trainable).parameters == sum(p.numel() for p in policy.parameters()), (
+            trainable
+        )
     with pytest.raises(SteerlensError, match="trainable must be one of"):
         resource_cost("toy-arith", "bias")

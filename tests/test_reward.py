@@ -7,14 +7,17 @@ import pytest
 from steerlens.reward import RewardScorer, extract_answer, extract_boxed, extract_last_number, is_correct
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so \\boxed{42}.", "42"),
-    ("first \\boxed{1} then \\boxed{2}", "2"),
-    ("nested \\boxed{\\frac{1}{2}} ok", "\\frac{1}{2}"),
-    ("\\fbox{7}", "7"),
-    ("no box here, 42", None),
-    ("unbalanced \\boxed{3", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so \\boxed{42}.", "42"),
+        ("first \\boxed{1} then \\boxed{2}", "2"),
+        ("nested \\boxed{\\frac{1}{2}} ok", "\\frac{1}{2}"),
+        ("\\fbox{7}", "7"),
+        ("no box here, 42", None),
+        ("unbalanced \\boxed{3", None),
+    ],
+)
 def test_extract_boxed(text: str, expected: str | None) -> None:
     assert extract_boxed(text) == expected
 
@@ -26,12 +29,15 @@ def test_answer_tag_format_reads_the_last_answer_block() -> None:
     assert extract_answer("\\boxed{5}", "answer_tag") is None
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("3 + 4 = 7 apples.", "7"),
-    ("#### 1,234", "1234"),
-    ("she has -2.5 left, or 3/4 of it", "3/4"),
-    ("no digits", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3 + 4 = 7 apples.", "7"),
+        ("#### 1,234", "1234"),
+        ("she has -2.5 left, or 3/4 of it", "3/4"),
+        ("no digits", None),
+    ],
+)
 def test_extract_last_number(text: str, expected: str | None) -> None:
     assert extract_last_number(text) == expected
 
@@ -47,17 +53,20 @@ def test_last_number_fallback_applies_only_without_a_formatted_answer() -> None:
         assert [scorer.formatted(t) for t in ("so 7", "\\boxed{7}", "\\boxed{}")] == [False, True, False]
 
 
-@pytest.mark.parametrize("completion, gold, ok", [
-    ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", True),
-    ("\\boxed{0.5}", "\\frac12", True),
-    ("\\boxed{2}", "3", False),
-    ("The answer is 3.", "3", False),  # right number, not boxed: no reward
-    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
-    ("\\boxed{\\sqrt{4}}", "2", True),
-    ("\\boxed{(1, 2]}", "(1,2]", True),
-    ("\\boxed{[1, 2]}", "(1,2]", False),  # an interval's brackets matter
-    ("\\boxed{3} then \\boxed{4}", "4", True),  # the last box counts
-])
+@pytest.mark.parametrize(
+    "completion, gold, ok",
+    [
+        ("The answer is \\boxed{\\frac{1}{2}}.", "0.5", True),
+        ("\\boxed{0.5}", "\\frac12", True),
+        ("\\boxed{2}", "3", False),
+        ("The answer is 3.", "3", False),  # right number, not boxed: no reward
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+        ("\\boxed{\\sqrt{4}}", "2", True),
+        ("\\boxed{(1, 2]}", "(1,2]", True),
+        ("\\boxed{[1, 2]}", "(1,2]", False),  # an interval's brackets matter
+        ("\\boxed{3} then \\boxed{4}", "4", True),  # the last box counts
+    ],
+)
 def test_math_verify_decides_equivalence(completion: str, gold: str, ok: bool) -> None:
     assert is_correct(completion, gold) is ok
 

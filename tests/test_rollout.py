@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from steerlens.anatomy import model_shape
 from steerlens.backends import hf
 from steerlens.backends.vllm import SteeredLLM, hf_sequence_logprobs
-from steerlens.anatomy import model_shape
 from steerlens.models import load_model
 from steerlens.rollout import HFRollout, Sampling, VLLMRollout, encode_prompt
 from steerlens.vectors import SteeringVectors
@@ -54,9 +54,11 @@ def test_vllm_samples_score_the_same_under_hf(setup) -> None:
 
     model, tokenizer, vectors, engine = setup
     prompt_ids = encode_prompt(tokenizer, PROMPTS[0])
-    out = engine.engine.llm.generate([{"prompt_token_ids": prompt_ids}],
-                                     SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=3, logprobs=0),
-                                     use_tqdm=False)[0]
+    out = engine.engine.llm.generate(
+        [{"prompt_token_ids": prompt_ids}],
+        SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=3, logprobs=0),
+        use_tqdm=False,
+    )[0]
     for sample in out.outputs:
         engine_lp = torch.tensor([step[tok].logprob for step, tok in zip(sample.logprobs, sample.token_ids)])
         trainer_lp = hf_sequence_logprobs(model, vectors, prompt_ids, list(sample.token_ids))
@@ -68,13 +70,20 @@ def test_both_engines_sample_the_same_distribution(setup) -> None:
     model, tokenizer, vectors, engine = setup
     sampling = Sampling(max_new_tokens=1, temperature=1.0, seed=0)
     with hf.attach(model, vectors), torch.no_grad():
-        hf_first = [g[0].token_ids[0] for g in HFRollout(model, tokenizer, batch_size=400).generate(
-            [PROMPTS[0]] * 400, 1, sampling)]
+        hf_first = [
+            g[0].token_ids[0]
+            for g in HFRollout(model, tokenizer, batch_size=400).generate([PROMPTS[0]] * 400, 1, sampling)
+        ]
         logits = model(torch.tensor([encode_prompt(tokenizer, PROMPTS[0])])).logits[0, -1]
-        hf_seeded_first = [g[0].token_ids[0] for g in HFRollout(model, tokenizer, batch_size=400).generate(
-            [PROMPTS[0]] * 400, 1, sampling, seeds=list(range(2000, 2400)))]
-    vllm_first = [g[0].token_ids[0] for g in engine.generate([PROMPTS[0]] * 400, 1, sampling,
-                                                             seeds=list(range(1000, 1400)))]
+        hf_seeded_first = [
+            g[0].token_ids[0]
+            for g in HFRollout(model, tokenizer, batch_size=400).generate(
+                [PROMPTS[0]] * 400, 1, sampling, seeds=list(range(2000, 2400))
+            )
+        ]
+    vllm_first = [
+        g[0].token_ids[0] for g in engine.generate([PROMPTS[0]] * 400, 1, sampling, seeds=list(range(1000, 1400)))
+    ]
     probs = torch.softmax(logits, -1)
     top = int(probs.argmax())
     p = float(probs[top])

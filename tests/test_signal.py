@@ -33,8 +33,17 @@ def alternating(completions: list[str], problems: list) -> list[float]:
 
 def run(tmp_path: Path, reward, steps: int) -> tuple[list[dict], dict]:
     model, tokenizer = load_model("toy-arith")
-    cfg = TrainConfig(steps=steps, prompts_per_step=4, generations=GENERATIONS, max_new_tokens=12, engine="hf",
-                      eval_data=None, progress=False, save_every=steps, out_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        steps=steps,
+        prompts_per_step=4,
+        generations=GENERATIONS,
+        max_new_tokens=12,
+        engine="hf",
+        eval_data=None,
+        progress=False,
+        save_every=steps,
+        out_dir=str(tmp_path / "run"),
+    )
     summary = Trainer(model, tokenizer, Task(generate("toy-arith", 64), reward=reward), cfg).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return rows, summary

@@ -16,8 +16,11 @@ from steerlens.vectors import ModelShape, SteeringVectors, VectorsError
 
 
 def quick_eval() -> EvalConfig:
-    return build_config(EvalConfig, None, ["--engine", "hf", "--decoding", "greedy", "--limit", "24",
-                                           "--max-new-tokens", "40", "--no-progress"])
+    return build_config(
+        EvalConfig,
+        None,
+        ["--engine", "hf", "--decoding", "greedy", "--limit", "24", "--max-new-tokens", "40", "--no-progress"],
+    )
 
 
 def test_propagation_is_matched_to_pairs() -> None:
@@ -56,8 +59,9 @@ def test_swap_matrix_on_two_models(tmp_path: Path, trained_toy_vectors: Path) ->
     assert cells.loc[("toy", "toy"), "accuracy"] > cells.loc[("toy", "toy"), "base"] + 0.2
     assert cells.loc[("toy", "toy"), "normalised"] == pytest.approx(1.0)
     own, base = cells.loc[("toy", "toy"), "own"], cells.loc[("other", "toy"), "base"]
-    assert cells.loc[("other", "toy"), "normalised"] == pytest.approx(normalised_gain(
-        cells.loc[("other", "toy"), "accuracy"], base, own), nan_ok=True)
+    assert cells.loc[("other", "toy"), "normalised"] == pytest.approx(
+        normalised_gain(cells.loc[("other", "toy"), "accuracy"], base, own), nan_ok=True
+    )
     assert (tmp_path / "swap" / "toy" / "other" / "samples" / "toy-arith.seed0.jsonl").is_file()
 
 
@@ -90,11 +94,16 @@ def test_patched_accuracy_matches_the_steered_and_unsteered_runs(tmp_path: Path,
     from steerlens.evaluation import evaluate
 
     trained = SteeringVectors.load(trained_toy_vectors)
-    patches = {"steered": Patch.uniform(True, 2, 1), "clean": Patch.uniform(False, 2, 1),
-               "skip-attn": make_patch("attn", None, "skip", 2, 1)}
+    patches = {
+        "steered": Patch.uniform(True, 2, 1),
+        "clean": Patch.uniform(False, 2, 1),
+        "skip-attn": make_patch("attn", None, "skip", 2, 1),
+    }
     scores = patched_accuracy("toy-arith", trained, 2, patches, quick_eval(), tmp_path / "patched")
     without = trained.select([0, 1, 3]).save(tmp_path / "without-2.safetensors")
-    full = headline(evaluate(replace(quick_eval(), vectors=str(trained_toy_vectors), out_dir=str(tmp_path / "a")))["summary"])
+    full = headline(
+        evaluate(replace(quick_eval(), vectors=str(trained_toy_vectors), out_dir=str(tmp_path / "a")))["summary"]
+    )
     rest = headline(evaluate(replace(quick_eval(), vectors=str(without), out_dir=str(tmp_path / "b")))["summary"])
     assert scores["steered"] == full and scores["clean"] == rest
     assert 0.0 <= scores["skip-attn"] <= 1.0 and len(scores) == 3
@@ -111,5 +120,9 @@ def test_run_swap_returns_its_grids_and_figures(tmp_path: Path) -> None:
     result = run_swap({"toy": ("toy-arith", zeros)}, replace(quick_eval(), limit=4), tmp_path)
     assert result.tables["swap_accuracy"].shape == (1, 1)
     assert set(result.figures) == {"swap_normalised", "swap_accuracy"}
-    assert {p.name for p in result.save(tmp_path)} == {"swap.csv", "swap_accuracy.csv", "swap_normalised.html",
-                                                        "swap_accuracy.html"}
+    assert {p.name for p in result.save(tmp_path)} == {
+        "swap.csv",
+        "swap_accuracy.csv",
+        "swap_normalised.html",
+        "swap_accuracy.html",
+    }

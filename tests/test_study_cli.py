@@ -38,8 +38,19 @@ def test_mechanistic_studies_write_their_tables(tmp_path: Path, trained_toy_vect
 
 @pytest.mark.slow
 def test_magnitude_study_from_the_command_line(tmp_path: Path, trained_toy_vectors: Path) -> None:
-    invoke("study", "magnitude", "--model", "toy-arith", "--vectors", str(trained_toy_vectors), "--factors", "0,1",
-           "--out", str(tmp_path), *QUICK_EVAL)
+    invoke(
+        "study",
+        "magnitude",
+        "--model",
+        "toy-arith",
+        "--vectors",
+        str(trained_toy_vectors),
+        "--factors",
+        "0,1",
+        "--out",
+        str(tmp_path),
+        *QUICK_EVAL,
+    )
     table = pd.read_csv(tmp_path / "magnitude.csv")
     assert table["factor"].tolist() == [0.0, 1.0] and table["accuracy"].iloc[1] > table["accuracy"].iloc[0]
 
@@ -47,8 +58,19 @@ def test_magnitude_study_from_the_command_line(tmp_path: Path, trained_toy_vecto
 def test_study_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["study", "swap", "--run", "nocolons", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "NAME:MODEL:VECTORS" in result.output
-    missing = CliRunner().invoke(app, ["study", "magnitude", "--model", "toy-arith", "--vectors",
-                                       str(tmp_path / "nope.safetensors"), "--out", str(tmp_path)])
+    missing = CliRunner().invoke(
+        app,
+        [
+            "study",
+            "magnitude",
+            "--model",
+            "toy-arith",
+            "--vectors",
+            str(tmp_path / "nope.safetensors"),
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert missing.exit_code == 2 and "nope.safetensors" in missing.output and "Traceback" not in missing.output
 
 
@@ -56,8 +78,23 @@ def test_study_bad_input_is_one_clear_line(tmp_path: Path) -> None:
 def test_single_layer_runs_in_one_command_feed_the_pair_study(tmp_path: Path) -> None:
     from steerlens.vectors import SteeringVectors
 
-    train = ["--engine", "hf", "--steps", "2", "--prompts-per-step", "4", "--generations", "2",
-             "--max-new-tokens", "8", "--eval-data", "null", "--no-progress", "--lr", "0.1"]
+    train = [
+        "--engine",
+        "hf",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--generations",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eval-data",
+        "null",
+        "--no-progress",
+        "--lr",
+        "0.1",
+    ]
     output = invoke("study", "singles", "--layers", "1,3", "--out", str(tmp_path / "singles"), *train)
     files = {layer: tmp_path / "singles" / f"layer{layer}" / "vectors.safetensors" for layer in (1, 3)}
     for layer, path in files.items():
@@ -69,9 +106,24 @@ def test_single_layer_runs_in_one_command_feed_the_pair_study(tmp_path: Path) ->
     invoke("study", "singles", "--layers", "1,3", "--out", str(tmp_path / "singles"), *train)  # finished: kept
     assert {layer: path.stat().st_mtime_ns for layer, path in files.items()} == stamps
 
-    all_layers = SteeringVectors.merge([SteeringVectors.load(p) for p in files.values()]).save(tmp_path / "all.safetensors")
-    invoke("study", "pairs", "--model", "toy-arith", "--vectors", str(all_layers), "--single", str(files[1]),
-           "--single", str(files[3]), "--out", str(tmp_path / "pairs"), *QUICK_EVAL)
+    all_layers = SteeringVectors.merge([SteeringVectors.load(p) for p in files.values()]).save(
+        tmp_path / "all.safetensors"
+    )
+    invoke(
+        "study",
+        "pairs",
+        "--model",
+        "toy-arith",
+        "--vectors",
+        str(all_layers),
+        "--single",
+        str(files[1]),
+        "--single",
+        str(files[3]),
+        "--out",
+        str(tmp_path / "pairs"),
+        *QUICK_EVAL,
+    )
     accuracy = pd.read_csv(tmp_path / "pairs" / "accuracy.csv", index_col=0)
     assert accuracy.shape == (2, 2) and accuracy.notna().values.sum() == 3  # L1, L3 and the pair; nothing below
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from steerlens.data import load_problems
+from steerlens.data.generated import generate_problems, write_problems
 from steerlens.models import load_model, resolve_model
-from steerlens.data.generated import write_problems
-from steerlens.data.generated import generate_problems
 from steerlens.toy import SHIPPED, evaluate_base, pretrain
 
 

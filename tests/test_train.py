@@ -16,13 +16,13 @@ import torch
 
 from steerlens.config import build_config
 from steerlens.data import load_problems
+from steerlens.data.generated import write_problems
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.job import train
 from steerlens.rl.trainer import Trainer
 from steerlens.task import Task
-from steerlens.data.generated import write_problems
 from steerlens.vectors import SteeringVectors
 
 PYTHON = sys.executable
@@ -35,14 +35,34 @@ def problems_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small_args(out_dir: Path, data: Path, steps: int = 4, extra: tuple[str, ...] = ()) -> list[str]:
     """A quick HF-engine run on the shipped toy model."""
-    return ["--data", str(data), "--eval-data", "null", "--engine", "hf", "--steps", str(steps),
-            "--prompts-per-step", "4", "--generations", "4", "--max-new-tokens", "40", "--no-progress",
-            "--save-every", "2", "--out-dir", str(out_dir), *extra]
+    return [
+        "--data",
+        str(data),
+        "--eval-data",
+        "null",
+        "--engine",
+        "hf",
+        "--steps",
+        str(steps),
+        "--prompts-per-step",
+        "4",
+        "--generations",
+        "4",
+        "--max-new-tokens",
+        "40",
+        "--no-progress",
+        "--save-every",
+        "2",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
 
 
 def cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "steerlens.cli", "train", *args], capture_output=True, text=True,
-                          timeout=600, **kwargs)
+    return subprocess.run(
+        [PYTHON, "-m", "steerlens.cli", "train", *args], capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def metrics(out_dir: Path) -> list[dict]:
@@ -52,10 +72,30 @@ def metrics(out_dir: Path) -> list[dict]:
 @pytest.mark.slow
 # steering: 24 steps, since its reward is noisier early on (seed 0 gains +0.11 by step 16, +0.35 by 24)
 @pytest.mark.parametrize("trainable, lr, steps", [("steering", 1e-1, 24), ("lora", 3e-2, 16), ("full", 3e-4, 16)])
-def test_reward_rises_on_the_toy_task(trainable: str, lr: float, steps: int, tmp_path: Path, problems_file: Path) -> None:
-    cfg = build_config(TrainConfig, None, small_args(tmp_path, problems_file, steps=steps, extra=(
-        "--trainable", trainable, "--lr", str(lr), "--prompts-per-step", "16", "--generations", "8",
-        "--save-every", str(steps))))
+def test_reward_rises_on_the_toy_task(
+    trainable: str, lr: float, steps: int, tmp_path: Path, problems_file: Path
+) -> None:
+    cfg = build_config(
+        TrainConfig,
+        None,
+        small_args(
+            tmp_path,
+            problems_file,
+            steps=steps,
+            extra=(
+                "--trainable",
+                trainable,
+                "--lr",
+                str(lr),
+                "--prompts-per-step",
+                "16",
+                "--generations",
+                "8",
+                "--save-every",
+                str(steps),
+            ),
+        ),
+    )
     summary = train(cfg)
     rows = metrics(tmp_path)
     first = sum(r["reward_mean"] for r in rows[:4]) / 4
@@ -73,8 +113,11 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path, problems_file: Path
     train(build_config(TrainConfig, None, small_args(straight, problems_file, steps=6)))
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([PYTHON, "-m", "steerlens.cli", "train", *small_args(killed, problems_file, steps=6)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "steerlens.cli", "train", *small_args(killed, problems_file, steps=6)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_000004").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -101,9 +144,25 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, problems_file: Path) -
     train(build_config(TrainConfig, None, small_args(single, problems_file, steps=3)))
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                          "-m", "steerlens.cli", "train", *small_args(double, problems_file, steps=3)],
-                         capture_output=True, text=True, timeout=600, env=env)
+    run = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "steerlens.cli",
+            "train",
+            *small_args(double, problems_file, steps=3),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     a = SteeringVectors.load(single / "vectors.safetensors").values
     b = SteeringVectors.load(double / "vectors.safetensors").values

@@ -17,8 +17,15 @@ import torch
 from steerlens.models import load_model
 from steerlens.rl.objective import logprobs_from_logits, policy_loss
 from steerlens.rl.policy import make_policy
-from steerlens.rl.update import (MicroBatch, layer_checkpointing, micro_batch_loss, micro_batches, completion_logprobs,
-                                 shared_prompt_logprobs, token_budget_batches)
+from steerlens.rl.update import (
+    MicroBatch,
+    completion_logprobs,
+    layer_checkpointing,
+    micro_batch_loss,
+    micro_batches,
+    shared_prompt_logprobs,
+    token_budget_batches,
+)
 from steerlens.tiny import build_tiny_model
 
 ATOL = 1e-5
@@ -28,7 +35,9 @@ COMPLETION_LENS = [7, 2, 11, 4]
 
 def batch(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    seqs = [torch.randint(3, vocab, (p + c,), generator=generator).tolist() for p, c in zip(PROMPT_LENS, COMPLETION_LENS)]
+    seqs = [
+        torch.randint(3, vocab, (p + c,), generator=generator).tolist() for p, c in zip(PROMPT_LENS, COMPLETION_LENS)
+    ]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
@@ -50,7 +59,9 @@ def test_bounded_logprobs_and_gradients_equal_full_logits(trainable: str, family
     model.train()
     ids, mask = batch(model.config.vocab_size)
     weights = torch.randn(len(PROMPT_LENS), max(COMPLETION_LENS))
-    reference = logprobs_from_logits(policy.model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+    reference = logprobs_from_logits(
+        policy.model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS
+    )
     expected = gradients(policy, (reference * weights).sum())
     for checkpointed in (False, True):
         with layer_checkpointing(policy.model, checkpointed):
@@ -69,11 +80,18 @@ def test_no_vocabulary_sized_tensor_is_kept_for_backward(tmp_path: Path) -> None
     vocab, tokens = model.config.vocab_size, sum(COMPLETION_LENS)
     for chunk, bounded in ((4, True), (None, False)):
         shapes: list[torch.Size] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+
+        def record(t: torch.Tensor, shapes: list[torch.Size] = shapes) -> torch.Tensor:
+            shapes.append(t.shape)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
             if bounded:
                 completion_logprobs(model, ids, mask, PROMPT_LENS, COMPLETION_LENS, chunk_tokens=chunk)
             else:
-                logprobs_from_logits(model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS)
+                logprobs_from_logits(
+                    model(input_ids=ids, attention_mask=mask).logits, ids, PROMPT_LENS, COMPLETION_LENS
+                )
         vocab_sized = [shape.numel() for shape in shapes if shape and shape[-1] == vocab and shape.numel() > vocab]
         if bounded:
             assert not vocab_sized, vocab_sized  # only hidden states and ids are saved; chunks are recomputed
@@ -133,7 +151,9 @@ def test_shared_prompt_logprobs_and_gradients_equal_separate_rows(trainable: str
     generator = torch.Generator().manual_seed(2)
     long, short = (torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (9, 5))
     prompts = [long, short, long, long, short]  # two prompts of different lengths, interleaved
-    completions = [torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (6, 3, 1, 4, 6)]
+    completions = [
+        torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist() for n in (6, 3, 1, 4, 6)
+    ]
     weights = torch.randn(len(completions), 6)
     separate = MicroBatch(prompts, completions).logprobs(model, chunk_tokens=4)
     expected = gradients(policy, (separate * weights).sum())

@@ -16,8 +16,9 @@ SHAPE = ModelShape(num_layers=6, hidden_size=8, name="toy", architecture="Qwen2F
 
 def random_set(layers: tuple[int, ...] = (0, 2, 5), seed: int = 0) -> SteeringVectors:
     gen = torch.Generator().manual_seed(seed)
-    return SteeringVectors(torch.randn(len(layers), 8, generator=gen), layers, 6, model="toy",
-                           provenance={"method": "test", "seed": seed})
+    return SteeringVectors(
+        torch.randn(len(layers), 8, generator=gen), layers, 6, model="toy", provenance={"method": "test", "seed": seed}
+    )
 
 
 def test_round_trip_keeps_values_and_metadata(tmp_path: Path) -> None:
@@ -85,8 +86,11 @@ def test_corrupted_and_foreign_files(tmp_path: Path) -> None:
 
 def test_damaged_header_is_named(tmp_path: Path) -> None:
     path = tmp_path / "v.safetensors"
-    save_file({"steering": torch.zeros(2, 8)}, str(path),
-              metadata={"format": "steerlens.vectors/1", "layers": json.dumps([0, 9]), "num_layers": "6"})
+    save_file(
+        {"steering": torch.zeros(2, 8)},
+        str(path),
+        metadata={"format": "steerlens.vectors/1", "layers": json.dumps([0, 9]), "num_layers": "6"},
+    )
     with pytest.raises(VectorsError, match=r"v.safetensors: layer indices \[9\] outside"):
         SteeringVectors.load(path)
 

@@ -24,8 +24,9 @@ import json
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import plotly.express as px
@@ -70,14 +71,18 @@ class Table1:
         self.settings = read_config(config)
         self.dir = config.parent
         results = self.dir / "results"
-        missing = [str(results / name) for name in ("kept_lr.json", "accuracy.csv", "vectors") if not (results / name).exists()]
+        missing = [
+            str(results / name) for name in ("kept_lr.json", "accuracy.csv", "vectors") if not (results / name).exists()
+        ]
         if missing:
             raise SystemExit(f"Table 1's results are missing ({', '.join(missing)}): run analyses/table1/run.py first")
         self.kept_lr = float(json.loads((results / "kept_lr.json").read_text())["steering"])
         self.accuracy = pd.read_csv(results / "accuracy.csv")
         self.eval = build_config(EvalConfig, None, self.settings["eval"])
-        self.seeds = {f"seed{seed}": SteeringVectors.load(results / "vectors" / f"steering-seed{seed}.safetensors")
-                      for seed in self.settings["seeds"]}
+        self.seeds = {
+            f"seed{seed}": SteeringVectors.load(results / "vectors" / f"steering-seed{seed}.safetensors")
+            for seed in self.settings["seeds"]
+        }
 
 
 def seed_alignment(table1: Table1) -> StudyResult:
@@ -89,10 +94,17 @@ def seed_alignment(table1: Table1) -> StudyResult:
     accuracy = pd.DataFrame({"run": "seed" + steering["seed"].astype(str), "accuracy": steering["accuracy"].to_numpy()})
     per_pair = cosines.groupby("pair")["cosine"].agg(["mean", "min", "max"]).reset_index()
     per_pair["chance_abs_cosine"] = math.sqrt(2 / (math.pi * hidden))
-    figure = px.line(cosines, x="layer", y="cosine", color="pair", markers=True,
-                     title="Cosine between seeds' vectors, per layer (SmolLM2-135M, Table 1's steering runs)")
-    return StudyResult({"alignment": cosines, "alignment_by_pair": per_pair, "seed_accuracy": accuracy},
-                       {"alignment": figure})
+    figure = px.line(
+        cosines,
+        x="layer",
+        y="cosine",
+        color="pair",
+        markers=True,
+        title="Cosine between seeds' vectors, per layer (SmolLM2-135M, Table 1's steering runs)",
+    )
+    return StudyResult(
+        {"alignment": cosines, "alignment_by_pair": per_pair, "seed_accuracy": accuracy}, {"alignment": figure}
+    )
 
 
 def seed_swap(settings: dict[str, Any], table1: Table1, runs: Path) -> StudyResult:
@@ -103,7 +115,8 @@ def seed_swap(settings: dict[str, Any], table1: Table1, runs: Path) -> StudyResu
     for cut in settings["swap_cuts"]:
         for (low_name, low), (high_name, high) in (((name_a, a), (name_b, b)), ((name_b, b), (name_a, a))):
             sets[f"{low_name}:0-{cut - 1}+{high_name}:{cut}-{last}"] = SteeringVectors.merge(
-                [low.select(range(cut)), high.select(range(cut, last + 1))])
+                [low.select(range(cut)), high.select(range(cut, last + 1))]
+            )
     scores = accuracy_of_sets(settings["model"], sets, table1.eval, runs / "seed_swap")
     table = scores.rename_axis("set").reset_index()
     figure = px.bar(table, x="set", y="accuracy", title="Held-out greedy accuracy of seed hybrids (SmolLM2-135M)")
@@ -114,8 +127,13 @@ def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path
     """Single-layer vectors (trained together, Table 1's settings at a hotter rate) against all layers (seed 0)."""
     t1 = table1.settings
     seed = t1["seeds"][0]
-    cfg = training_config(table1.dir / t1["preset"], runs / "single", t1["steps"],
-                          lr=table1.kept_lr * settings["single_lr_factor"], seed=seed)
+    cfg = training_config(
+        table1.dir / t1["preset"],
+        runs / "single",
+        t1["steps"],
+        lr=table1.kept_lr * settings["single_lr_factor"],
+        seed=seed,
+    )
     files = train_each_layer(cfg, settings["single_layers"])  # resumes or keeps each layer's run itself
     singles = {f"layer{layer}": SteeringVectors.load(path) for layer, path in files.items()}
     for layer, path in files.items():
@@ -124,13 +142,17 @@ def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path
     sets: dict[str, SteeringVectors | None] = {BASE: None, "all": table1.seeds[f"seed{seed}"], **singles}
     scores = accuracy_of_sets(settings["model"], sets, table1.eval, runs / "single_eval")
     table = scores.rename_axis("set").reset_index()
-    table["lr"] = [None if name == BASE else table1.kept_lr * (1 if name == "all" else settings["single_lr_factor"])
-                   for name in table["set"]]
+    table["lr"] = [
+        None if name == BASE else table1.kept_lr * (1 if name == "all" else settings["single_lr_factor"])
+        for name in table["set"]
+    ]
     figure = px.bar(table, x="set", y="accuracy", title="Single-layer vectors against all layers (SmolLM2-135M)")
     return StudyResult({"single_layer": table}, {"single_layer": figure})
 
 
-def lens_clusters(settings: dict[str, Any], model: Any, tokenizer: Any, vectors: SteeringVectors, runs: Path) -> StudyResult:
+def lens_clusters(
+    settings: dict[str, Any], model: Any, tokenizer: Any, vectors: SteeringVectors, runs: Path
+) -> StudyResult:
     """The logit lens's top tokens for a few layers, clustered by SmolLM2 itself through `steerlens serve`."""
     c = settings["clustering"]
     lens = model_logit_lens(model, tokenizer, vectors.select(c["layers"]), k=c["top"])
@@ -147,35 +169,67 @@ def summary(out: Path, last: int) -> str:
         positions = pd.read_csv(out / part / "first_token_by_position.csv", index_col=0)
         tokens = pd.read_csv(out / part / "first_token_tokens.csv", index_col=0)
         first = tokens[(tokens["position"] == 0) & (tokens["side"] == "boosted")]
-        lines += [f"## First-token effect, {what}", "",
-                  positions.head(6).to_markdown(index=False, floatfmt=".4f"), "",
-                  f"Share of all |Δp| at position 0: {positions.loc[positions.position == 0, 'l1_share'].iloc[0]:.3f} "
-                  f"(uniform over {len(positions)} positions would be {1 / len(positions):.3f}).", "",
-                  "Most boosted tokens at the first generated position (by mean Δp over prompts):", "",
-                  first.groupby("token")["dp"].mean().sort_values(ascending=False).head(10).to_frame().to_markdown(floatfmt=".4f"), ""]
+        lines += [
+            f"## First-token effect, {what}",
+            "",
+            positions.head(6).to_markdown(index=False, floatfmt=".4f"),
+            "",
+            f"Share of all |Δp| at position 0: {positions.loc[positions.position == 0, 'l1_share'].iloc[0]:.3f} "
+            f"(uniform over {len(positions)} positions would be {1 / len(positions):.3f}).",
+            "",
+            "Most boosted tokens at the first generated position (by mean Δp over prompts):",
+            "",
+            first.groupby("token")["dp"]
+            .mean()
+            .sort_values(ascending=False)
+            .head(10)
+            .to_frame()
+            .to_markdown(floatfmt=".4f"),
+            "",
+        ]
     patching = pd.read_csv(out / "patching_penultimate" / "patching.csv", index_col=0)
     routes = patching.groupby(["variant", "mode", "route"])["recovered"].agg(["mean", "max", "size"]).reset_index()
-    lines += [f"## Penultimate layer ({last - 1}) patched into the last layer", "",
-              "Share of the steering's change in the target token's probability that each patch reproduces "
-              "(`recovered`; mean and max over its heads or groups):", "",
-              routes.sort_values("mean", ascending=False).to_markdown(index=False, floatfmt=".3f"), ""]
+    lines += [
+        f"## Penultimate layer ({last - 1}) patched into the last layer",
+        "",
+        "Share of the steering's change in the target token's probability that each patch reproduces "
+        "(`recovered`; mean and max over its heads or groups):",
+        "",
+        routes.sort_values("mean", ascending=False).to_markdown(index=False, floatfmt=".3f"),
+        "",
+    ]
     grid = pd.read_csv(out / "propagation" / "propagation_cos_vector.csv", index_col=0)
     diagonal_next = [grid.iloc[i, i + 1] for i in range(len(grid) - 1) if pd.notna(grid.iloc[i, i + 1])]
-    lines += ["## Propagation", "",
-              f"How much vector i's effect one layer later looks like the vector trained there, mean over i of "
-              f"mean_t cos(Δh_(i+1)(t), s_(i+1)): {sum(diagonal_next) / max(1, len(diagonal_next)):.3f}", ""]
+    lines += [
+        "## Propagation",
+        "",
+        f"How much vector i's effect one layer later looks like the vector trained there, mean over i of "
+        f"mean_t cos(Δh_(i+1)(t), s_(i+1)): {sum(diagonal_next) / max(1, len(diagonal_next)):.3f}",
+        "",
+    ]
     alignment = pd.read_csv(out / "seed_alignment" / "alignment_by_pair.csv", index_col=0)
     accuracy = pd.read_csv(out / "seed_alignment" / "seed_accuracy.csv", index_col=0)
-    lines += ["## Seed alignment (Table 1's steering seeds)", "", alignment.to_markdown(index=False, floatfmt=".3f"), "",
-              accuracy.to_markdown(index=False, floatfmt=".4f"), ""]
+    lines += [
+        "## Seed alignment (Table 1's steering seeds)",
+        "",
+        alignment.to_markdown(index=False, floatfmt=".3f"),
+        "",
+        accuracy.to_markdown(index=False, floatfmt=".4f"),
+        "",
+    ]
     for part, title in (("seed_swap", "Seed hybrids"), ("single_layer", "Single-layer against all-layer vectors")):
         table = pd.read_csv(out / part / f"{part.removeprefix('seed_')}.csv", index_col=0)
         lines += [f"## {title} (held-out greedy accuracy)", "", table.to_markdown(index=False, floatfmt=".4f"), ""]
     clusters = pd.read_csv(out / "lens_clusters" / "clusters.csv", index_col=0)
     status = clusters.groupby("layer")["status"].first()
-    lines += ["## Logit lens clustered by SmolLM2 (steerlens serve)", "",
-              f"Layers answered with usable JSON: {int((status == 'ok').sum())} of {len(status)}.", "",
-              clusters[["layer", "topic", "tokens", "status"]].to_markdown(index=False), ""]
+    lines += [
+        "## Logit lens clustered by SmolLM2 (steerlens serve)",
+        "",
+        f"Layers answered with usable JSON: {int((status == 'ok').sum())} of {len(status)}.",
+        "",
+        clusters[["layer", "topic", "tokens", "status"]].to_markdown(index=False),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -186,13 +240,24 @@ def main() -> None:
     prompts = [format_prompt(tokenizer, p.problem) for p in generate("word-arith", settings["prompts"], heldout=True)]
     tokens = settings["max_new_tokens"]
     last = vectors.num_layers - 1
-    run_part(out, "first_token_last",
-             lambda: run_first_token(model, tokenizer, vectors.select([last]), prompts, max_new_tokens=tokens))
+    run_part(
+        out,
+        "first_token_last",
+        lambda: run_first_token(model, tokenizer, vectors.select([last]), prompts, max_new_tokens=tokens),
+    )
     run_part(out, "first_token_all", lambda: run_first_token(model, tokenizer, vectors, prompts, max_new_tokens=tokens))
-    run_part(out, "patching_penultimate",
-             lambda: run_patching(model, tokenizer, vectors, prompts, last - 1, max_new_tokens=tokens))
-    run_part(out, "propagation", lambda: run_propagation(model, tokenizer, vectors, prompts[: settings["propagation_prompts"]],
-                                                              max_new_tokens=tokens))
+    run_part(
+        out,
+        "patching_penultimate",
+        lambda: run_patching(model, tokenizer, vectors, prompts, last - 1, max_new_tokens=tokens),
+    )
+    run_part(
+        out,
+        "propagation",
+        lambda: run_propagation(
+            model, tokenizer, vectors, prompts[: settings["propagation_prompts"]], max_new_tokens=tokens
+        ),
+    )
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     run_part(out, "lens_clusters", lambda: lens_clusters(settings, model, tokenizer, vectors, runs))

@@ -9,7 +9,8 @@ down_proj and full RL tuning, with the same RLOO settings and step budget, 3 see
    Steering runs of one phase train together: one engine, one vector set per run (`train_runs_together`).
 3. Held-out greedy accuracy of the base model and of every seed's final model, one `steerlens eval` folder
    each, combined into the `steerlens table` layout (mean ± std over training seeds).
-Writes results/{table1,sweep,timings}.{csv,md}, accuracy.csv, table1.html and the steering seeds' vectors (results/vectors/);
+Writes results/{table1,sweep,timings}.{csv,md}, accuracy.csv, table1.html and the steering seeds' vectors
+(results/vectors/);
 runs and evaluations go to results/runs/ (not committed).
 """
 
@@ -62,8 +63,10 @@ def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
     else:
         for cfg in todo:
             train(cfg)
-    append_jsonl(out / "runs" / "timings.jsonl",
-                 {"method": method, "runs": names, "together": together, "seconds": time.perf_counter() - start})
+    append_jsonl(
+        out / "runs" / "timings.jsonl",
+        {"method": method, "runs": names, "together": together, "seconds": time.perf_counter() - start},
+    )
 
 
 def summary_of(cfg: TrainConfig) -> dict[str, Any]:
@@ -78,10 +81,19 @@ def sweep(settings: dict[str, Any], out: Path) -> tuple[pd.DataFrame, dict[str, 
         train_all(method, runs, out)
         for lr, cfg in zip(rates, runs):
             s = summary_of(cfg)
-            rows.append({"method": method, "lr": lr, "seed": seed, "reward_first": s["reward_first_steps"],
-                         "reward_last": s["reward_last_steps"], "accuracy_first": s["accuracy_first_steps"],
-                         "accuracy_last": s["accuracy_last_steps"], "step_s": s["mean_step_seconds"]})
-        best = max(rows[-len(rates):], key=lambda row: row["reward_last"])
+            rows.append(
+                {
+                    "method": method,
+                    "lr": lr,
+                    "seed": seed,
+                    "reward_first": s["reward_first_steps"],
+                    "reward_last": s["reward_last_steps"],
+                    "accuracy_first": s["accuracy_first_steps"],
+                    "accuracy_last": s["accuracy_last_steps"],
+                    "step_s": s["mean_step_seconds"],
+                }
+            )
+        best = max(rows[-len(rates) :], key=lambda row: row["reward_last"])
         kept[method] = best["lr"]
     table = pd.DataFrame(rows)
     table["kept"] = [kept[m] == lr for m, lr in zip(table["method"], table["lr"])]
@@ -90,8 +102,9 @@ def sweep(settings: dict[str, Any], out: Path) -> tuple[pd.DataFrame, dict[str, 
 
 def eval_config(settings: dict[str, Any], model: str, out_dir: Path, label: str, **extra: Any) -> EvalConfig:
     """The configured evaluation of `model` into `out_dir`, labelled `label` in the table; `extra` sets more keys."""
-    return build_config(EvalConfig, None, {**settings["eval"], "model": model, "label": label, "out_dir": str(out_dir),
-                                           **extra})
+    return build_config(
+        EvalConfig, None, {**settings["eval"], "model": model, "label": label, "out_dir": str(out_dir), **extra}
+    )
 
 
 def evaluated(folder: Path) -> bool:
@@ -131,15 +144,32 @@ def keep_vectors(settings: dict[str, Any], lr: float, out: Path) -> None:
 
 def accuracy_table(folders: dict[tuple[str, int | None], Path], kept: dict[str, float]) -> pd.DataFrame:
     """One row per evaluated model: method, training seed, learning rate, held-out accuracy."""
-    return pd.DataFrame([{"method": method, "seed": seed, "lr": kept.get(method),
-                          "accuracy": float(pd.read_csv(folder / "scores.csv")["score"].mean())}
-                         for (method, seed), folder in folders.items()])
+    return pd.DataFrame(
+        [
+            {
+                "method": method,
+                "seed": seed,
+                "lr": kept.get(method),
+                "accuracy": float(pd.read_csv(folder / "scores.csv")["score"].mean()),
+            }
+            for (method, seed), folder in folders.items()
+        ]
+    )
 
 
 def timings(out: Path) -> pd.DataFrame:
     rows, _ = read_jsonl(out / "runs" / "timings.jsonl")
-    return pd.DataFrame([{"method": r["method"], "runs": ", ".join(r["runs"]), "together": r["together"],
-                          "minutes": r["seconds"] / 60} for r in rows])
+    return pd.DataFrame(
+        [
+            {
+                "method": r["method"],
+                "runs": ", ".join(r["runs"]),
+                "together": r["together"],
+                "minutes": r["seconds"] / 60,
+            }
+            for r in rows
+        ]
+    )
 
 
 def main() -> None:

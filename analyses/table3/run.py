@@ -35,9 +35,16 @@ def measured(method: str, lr: float, settings: dict[str, Any], out: Path) -> dic
         train(training_config(HERE / settings["preset"], run_dir, settings["steps"], trainable=method, lr=lr))
     summary = json.loads((run_dir / "summary.json").read_text())
     engine = "HF generate" if method == "full" else "vLLM"
-    return {"model": summary["config"]["model"], "method": method, "trainable_parameters": summary["trainable_parameters"],
-            "optimizer_state_bytes": summary["optimizer_state_bytes"], "update_s": summary["mean_update_seconds"],
-            "step_s": summary["mean_step_seconds"], "rollout_engine": engine, "source": "measured, 2 CPU cores"}
+    return {
+        "model": summary["config"]["model"],
+        "method": method,
+        "trainable_parameters": summary["trainable_parameters"],
+        "optimizer_state_bytes": summary["optimizer_state_bytes"],
+        "update_s": summary["mean_update_seconds"],
+        "step_s": summary["mean_step_seconds"],
+        "rollout_engine": engine,
+        "source": "measured, 2 CPU cores",
+    }
 
 
 def from_config(settings: dict[str, Any]) -> list[dict[str, Any]]:
@@ -46,11 +53,19 @@ def from_config(settings: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for method in ("steering", "full"):
         cost = resource_cost(str(HERE / paper["config"]), method, ranks=paper["ranks"])
-        rows.append({"model": "Qwen2.5-14B", "method": method, "trainable_parameters": cost.parameters,
-                     "optimizer_state_bytes": cost.optimizer_bytes_per_rank, "update_s": None,
-                     "step_s": paper[method]["step_s"], "rollout_engine": "-",
-                     "source": f"config (AdamW fp32, per GPU of {paper['ranks']}); paper: {paper[method]['parameters']} "
-                               f"parameters, {paper[method]['optimizer']} optimizer, {paper[method]['step_s']} s/step"})
+        rows.append(
+            {
+                "model": "Qwen2.5-14B",
+                "method": method,
+                "trainable_parameters": cost.parameters,
+                "optimizer_state_bytes": cost.optimizer_bytes_per_rank,
+                "update_s": None,
+                "step_s": paper[method]["step_s"],
+                "rollout_engine": "-",
+                "source": f"config (AdamW fp32, per GPU of {paper['ranks']}); paper: {paper[method]['parameters']} "
+                f"parameters, {paper[method]['optimizer']} optimizer, {paper[method]['step_s']} s/step",
+            }
+        )
     return rows
 
 
@@ -60,8 +75,16 @@ def main() -> None:
     table = pd.DataFrame(rows + from_config(settings)).astype({"optimizer_state_bytes": int})
     write_text(out / "table3.csv", table.to_csv(index=False))
     write_text(out / "table3.md", table.to_markdown(index=False, floatfmt=",.2f", intfmt=",") + "\n")
-    figure = px.bar(table, x="method", y="optimizer_state_bytes", color="model", barmode="group", log_y=True,
-                    hover_data=["trainable_parameters", "update_s", "step_s"], title="Optimizer state per method (log scale)")
+    figure = px.bar(
+        table,
+        x="method",
+        y="optimizer_state_bytes",
+        color="model",
+        barmode="group",
+        log_y=True,
+        hover_data=["trainable_parameters", "update_s", "step_s"],
+        title="Optimizer state per method (log scale)",
+    )
     write_text(out / "table3.html", figure.to_html(include_plotlyjs="cdn"))
     print((out / "table3.md").read_text())
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path  # noqa: F401  (pdoc resolves ClusteringConfig's inherited `cache_dir: Path | None` here)
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,8 +50,10 @@ Reply with exactly this JSON shape:
  "unclassified": ["<as given>", "..."]}}
 
 Tokens: {tokens}"""
-REMINDER = ("That reply could not be used: {reason}. Reply again with only the JSON object, in exactly the "
-            "shape asked for, quoting tokens exactly as given.")
+REMINDER = (
+    "That reply could not be used: {reason}. Reply again with only the JSON object, in exactly the "
+    "shape asked for, quoting tokens exactly as given."
+)
 
 
 class ClusteringError(SteerlensError, RuntimeError):
@@ -69,14 +72,20 @@ class ClusteringConfig(ChatConfig):
 
 
 def choose_method(config: ClusteringConfig | None) -> Literal["llm", "offline"]:
-    """"llm" when an endpoint or a model is configured (config or $OPENAI_BASE_URL), else "offline"."""
+    """ "llm" when an endpoint or a model is configured (config or $OPENAI_BASE_URL), else "offline"."""
     config = config or ClusteringConfig()
     return "llm" if config.endpoint() or config.model else "offline"
 
 
-def cluster_tokens(tokens: pd.DataFrame, config: ClusteringConfig | None = None, *,
-                   method: Literal["auto", "llm", "offline"] = "auto", unembed: torch.Tensor | None = None,
-                   n_clusters: int | None = None, progress: bool = False) -> pd.DataFrame:
+def cluster_tokens(
+    tokens: pd.DataFrame,
+    config: ClusteringConfig | None = None,
+    *,
+    method: Literal["auto", "llm", "offline"] = "auto",
+    unembed: torch.Tensor | None = None,
+    n_clusters: int | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Cluster each layer's tokens from a (layer, token_id, token[, rank]) table, e.g. `logit_lens(...).top`.
 
     `method="auto"` uses the LLM when an endpoint is configured (see `choose_method`), else the offline
@@ -100,8 +109,9 @@ def build_prompt(tokens: Sequence[str]) -> str:
     return USER_PROMPT.format(n=len(tokens), tokens=json.dumps(list(tokens), ensure_ascii=False))
 
 
-def llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig,
-                 progress: bool = False) -> pd.DataFrame:
+def llm_clusters(
+    tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig, progress: bool = False
+) -> pd.DataFrame:
     """Ask the chat endpoint to cluster each layer's tokens (cached answers make no request)."""
     try:
         return _llm_clusters(tokens_by_layer, config, progress)
@@ -109,8 +119,9 @@ def llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: Clusterin
         raise ClusteringError(str(err)) from None
 
 
-def _llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig,
-                  progress: bool) -> pd.DataFrame:
+def _llm_clusters(
+    tokens_by_layer: Mapping[int, Sequence[str]], config: ClusteringConfig, progress: bool
+) -> pd.DataFrame:
     unique = {layer: list(dict.fromkeys(tokens)) for layer, tokens in tokens_by_layer.items()}
     client = ChatClient(config)
     rows: dict[int, list[dict[str, Any]]] = {}
@@ -125,12 +136,16 @@ def _llm_clusters(tokens_by_layer: Mapping[int, Sequence[str]], config: Clusteri
         with ThreadPoolExecutor(max_workers=max(1, config.concurrency)) as pool:
             futures = {pool.submit(_ask, client, unique[layer]): layer for layer in todo}
             try:
-                for future in tqdm(as_completed(futures), total=len(futures), desc="clustering", unit="layer",
-                                   disable=not progress):
+                for future in tqdm(
+                    as_completed(futures), total=len(futures), desc="clustering", unit="layer", disable=not progress
+                ):
                     layer = futures[future]
                     answer, reason = future.result()
-                    rows[layer] = (_answer_rows(layer, answer, client.model) if answer is not None
-                                   else [_failed_row(layer, unique[layer], client.model, reason)])
+                    rows[layer] = (
+                        _answer_rows(layer, answer, client.model)
+                        if answer is not None
+                        else [_failed_row(layer, unique[layer], client.model, reason)]
+                    )
             except BaseException:
                 for future in futures:
                     future.cancel()
@@ -164,8 +179,10 @@ def _ask(client: ChatClient, tokens: list[str]) -> tuple[dict[str, Any] | None, 
             answer = parse_answer(text, tokens)
         except AnswerError as err:
             reason = str(err)
-            messages = messages + [{"role": "assistant", "content": text},
-                                   {"role": "user", "content": REMINDER.format(reason=reason)}]
+            messages = messages + [
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": REMINDER.format(reason=reason)},
+            ]
             continue
         client.store(_cache_key(client, tokens), {"model": client.model, "tokens": tokens, "answer": answer})
         return answer, ""
@@ -197,8 +214,8 @@ def parse_answer(text: str, tokens: Sequence[str]) -> dict[str, Any]:
     obj = _extract_json(text)
     topics, info = obj.get("topics"), obj.get("tokens", [])
     if not isinstance(topics, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("topic"), str) and isinstance(t.get("tokens"), list)
-            for t in topics):
+        isinstance(t, dict) and isinstance(t.get("topic"), str) and isinstance(t.get("tokens"), list) for t in topics
+    ):
         raise AnswerError('"topics" must be a list of {"topic": name, "tokens": [...]} objects')
     if not isinstance(info, list) or not all(isinstance(t, dict) for t in info):
         raise AnswerError('"tokens" must be a list of {"token", "language", "translation"} objects')
@@ -228,8 +245,11 @@ def parse_answer(text: str, tokens: Sequence[str]) -> dict[str, Any]:
     for entry in info:
         token = match(entry.get("token"))
         if token is not None and token not in details:
-            details[token] = {"token": token, "language": str(entry.get("language") or ""),
-                              "translation": _translation(token, entry)}
+            details[token] = {
+                "token": token,
+                "language": str(entry.get("language") or ""),
+                "translation": _translation(token, entry),
+            }
     return {"topics": named, "tokens": list(details.values())}
 
 
@@ -243,17 +263,34 @@ def _translation(token: str, entry: Mapping[str, Any]) -> str:
 
 def _answer_rows(layer: int, answer: Mapping[str, Any], model: str) -> list[dict[str, Any]]:
     info = {entry["token"]: entry for entry in answer["tokens"]}
-    return [{"layer": layer, "topic": topic["topic"], "tokens": topic["tokens"],
-             "translation": [info.get(t, {}).get("translation", "") for t in topic["tokens"]],
-             "language": [info.get(t, {}).get("language", "") for t in topic["tokens"]],
-             "method": "llm", "model": model, "status": "ok", "error": ""}
-            for topic in answer["topics"]]
+    return [
+        {
+            "layer": layer,
+            "topic": topic["topic"],
+            "tokens": topic["tokens"],
+            "translation": [info.get(t, {}).get("translation", "") for t in topic["tokens"]],
+            "language": [info.get(t, {}).get("language", "") for t in topic["tokens"]],
+            "method": "llm",
+            "model": model,
+            "status": "ok",
+            "error": "",
+        }
+        for topic in answer["topics"]
+    ]
 
 
 def _failed_row(layer: int, tokens: list[str], model: str, reason: str) -> dict[str, Any]:
-    return {"layer": layer, "topic": FAILED, "tokens": tokens, "translation": [""] * len(tokens),
-            "language": [""] * len(tokens), "method": "llm", "model": model, "status": "failed",
-            "error": f"malformed answer after one reminder: {reason}"}
+    return {
+        "layer": layer,
+        "topic": FAILED,
+        "tokens": tokens,
+        "translation": [""] * len(tokens),
+        "language": [""] * len(tokens),
+        "method": "llm",
+        "model": model,
+        "status": "failed",
+        "error": f"malformed answer after one reminder: {reason}",
+    }
 
 
 # ---- offline clustering ---------------------------------------------------------------------------
@@ -286,9 +323,17 @@ def offline_clusters(tokens: pd.DataFrame, unembed: torch.Tensor, n_clusters: in
 
 
 def _offline_row(layer: int, topic: str, tokens: list[str]) -> dict[str, Any]:
-    return {"layer": layer, "topic": topic, "tokens": tokens, "translation": [""] * len(tokens),
-            "language": [""] * len(tokens), "method": "offline", "model": OFFLINE_MODEL, "status": "ok",
-            "error": ""}
+    return {
+        "layer": layer,
+        "topic": topic,
+        "tokens": tokens,
+        "translation": [""] * len(tokens),
+        "language": [""] * len(tokens),
+        "method": "offline",
+        "model": OFFLINE_MODEL,
+        "status": "ok",
+        "error": "",
+    }
 
 
 def _average_linkage(sim: np.ndarray, n_clusters: int) -> list[list[int]]:

@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from steerlens.config import ConfigError, option
 from steerlens.errors import SteerlensError
@@ -41,29 +42,38 @@ class ChatConfig:
     """Where and how to ask a chat model."""
 
     model: str | None = option(None, "chat model name; None: the endpoint's only served model (e.g. a vLLM server)")
-    base_url: str | None = option(None, f"OpenAI-compatible endpoint (http://host:port/v1); None: ${URL_ENV}, "
-                                        "else OpenAI")
-    api_key: str | None = option(None, f"API key; None: ${KEY_ENV} (local servers need none). Never written "
-                                       "anywhere", repr=False)
+    base_url: str | None = option(
+        None, f"OpenAI-compatible endpoint (http://host:port/v1); None: ${URL_ENV}, else OpenAI"
+    )
+    api_key: str | None = option(
+        None, f"API key; None: ${KEY_ENV} (local servers need none). Never written anywhere", repr=False
+    )
     cache_dir: Path | None = option(None, "answer cache; None: $XDG_CACHE_HOME/steerlens/llm")
     max_retries: int = option(5, "retries on HTTP 429 / 5xx / connection errors / timeouts, with exponential backoff")
     backoff_s: float = option(1.0, "first retry delay in seconds (doubled each retry, or the server's Retry-After)")
     max_backoff_s: float = option(60.0, "longest delay between retries")
-    deadline_s: float = option(300.0, "most seconds one call may take, all tries and waits included (steerlens "
-                                      "analyze --llm-timeout)")
+    deadline_s: float = option(
+        300.0, "most seconds one call may take, all tries and waits included (steerlens analyze --llm-timeout)"
+    )
     timeout_s: float = option(300.0, "timeout of one try in seconds (at most what is left of deadline_s)")
     max_tokens: int = option(2048, "longest answer in tokens (a small local model may otherwise never stop)")
 
     def __post_init__(self) -> None:
         """Refuse times and retry counts that would leave a call unbounded or make it fail at once."""
         checks = [
-            (math.isfinite(self.deadline_s) and self.deadline_s > 0,
-             f"deadline_s (--llm-timeout) must be a number of seconds > 0, got {self.deadline_s}"),
-            (math.isfinite(self.timeout_s) and self.timeout_s > 0,
-             f"timeout_s must be a number of seconds > 0, got {self.timeout_s}"),
+            (
+                math.isfinite(self.deadline_s) and self.deadline_s > 0,
+                f"deadline_s (--llm-timeout) must be a number of seconds > 0, got {self.deadline_s}",
+            ),
+            (
+                math.isfinite(self.timeout_s) and self.timeout_s > 0,
+                f"timeout_s must be a number of seconds > 0, got {self.timeout_s}",
+            ),
             (self.max_retries >= 0, "max_retries must be >= 0"),
-            (math.isfinite(self.backoff_s + self.max_backoff_s) and min(self.backoff_s, self.max_backoff_s) >= 0,
-             "backoff_s and max_backoff_s must be seconds >= 0"),
+            (
+                math.isfinite(self.backoff_s + self.max_backoff_s) and min(self.backoff_s, self.max_backoff_s) >= 0,
+                "backoff_s and max_backoff_s must be seconds >= 0",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -96,9 +106,12 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, str]], what: str = "asking") -> str:
         """The reply's text to `messages` at temperature 0; `what` names the request in errors and logs."""
-        body = self._request(lambda timeout: self._openai.chat.completions.with_raw_response.create(
-            model=self.model, messages=messages, temperature=0, max_tokens=self.config.max_tokens, timeout=timeout),
-            what)
+        body = self._request(
+            lambda timeout: self._openai.chat.completions.with_raw_response.create(
+                model=self.model, messages=messages, temperature=0, max_tokens=self.config.max_tokens, timeout=timeout
+            ),
+            what,
+        )
         try:
             content = body["choices"][0]["message"]["content"]
             if content is None or isinstance(content, str):
@@ -144,13 +157,16 @@ class ChatClient:
             return response.json()
         except ValueError:
             kind = response.headers.get("content-type") or "no content type"
-            raise LLMError(f"{self.where} answered HTTP {response.status_code} with a body that is not JSON "
-                           f"({kind}: {response.text[:60]!r}) while {what}; is it an OpenAI-compatible endpoint "
-                           "(the URL usually ends in /v1)?") from None
+            raise LLMError(
+                f"{self.where} answered HTTP {response.status_code} with a body that is not JSON "
+                f"({kind}: {response.text[:60]!r}) while {what}; is it an OpenAI-compatible endpoint "
+                "(the URL usually ends in /v1)?"
+            ) from None
 
     def _unexpected(self, what: str, expected: str) -> LLMError:
-        return LLMError(f"{self.where} answered JSON without {expected} while {what}; is it an OpenAI-compatible "
-                        "endpoint?")
+        return LLMError(
+            f"{self.where} answered JSON without {expected} while {what}; is it an OpenAI-compatible endpoint?"
+        )
 
     def _with_retries(self, call: Callable[[float], T], what: str) -> T:
         """Run `call(timeout)`, retrying 429 / 5xx / connection errors and timeouts with bounded exponential
@@ -166,27 +182,34 @@ class ChatClient:
             try:
                 return call(min(config.timeout_s, deadline - time.monotonic()))
             except openai.AuthenticationError:
-                raise LLMError(f"{where} refused the API key (HTTP 401) while {what}: set the environment "
-                               f"variable {KEY_ENV} to a key this endpoint accepts") from None
+                raise LLMError(
+                    f"{where} refused the API key (HTTP 401) while {what}: set the environment "
+                    f"variable {KEY_ENV} to a key this endpoint accepts"
+                ) from None
             except openai.PermissionDeniedError:
-                raise LLMError(f"{where} denied access (HTTP 403) while {what}: the key in {KEY_ENV} lacks "
-                               f"access to this model or endpoint; set {KEY_ENV} to a key that has it") from None
+                raise LLMError(
+                    f"{where} denied access (HTTP 403) while {what}: the key in {KEY_ENV} lacks "
+                    f"access to this model or endpoint; set {KEY_ENV} to a key that has it"
+                ) from None
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as err:
                 status = getattr(err, "status_code", None)
                 problem = f"HTTP {status}" if status else type(err).__name__
                 delay = min(config.max_backoff_s, _retry_after(err) or config.backoff_s * 2 ** (tries - 1))
                 if tries > config.max_retries or time.monotonic() + delay >= deadline:
                     break
-                log.warning("%s: %s while %s; retry %d/%d in %.1f s", where, problem, what, tries,
-                            config.max_retries, delay)
+                log.warning(
+                    "%s: %s while %s; retry %d/%d in %.1f s", where, problem, what, tries, config.max_retries, delay
+                )
                 time.sleep(delay)
             except openai.APIStatusError as err:
                 message = " ".join(str(err.message).split())[:300]
                 raise LLMError(f"{where} answered HTTP {err.status_code} while {what}: {message}") from None
         retries = f"{tries - 1} retr{'y' if tries == 2 else 'ies'}"
-        raise LLMError(f"{where} still failing ({problem}) while {what} after {retries}"
-                       f" in {time.monotonic() - start:.1f} s (at most {config.max_retries} retries within "
-                       f"{config.deadline_s:g} s: --llm-timeout); check the server and try again")
+        raise LLMError(
+            f"{where} still failing ({problem}) while {what} after {retries}"
+            f" in {time.monotonic() - start:.1f} s (at most {config.max_retries} retries within "
+            f"{config.deadline_s:g} s: --llm-timeout); check the server and try again"
+        )
 
 
 def _openai_client(config: ChatConfig) -> Any:
@@ -199,8 +222,10 @@ def _openai_client(config: ChatConfig) -> Any:
     key = config.api_key or os.environ.get(KEY_ENV)
     if not key:
         if url is None:
-            raise LLMError(f"no API key for OpenAI: set the environment variable {KEY_ENV}, or point "
-                           f"{URL_ENV} (--endpoint) at a local OpenAI-compatible server")
+            raise LLMError(
+                f"no API key for OpenAI: set the environment variable {KEY_ENV}, or point "
+                f"{URL_ENV} (--endpoint) at a local OpenAI-compatible server"
+            )
         key = "EMPTY"  # local servers (vLLM, llama.cpp) accept any key
     return openai.OpenAI(api_key=key, base_url=url, max_retries=0, timeout=config.timeout_s)
 

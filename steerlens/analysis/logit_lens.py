@@ -13,8 +13,9 @@ bottom-k and histogram counts, so a 150k x 5120 unembedding never needs more tha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -108,16 +109,18 @@ def logit_lens(
     vocab, n = unembed.shape[0], s.shape[0]
     k = min(k, vocab)
 
-    best = {side: (torch.empty(n, 0, device=device), torch.empty(n, 0, dtype=torch.long, device=device))
-            for side in ("top", "bottom")}
+    best = {
+        side: (torch.empty(n, 0, device=device), torch.empty(n, 0, dtype=torch.long, device=device))
+        for side in ("top", "bottom")
+    }
     counts = torch.zeros(n * hist_bins, dtype=torch.long, device=device)
     offsets = torch.arange(n, device=device)[:, None] * hist_bins
     ones = torch.ones(n * min(chunk_size, vocab), dtype=torch.long, device=device)
     for start in tqdm(range(0, vocab, chunk_size), desc="logit lens", unit="chunk", disable=not progress):
-        u = unembed[start:start + chunk_size].to(torch.float32)
+        u = unembed[start : start + chunk_size].to(torch.float32)
         cos = (s @ u.T).div_((s_norm[:, None] * u.norm(dim=1)[None, :]).clamp_min_(EPS))
         bins = cos.add(1.0).mul_(hist_bins / 2).long().clamp_(0, hist_bins - 1).add_(offsets).view(-1)
-        counts.index_add_(0, bins, ones[:bins.numel()])  # much faster than bincount on CPU
+        counts.index_add_(0, bins, ones[: bins.numel()])  # much faster than bincount on CPU
         for side, sign in (("top", 1.0), ("bottom", -1.0)):
             kept_vals, kept_ids = best[side]
             vals, ids = (sign * cos).topk(min(k, cos.shape[1]), dim=1)
@@ -125,30 +128,41 @@ def logit_lens(
             order = vals.topk(min(k, vals.shape[1]), dim=1).indices
             best[side] = (vals.gather(1, order), ids.gather(1, order))
 
-    frames = {side: _token_table(layers, s, s_norm, unembed, best[side][1], tokenizer, side, projection)
-              for side in best}
+    frames = {
+        side: _token_table(layers, s, s_norm, unembed, best[side][1], tokenizer, side, projection) for side in best
+    }
     histogram = _histogram_table(layers, counts.view(n, hist_bins).cpu(), projection)
     return LogitLensResult(frames["top"], frames["bottom"], histogram, projection)
 
 
-def _token_table(layers: list[int], s: torch.Tensor, s_norm: torch.Tensor, unembed: torch.Tensor,
-                 ids: torch.Tensor, tokenizer: Any, side: str, projection: str) -> pd.DataFrame:
+def _token_table(
+    layers: list[int],
+    s: torch.Tensor,
+    s_norm: torch.Tensor,
+    unembed: torch.Tensor,
+    ids: torch.Tensor,
+    tokenizer: Any,
+    side: str,
+    projection: str,
+) -> pd.DataFrame:
     """Rows for the chosen ids, with cosine and dot recomputed exactly from the gathered unembedding rows."""
     rows = unembed[ids.flatten()].to(torch.float32).view(*ids.shape, -1)
     dots = torch.einsum("nd,nkd->nk", s, rows)
     cos = dots / (s_norm[:, None] * rows.norm(dim=2)).clamp_min(EPS)
     flat_ids = ids.flatten().tolist()
     k = ids.shape[1]
-    return pd.DataFrame({
-        "layer": [layer for layer in layers for _ in range(k)],
-        "side": side,
-        "rank": list(range(1, k + 1)) * len(layers),
-        "token_id": flat_ids,
-        "token": decode_tokens(tokenizer, flat_ids),
-        "cosine": cos.flatten().cpu().numpy(),
-        "dot": dots.flatten().cpu().numpy(),
-        "projection": projection,
-    })
+    return pd.DataFrame(
+        {
+            "layer": [layer for layer in layers for _ in range(k)],
+            "side": side,
+            "rank": list(range(1, k + 1)) * len(layers),
+            "token_id": flat_ids,
+            "token": decode_tokens(tokenizer, flat_ids),
+            "cosine": cos.flatten().cpu().numpy(),
+            "dot": dots.flatten().cpu().numpy(),
+            "projection": projection,
+        }
+    )
 
 
 def _histogram_table(layers: list[int], counts: torch.Tensor, projection: str) -> pd.DataFrame:
@@ -160,8 +174,16 @@ def _histogram_table(layers: list[int], counts: torch.Tensor, projection: str) -
         occupied = row.nonzero().flatten()
         lo, hi = int(occupied[0]), int(occupied[-1]) + 1
         left = torch.arange(lo, hi, dtype=torch.float64) * width - 1.0
-        parts.append(pd.DataFrame({"layer": layer, "bin_left": left.numpy(), "bin_right": (left + width).numpy(),
-                                   "count": row[lo:hi].numpy()}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "bin_left": left.numpy(),
+                    "bin_right": (left + width).numpy(),
+                    "count": row[lo:hi].numpy(),
+                }
+            )
+        )
     table = pd.concat(parts, ignore_index=True)
     table["projection"] = projection
     return table
@@ -173,15 +195,26 @@ def coarsen_histogram(histogram: pd.DataFrame, max_bins: int = 100) -> pd.DataFr
     for layer, group in histogram.groupby("layer", sort=True):
         factor = max(1, math.ceil(len(group) / max_bins))
         block = pd.Series(range(len(group)), index=group.index) // factor
-        merged = group.groupby(block).agg(bin_left=("bin_left", "min"), bin_right=("bin_right", "max"),
-                                          count=("count", "sum"), projection=("projection", "first"))
+        merged = group.groupby(block).agg(
+            bin_left=("bin_left", "min"),
+            bin_right=("bin_right", "max"),
+            count=("count", "sum"),
+            projection=("projection", "first"),
+        )
         parts.append(merged.assign(layer=layer))
     columns = ["layer", "bin_left", "bin_right", "count", "projection"]
     return pd.concat(parts, ignore_index=True)[columns]
 
 
-def model_logit_lens(model: nn.Module, tokenizer: Any, vectors: SteeringVectors | torch.Tensor, *,
-                     k: int = 50, final_norm: bool = False, **kwargs: Any) -> LogitLensResult:
+def model_logit_lens(
+    model: nn.Module,
+    tokenizer: Any,
+    vectors: SteeringVectors | torch.Tensor,
+    *,
+    k: int = 50,
+    final_norm: bool = False,
+    **kwargs: Any,
+) -> LogitLensResult:
     """`logit_lens` against an HF model's lm_head, optionally through its final norm first."""
     norm = anatomy.final_norm(model) if final_norm else None
     return logit_lens(vectors, anatomy.unembedding(model), tokenizer, k=k, norm=norm, **kwargs)

@@ -22,10 +22,11 @@ Supported: pre-norm layers with `input_layernorm`, `self_attn.{q,k,v,o}_proj` an
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -72,17 +73,25 @@ class Patch:
             raise PatchingError(f"{len(self.k)} key / {len(self.v)} value groups do not fit {len(self.q)} heads")
 
     @classmethod
-    def uniform(cls, steered: bool, heads: int, groups: int) -> "Patch":
+    def uniform(cls, steered: bool, heads: int, groups: int) -> Patch:
         """Every part steered (the steered run) or every part clean (the unsteered run)."""
         return cls((steered,) * heads, (steered,) * groups, (steered,) * groups, (None,) * heads, steered, steered)
 
-    def inverse(self) -> "Patch":
+    def inverse(self) -> Patch:
         """Every source flipped (head overrides too), the route kept: `p` and `p.inverse()` split the parts."""
+
         def flip(values: tuple) -> tuple:
             return tuple(None if x is None else not x for x in values)
 
-        return replace(self, q=flip(self.q), k=flip(self.k), v=flip(self.v), head=flip(self.head),
-                       mlp=not self.mlp, residual=not self.residual)
+        return replace(
+            self,
+            q=flip(self.q),
+            k=flip(self.k),
+            v=flip(self.v),
+            head=flip(self.head),
+            mlp=not self.mlp,
+            residual=not self.residual,
+        )
 
     @property
     def overrides_heads(self) -> bool:
@@ -129,8 +138,9 @@ def make_patch(unit: str, index: int | None, mode: str, heads: int, groups: int,
     return replace(base, **changes)
 
 
-def variant_patches(units: Sequence[str], modes: Sequence[str], routes: Sequence[str], heads: int,
-                    groups: int) -> list[tuple[dict[str, Any], Patch]]:
+def variant_patches(
+    units: Sequence[str], modes: Sequence[str], routes: Sequence[str], heads: int, groups: int
+) -> list[tuple[dict[str, Any], Patch]]:
     """Every (unit, index, mode, route) combination as a label dict and its patch; routes apply to "head"."""
     out = []
     for unit in units:
@@ -146,6 +156,7 @@ def variant_patches(units: Sequence[str], modes: Sequence[str], routes: Sequence
 
 # ---- the study layer's modules and the hooks that mix clean and steered parts ------------------------------
 
+
 @dataclass
 class _Plan:
     """Patches as row tensors: `[n, heads]` / `[n, groups]` masks, head sources (-1 own, 0 clean, 1 steered)."""
@@ -160,7 +171,7 @@ class _Plan:
     to_mlp: torch.Tensor
 
     @classmethod
-    def of(cls, patches: Sequence[Patch], device: torch.device, dtype: torch.dtype) -> "_Plan":
+    def of(cls, patches: Sequence[Patch], device: torch.device, dtype: torch.dtype) -> _Plan:
         def mask(field: str) -> torch.Tensor:
             return torch.tensor([getattr(p, field) for p in patches], dtype=torch.bool, device=device)
 
@@ -168,12 +179,18 @@ class _Plan:
             return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
 
         head = torch.tensor([[-1 if h is None else int(h) for h in p.head] for p in patches], device=device)
-        return cls(mask("q"), mask("k"), mask("v"), head, scalar([p.mlp for p in patches]),
-                   scalar([p.residual for p in patches]),
-                   torch.tensor([p.route != "mlp" for p in patches], device=device).view(-1, 1, 1),
-                   torch.tensor([p.route != "residual" for p in patches], device=device).view(-1, 1, 1))
+        return cls(
+            mask("q"),
+            mask("k"),
+            mask("v"),
+            head,
+            scalar([p.mlp for p in patches]),
+            scalar([p.residual for p in patches]),
+            torch.tensor([p.route != "mlp" for p in patches], device=device).view(-1, 1, 1),
+            torch.tensor([p.route != "residual" for p in patches], device=device).view(-1, 1, 1),
+        )
 
-    def rows(self, batch: int) -> "_Plan":
+    def rows(self, batch: int) -> _Plan:
         """Each patch repeated for the `batch` rows of its block (variant-major batch layout)."""
         return _Plan(*(t.repeat_interleave(batch, dim=0) for t in vars(self).values()))
 
@@ -193,8 +210,13 @@ class _PatchHooks:
     generation. Head overrides need `refs`, the clean and steered runs' o_proj inputs for the same rows.
     """
 
-    def __init__(self, parts: AttentionParts, vector: torch.Tensor, plan: _Plan,
-                 refs: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        parts: AttentionParts,
+        vector: torch.Tensor,
+        plan: _Plan,
+        refs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.parts, self.plan, self.refs = parts, plan, refs
         self.vector = vector
         self._steered_in: torch.Tensor | None = None
@@ -202,14 +224,16 @@ class _PatchHooks:
         self._mlp_extra: torch.Tensor | None = None
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "_PatchHooks":
+    def __enter__(self) -> _PatchHooks:
         p = self.parts
-        self._handles = [p.ln1.register_forward_hook(self._ln1),
-                         p.q.register_forward_hook(partial(self._proj, self.plan.q)),
-                         p.k.register_forward_hook(partial(self._proj, self.plan.k)),
-                         p.v.register_forward_hook(partial(self._proj, self.plan.v)),
-                         p.ln2.register_forward_pre_hook(self._ln2),
-                         p.layer.register_forward_hook(self._residual)]
+        self._handles = [
+            p.ln1.register_forward_hook(self._ln1),
+            p.q.register_forward_hook(partial(self._proj, self.plan.q)),
+            p.k.register_forward_hook(partial(self._proj, self.plan.k)),
+            p.v.register_forward_hook(partial(self._proj, self.plan.v)),
+            p.ln2.register_forward_pre_hook(self._ln2),
+            p.layer.register_forward_hook(self._residual),
+        ]
         if self.refs is not None:
             self._handles += [p.o.register_forward_pre_hook(self._heads), p.o.register_forward_hook(self._route)]
         return self
@@ -228,8 +252,12 @@ class _PatchHooks:
     def _heads(self, module: nn.Module, args: tuple) -> tuple:
         clean, steered = self.refs
         own = args[0]
-        mixed = _mix(_mix(own, clean, self.plan.head == 0, self.parts.head_dim), steered, self.plan.head == 1,
-                     self.parts.head_dim)
+        mixed = _mix(
+            _mix(own, clean, self.plan.head == 0, self.parts.head_dim),
+            steered,
+            self.plan.head == 1,
+            self.parts.head_dim,
+        )
         self._own = own
         return (mixed, *args[1:])
 
@@ -251,6 +279,7 @@ class _PatchHooks:
 
 # ---- running the study layer and the rest of the model on stacked variants ---------------------------------
 
+
 class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
@@ -270,8 +299,10 @@ def study_layer(model: nn.Module, layer: int) -> int:
     """The study layer `layer`+1, after checking that it exists in `model` (a vector after its last layer has none)."""
     num_layers = len(decoder_layers(model))
     if not 0 <= layer <= num_layers - 2:
-        raise PatchingError(f"layer must be in 0..{num_layers - 2} (the study layer layer+1 must exist in "
-                            f"this {num_layers}-layer model), got {layer}")
+        raise PatchingError(
+            f"layer must be in 0..{num_layers - 2} (the study layer layer+1 must exist in "
+            f"this {num_layers}-layer model), got {layer}"
+        )
     return layer + 1
 
 
@@ -294,8 +325,14 @@ class LayerPatcher:
     steered runs (the study layer on x and on x+s, no hooks).
     """
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors | torch.Tensor, layer: int,
-                 attention_mask: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        vectors: SteeringVectors | torch.Tensor,
+        layer: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
         device = next(model.parameters()).device
         self.model, self.layer, self.study = model, layer, study_layer(model, layer)
         self.parts = attention_parts(model, self.study)
@@ -330,12 +367,13 @@ class LayerPatcher:
     def _tail(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
         """Layers from the study layer on and the final norm, for `n` variant blocks of the batch."""
         kwargs = _tile(self.kwargs, self.batch, n)
-        for layer in decoder_layers(self.model)[self.study:]:
+        for layer in decoder_layers(self.model)[self.study :]:
             hidden = layer_output(layer(hidden, **kwargs))
         return final_norm(self.model)(hidden)
 
-    def _unembed(self, hidden: torch.Tensor, n: int,
-                 positions: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def _unembed(
+        self, hidden: torch.Tensor, n: int, positions: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         hidden = hidden.view(n, self.batch, *hidden.shape[1:])
         if positions is not None:
             hidden = hidden[:, positions[0], positions[1]]
@@ -354,13 +392,14 @@ class LayerPatcher:
         return self._unembed(hidden, 2, positions)
 
     @torch.no_grad()
-    def logits(self, patches: Sequence[Patch], positions: tuple[torch.Tensor, torch.Tensor] | None = None,
-               batch_size: int = 16) -> Iterator[torch.Tensor]:
+    def logits(
+        self, patches: Sequence[Patch], positions: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16
+    ) -> Iterator[torch.Tensor]:
         """`[n, B, T, V]` logits (or `[n, S, V]` at `positions`) for each chunk of `batch_size` patches."""
         if any(p.overrides_heads for p in patches) and self._refs is None:
             self.reference_logits(positions=(self.ids.new_zeros(1), self.ids.new_zeros(1)))
         for start in range(0, len(patches), batch_size):
-            chunk = patches[start:start + batch_size]
+            chunk = patches[start : start + batch_size]
             n = len(chunk)
             self._check(chunk)
             plan = _Plan.of(chunk, self.x.device, self.x.dtype).rows(self.batch)
@@ -372,14 +411,18 @@ class LayerPatcher:
     def _check(self, patches: Sequence[Patch]) -> None:
         for p in patches:
             if len(p.head) != self.parts.heads or len(p.k) != self.parts.groups:
-                raise PatchingError(f"patch has {len(p.head)} heads / {len(p.k)} KV groups, the study layer "
-                                    f"{self.parts.heads} / {self.parts.groups}")
+                raise PatchingError(
+                    f"patch has {len(p.head)} heads / {len(p.k)} KV groups, the study layer "
+                    f"{self.parts.heads} / {self.parts.groups}"
+                )
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
 
-def _targets(targets: str | torch.Tensor, ids: torch.Tensor, steered_logp: torch.Tensor,
-             rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+
+def _targets(
+    targets: str | torch.Tensor, ids: torch.Tensor, steered_logp: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """Chosen token per scored position; -1 where there is none (the last position under "next")."""
     if isinstance(targets, torch.Tensor):
         return targets.to(ids.device)[rows, cols]
@@ -402,11 +445,20 @@ def _prob(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_patching(model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors | torch.Tensor, layer: int, *,
-                  variants: Sequence[str] = DEFAULT_VARIANTS, modes: Sequence[str] = MODES,
-                  routes: Sequence[str] = ("both",), attention_mask: torch.Tensor | None = None,
-                  score_mask: torch.Tensor | None = None, targets: str | torch.Tensor = "steered_argmax",
-                  batch_size: int = 8) -> pd.DataFrame:
+def head_patching(
+    model: nn.Module,
+    ids: torch.Tensor,
+    vectors: SteeringVectors | torch.Tensor,
+    layer: int,
+    *,
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    modes: Sequence[str] = MODES,
+    routes: Sequence[str] = ("both",),
+    attention_mask: torch.Tensor | None = None,
+    score_mask: torch.Tensor | None = None,
+    targets: str | torch.Tensor = "steered_argmax",
+    batch_size: int = 8,
+) -> pd.DataFrame:
     """Per-token effect of patching each part of layer `layer`+1 with the vector of `layer`.
 
     One row per (variant, index, mode, route, batch, position) scored (`score_mask`, default every attended
@@ -426,13 +478,26 @@ def head_patching(model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors 
     for logits in patcher.logits([p for _, p in labelled], (rows, cols), batch_size):
         logp = logits.log_softmax(-1)
         prob = _prob(logp, target)
-        metrics = {"kl_steered": kl_divergence(steered_logp, logp), "kl_base": kl_divergence(base_logp, logp),
-                   "prob": prob, "dprob": prob - p_base}
-        for i, (label, _) in enumerate(labelled[done:done + logits.shape[0]]):
-            frames.append(pd.DataFrame({**label, "batch": rows.cpu().numpy(), "position": cols.cpu().numpy(),
-                                        "target": target.cpu().numpy(),
-                                        **{k: v[i].cpu().numpy() for k, v in metrics.items()},
-                                        "p_base": p_base.cpu().numpy(), "p_steered": p_steered.cpu().numpy()}))
+        metrics = {
+            "kl_steered": kl_divergence(steered_logp, logp),
+            "kl_base": kl_divergence(base_logp, logp),
+            "prob": prob,
+            "dprob": prob - p_base,
+        }
+        for i, (label, _) in enumerate(labelled[done : done + logits.shape[0]]):
+            frames.append(
+                pd.DataFrame(
+                    {
+                        **label,
+                        "batch": rows.cpu().numpy(),
+                        "position": cols.cpu().numpy(),
+                        "target": target.cpu().numpy(),
+                        **{k: v[i].cpu().numpy() for k, v in metrics.items()},
+                        "p_base": p_base.cpu().numpy(),
+                        "p_steered": p_steered.cpu().numpy(),
+                    }
+                )
+            )
         done += logits.shape[0]
     return pd.concat(frames, ignore_index=True)
 

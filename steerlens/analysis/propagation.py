@@ -15,8 +15,9 @@ hooks registered after the steering hooks, so they include the steering (`output
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -37,14 +38,20 @@ class PropagationError(SteerlensError, ValueError):
 
 
 @torch.no_grad()
-def layer_outputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  vectors: SteeringVectors | None = None) -> list[torch.Tensor]:
+def layer_outputs(
+    model: nn.Module,
+    ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    vectors: SteeringVectors | None = None,
+) -> list[torch.Tensor]:
     """Every decoder layer's output `[B, T, d]` as the next layer sees it (steered by `vectors` if given)."""
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     captured: list[torch.Tensor] = []
     with steering(model, vectors):  # attached first, so the capture hooks below see the steering
-        hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(layer_output(out)))
-                 for layer in decoder_layers(model)]
+        hooks = [
+            layer.register_forward_hook(lambda m, a, out: captured.append(layer_output(out)))
+            for layer in decoder_layers(model)
+        ]
         try:
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
         finally:
@@ -54,8 +61,9 @@ def layer_outputs(model: nn.Module, ids: torch.Tensor, attention_mask: torch.Ten
 
 
 @torch.no_grad()
-def hidden_differences(model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_differences(
+    model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """`[L, B, T, d]` Δh_j = steered - unsteered output of every layer j, teacher-forced on `ids`."""
     base = layer_outputs(model, ids, attention_mask)
     steered = layer_outputs(model, ids, attention_mask, vectors)
@@ -65,12 +73,18 @@ def hidden_differences(model: nn.Module, ids: torch.Tensor, vectors: SteeringVec
 def _metrics(delta: torch.Tensor, vector: torch.Tensor | None) -> dict[str, float]:
     """The per-(i, j) metrics of one layer's differences `delta` ([N, d], fp32) against its vector s_j."""
     mean = delta.mean(0)
-    out = {"cos_mean": float(F.cosine_similarity(delta, mean[None], dim=1, eps=EPS).mean()),
-           "norm": float(delta.norm(dim=1).mean()), "mean_norm": float(mean.norm())}
+    out = {
+        "cos_mean": float(F.cosine_similarity(delta, mean[None], dim=1, eps=EPS).mean()),
+        "norm": float(delta.norm(dim=1).mean()),
+        "mean_norm": float(mean.norm()),
+    }
     if vector is None:
         return {"cos_vector": float("nan"), "mean_cos_vector": float("nan"), **out}
-    return {"cos_vector": float(F.cosine_similarity(delta, vector[None], dim=1, eps=EPS).mean()),
-            "mean_cos_vector": float(F.cosine_similarity(mean, vector, dim=0, eps=EPS)), **out}
+    return {
+        "cos_vector": float(F.cosine_similarity(delta, vector[None], dim=1, eps=EPS).mean()),
+        "mean_cos_vector": float(F.cosine_similarity(mean, vector, dim=0, eps=EPS)),
+        **out,
+    }
 
 
 @dataclass
@@ -84,9 +98,15 @@ class PropagationResult:
 
 
 @torch.no_grad()
-def _source_rows(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, score: torch.Tensor,
-                 single: SteeringVectors, reference: SteeringVectors | None,
-                 base: list[torch.Tensor]) -> tuple[list[dict], torch.Tensor]:
+def _source_rows(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    score: torch.Tensor,
+    single: SteeringVectors,
+    reference: SteeringVectors | None,
+    base: list[torch.Tensor],
+) -> tuple[list[dict], torch.Tensor]:
     """Metrics of one single-layer vector against the unsteered `base` outputs; reduced inside the hooks."""
     source = single.layers[0]
     layers = decoder_layers(model)
@@ -102,8 +122,10 @@ def _source_rows(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, score:
         means[j] = delta.mean(0).cpu()
 
     with steering(model, single):
-        hooks = [layers[j].register_forward_hook(lambda m, a, out, j=j: measure(j, m, a, out))
-                 for j in range(source, len(layers))]
+        hooks = [
+            layers[j].register_forward_hook(lambda m, a, out, j=j: measure(j, m, a, out))
+            for j in range(source, len(layers))
+        ]
         try:
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
         finally:
@@ -120,10 +142,16 @@ def _sources(vectors: SteeringVectors, sources: Sequence[int] | None) -> tuple[i
     return chosen
 
 
-def effect_propagation(model: nn.Module, ids: torch.Tensor, vectors: SteeringVectors, *,
-                       reference: SteeringVectors | None = None, sources: Sequence[int] | None = None,
-                       attention_mask: torch.Tensor | None = None,
-                       score_mask: torch.Tensor | None = None) -> PropagationResult:
+def effect_propagation(
+    model: nn.Module,
+    ids: torch.Tensor,
+    vectors: SteeringVectors,
+    *,
+    reference: SteeringVectors | None = None,
+    sources: Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    score_mask: torch.Tensor | None = None,
+) -> PropagationResult:
     """Propagation metrics of each single-layer vector in `vectors` (layer i's row alone), on fixed `ids`.
 
     `reference` supplies the s_j compared against (default: `vectors` itself, e.g. the merged single-layer
@@ -140,14 +168,21 @@ def effect_propagation(model: nn.Module, ids: torch.Tensor, vectors: SteeringVec
     reference = vectors if reference is None else reference
     base = layer_outputs(model, ids, mask)
     results = [_source_rows(model, ids, mask, score, vectors.select([i]), reference, base) for i in chosen]
-    return PropagationResult(pd.DataFrame([row for rows, _ in results for row in rows]),
-                             torch.stack([m for _, m in results]), chosen)
+    return PropagationResult(
+        pd.DataFrame([row for rows, _ in results for row in rows]), torch.stack([m for _, m in results]), chosen
+    )
 
 
-def propagation_from_prompts(model: nn.Module, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
-                             vectors: SteeringVectors, *, max_new_tokens: int = 64,
-                             reference: SteeringVectors | None = None,
-                             sources: Sequence[int] | None = None) -> PropagationResult:
+def propagation_from_prompts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str | Sequence[int]],
+    vectors: SteeringVectors,
+    *,
+    max_new_tokens: int = 64,
+    reference: SteeringVectors | None = None,
+    sources: Sequence[int] | None = None,
+) -> PropagationResult:
     """As `effect_propagation`, on each source vector's own greedy completions (generated positions only)."""
     chosen = _sources(vectors, sources)
     reference = vectors if reference is None else reference

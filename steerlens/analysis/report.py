@@ -11,10 +11,11 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -48,8 +49,9 @@ class AnalysisReport:
     def save(self, out_dir: str | Path) -> list[Path]:
         """Write report.html, tables/ (CSV and parquet), figures/ (plotly JSON) and summary.json into `out_dir`."""
         out_dir = Path(out_dir)
-        written = [path for name, table in self.tables.items()
-                   for path in _write_table(out_dir / "tables", name, table)]
+        written = [
+            path for name, table in self.tables.items() for path in _write_table(out_dir / "tables", name, table)
+        ]
         for name, fig in self.figures.items():
             written.append(out_dir / "figures" / f"{name}.json")
             write_text(written[-1], fig.to_json())
@@ -95,8 +97,9 @@ def analyze(
     lens: LogitLensResult | None = None
     if "logit_lens" in analyses or "clustering" in analyses:
         start = time.perf_counter()
-        lens = model_logit_lens(model, tokenizer, vectors, k=top_k, final_norm=final_norm, chunk_size=chunk_size,
-                                progress=progress)
+        lens = model_logit_lens(
+            model, tokenizer, vectors, k=top_k, final_norm=final_norm, chunk_size=chunk_size, progress=progress
+        )
         timings["logit_lens"] = time.perf_counter() - start
     if "stats" in analyses:
         start = time.perf_counter()
@@ -109,22 +112,33 @@ def analyze(
         start = time.perf_counter()
         config = clustering or clustering_mod.ClusteringConfig()
         method = clustering_mod.choose_method(config) if clustering_method == "auto" else clustering_method
-        clusters = clustering_mod.cluster_tokens(lens.top, config, method=method, unembed=unembedding(model),
-                                                 progress=progress)
+        clusters = clustering_mod.cluster_tokens(
+            lens.top, config, method=method, unembed=unembedding(model), progress=progress
+        )
         tables["clusters"] = clusters
-        clustering_info = {"method": method, "model": clusters["model"].iloc[0] if len(clusters) else "",
-                           "endpoint": config.endpoint() if method == "llm" else None,
-                           "failed_layers": sorted(clusters.loc[clusters["status"] == "failed", "layer"].tolist())}
+        clustering_info = {
+            "method": method,
+            "model": clusters["model"].iloc[0] if len(clusters) else "",
+            "endpoint": config.endpoint() if method == "llm" else None,
+            "failed_layers": sorted(clusters.loc[clusters["status"] == "failed", "layer"].tolist()),
+        }
         sections.append(_clusters_section(clusters, method))
         timings["clustering"] = time.perf_counter() - start
 
     model_name = str(getattr(model.config, "_name_or_path", "")) or type(model).__name__
     summary = {
-        "vectors": name, "model": model_name, "layers": list(vectors.layers),
-        "num_layers": vectors.num_layers, "hidden_size": vectors.hidden_size, "analyses": list(analyses),
-        "top_k": top_k, "projection": lens.projection if lens is not None else None,
-        "compare": list(others), "clustering": clustering_info, "seconds": timings,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "vectors": name,
+        "model": model_name,
+        "layers": list(vectors.layers),
+        "num_layers": vectors.num_layers,
+        "hidden_size": vectors.hidden_size,
+        "analyses": list(analyses),
+        "top_k": top_k,
+        "projection": lens.projection if lens is not None else None,
+        "compare": list(others),
+        "clustering": clustering_info,
+        "seconds": timings,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if "stats" in analyses:
         summary["stable_rank"] = stats.stable_rank(vectors)
@@ -132,8 +146,12 @@ def analyze(
 
 
 # ---- sections -------------------------------------------------------------------------------------
-def _stats_section(vectors: SteeringVectors, others: dict[str, SteeringVectors], tables: dict[str, pd.DataFrame],
-                   figures: dict[str, go.Figure]) -> str:
+def _stats_section(
+    vectors: SteeringVectors,
+    others: dict[str, SteeringVectors],
+    tables: dict[str, pd.DataFrame],
+    figures: dict[str, go.Figure],
+) -> str:
     cosines = stats.layer_cosines(vectors)
     tables["norms"] = stats.norms(vectors)
     tables["layer_cosines"] = cosines.reset_index()
@@ -155,32 +173,45 @@ def _lens_section(lens: LogitLensResult, tables: dict[str, pd.DataFrame], figure
     tables["logit_lens"] = lens.table()
     tables["logit_lens_histogram"] = lens.histogram
     label = "through the final norm" if lens.projection == "final_norm" else "raw (no final norm)"
-    figures["logit_lens_histogram"] = plots.histogram_slider(coarsen_histogram(lens.histogram),
-                                                             title=f"Cosine with unembedding rows, {label}")
-    parts = [f"<p>Cosine between each layer's vector and every unembedding row, projection <b>{lens.projection}"
-             f"</b> ({label}). Expand a layer for its full top/bottom lists with dot products.</p>",
-             _figure(figures["logit_lens_histogram"])]
+    figures["logit_lens_histogram"] = plots.histogram_slider(
+        coarsen_histogram(lens.histogram), title=f"Cosine with unembedding rows, {label}"
+    )
+    parts = [
+        f"<p>Cosine between each layer's vector and every unembedding row, projection <b>{lens.projection}"
+        f"</b> ({label}). Expand a layer for its full top/bottom lists with dot products.</p>",
+        _figure(figures["logit_lens_histogram"]),
+    ]
     for layer, top in lens.top.groupby("layer", sort=True):
         bottom = lens.bottom[lens.bottom["layer"] == layer]
         preview = ", ".join(_shown(t) for t in top["token"].head(8))
         parts.append(
             f"<details><summary>layer {layer}: {html.escape(preview)}</summary><div class='pair'>"
             f"<div><h4>top</h4>{_token_table(top)}</div><div><h4>bottom</h4>{_token_table(bottom)}</div>"
-            "</div></details>")
+            "</div></details>"
+        )
     return _section("logit_lens", "Logit lens", "".join(parts))
 
 
 def _clusters_section(clusters: pd.DataFrame, method: str) -> str:
-    how = ("topics named by an LLM (languages detected, non-English tokens translated)" if method == "llm"
-           else "offline average-linkage on unembedding cosine (no LLM endpoint configured; topics are named "
-                "after their most central token)")
+    how = (
+        "topics named by an LLM (languages detected, non-English tokens translated)"
+        if method == "llm"
+        else "offline average-linkage on unembedding cosine (no LLM endpoint configured; topics are named "
+        "after their most central token)"
+    )
     shown = clusters.assign(
         tokens=[", ".join(_shown(t) for t in tokens) for tokens in clusters["tokens"]],
-        translation=[", ".join(f"{_shown(t)}={tr}" for t, tr in zip(tokens, trs) if tr)
-                     for tokens, trs in zip(clusters["tokens"], clusters["translation"])])
+        translation=[
+            ", ".join(f"{_shown(t)}={tr}" for t, tr in zip(tokens, trs) if tr)
+            for tokens, trs in zip(clusters["tokens"], clusters["translation"])
+        ],
+    )
     columns = ["layer", "topic", "tokens", "translation", "status", "error"]
-    return _section("clustering", "Token clustering of the top tokens",
-                    f"<p>Method: {html.escape(how)}.</p>{_table(shown[columns])}")
+    return _section(
+        "clustering",
+        "Token clustering of the top tokens",
+        f"<p>Method: {html.escape(how)}.</p>{_table(shown[columns])}",
+    )
 
 
 # ---- output helpers -------------------------------------------------------------------------------
@@ -229,10 +260,16 @@ def _page(summary: dict[str, Any], sections: list[str]) -> str:
     """The whole report: plotly.js once in the head, then the sections."""
     from plotly.offline import get_plotlyjs
 
-    meta = {"vectors": summary["vectors"] or "-", "model": summary["model"],
-            "layers": f"{len(summary['layers'])} of {summary['num_layers']} (hidden size {summary['hidden_size']})",
-            "projection": summary["projection"] or "-", "created": summary["created"]}
+    meta = {
+        "vectors": summary["vectors"] or "-",
+        "model": summary["model"],
+        "layers": f"{len(summary['layers'])} of {summary['num_layers']} (hidden size {summary['hidden_size']})",
+        "projection": summary["projection"] or "-",
+        "created": summary["created"],
+    }
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in meta.items())
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlens report</title>"
-            f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
-            f"<h1>steerlens analysis</h1><table class='meta'>{rows}</table>{''.join(sections)}</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>steerlens report</title>"
+        f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head><body>"
+        f"<h1>steerlens analysis</h1><table class='meta'>{rows}</table>{''.join(sections)}</body></html>"
+    )

@@ -49,7 +49,9 @@ def model_parameters(model: str) -> int:
     return sum(p.numel() for p in skeleton.parameters())
 
 
-def resource_cost(model: str, trainable: str, lora_rank: int = 1, layers: int | None = None, ranks: int = 1) -> ResourceCost:
+def resource_cost(
+    model: str, trainable: str, lora_rank: int = 1, layers: int | None = None, ranks: int = 1
+) -> ResourceCost:
     """The cost of training `trainable` ("steering": one d-vector per layer, or per each of `layers` layers;
     "lora": rank `lora_rank` on every MLP down_proj; "full": every weight) on `model`, from its config."""
     from transformers import AutoConfig

@@ -5,8 +5,8 @@ Cosines involving a zero vector are reported as 0 (the direction is undefined).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from itertools import combinations
-from typing import Mapping
 
 import pandas as pd
 import torch

@@ -16,8 +16,9 @@ never touched; with `trainable=True` only `handle.parameter` requires grad.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, Self
+from typing import Any, Self
 
 import torch
 
@@ -44,8 +45,9 @@ class SteeringHandle(ABC):
     True
     """
 
-    def __init__(self, vectors: SteeringVectors, trainable: bool, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, vectors: SteeringVectors, trainable: bool, device: torch.device | str, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.template = vectors
         self.parameter = torch.nn.Parameter(
             vectors.values.detach().to(device=device, dtype=dtype).clone(), requires_grad=trainable
@@ -70,12 +72,15 @@ class SteeringHandle(ABC):
     def update(self, vectors: SteeringVectors | torch.Tensor) -> None:
         """Overwrite the values in place (same layers), keeping the parameter object."""
         if isinstance(vectors, SteeringVectors) and vectors.layers != self.layers:
-            raise VectorsError(f"update: vectors steer layers {list(vectors.layers)}, the handle steers "
-                               f"{list(self.layers)}; steer again to change layers")
+            raise VectorsError(
+                f"update: vectors steer layers {list(vectors.layers)}, the handle steers "
+                f"{list(self.layers)}; steer again to change layers"
+            )
         values = vectors.values if isinstance(vectors, SteeringVectors) else vectors
         if tuple(values.shape) != tuple(self.parameter.shape):
-            raise VectorsError(f"update: values of shape {tuple(values.shape)}, the handle holds "
-                               f"{tuple(self.parameter.shape)}")
+            raise VectorsError(
+                f"update: values of shape {tuple(values.shape)}, the handle holds {tuple(self.parameter.shape)}"
+            )
         self.parameter.copy_(values.to(self.parameter.dtype))
 
     def as_hooks(self) -> list[Hook]:
@@ -84,8 +89,10 @@ class SteeringHandle(ABC):
         An attached handle already steers every run: adding these on top would add each vector twice.
         """
         if self.attached:
-            raise BackendError("as_hooks: this handle is attached, so it already steers every run; "
-                               "call remove() first or run the model without extra hooks")
+            raise BackendError(
+                "as_hooks: this handle is attached, so it already steers every run; "
+                "call remove() first or run the model without extra hooks"
+            )
         return self._hooks()
 
     @abstractmethod

@@ -37,8 +37,12 @@ def nnsight_model_shape(lm: Any) -> ModelShape:
     """Layer count and width of the model an nnsight wrapper runs, from its envoys and config."""
     config = lm.config
     text_config = getattr(config, "get_text_config", lambda: config)()
-    return ModelShape(num_layers=len(lm.get(envoy_layers_path(lm))), hidden_size=int(text_config.hidden_size),
-                      name=str(getattr(config, "_name_or_path", "")), architecture=architecture(lm))
+    return ModelShape(
+        num_layers=len(lm.get(envoy_layers_path(lm))),
+        hidden_size=int(text_config.hidden_size),
+        name=str(getattr(config, "_name_or_path", "")),
+        architecture=architecture(lm),
+    )
 
 
 def _device(lm: Any) -> torch.device:
@@ -63,8 +67,9 @@ class NNsightSteering(SteeringHandle):
     def _hooks(self) -> list[Hook]:
         """`(envoy path, fn)` per steered layer, in forward order: inside a trace,
         `envoy = lm.get(path); envoy.output = fn(envoy.output)`."""
-        return [(f"{self.path}.{layer}", partial(_add, self.parameter[self.rows[layer]]))
-                for layer in sorted(self.layers)]
+        return [
+            (f"{self.path}.{layer}", partial(_add, self.parameter[self.rows[layer]])) for layer in sorted(self.layers)
+        ]
 
     def _install(self) -> None:
         with self.lm.edit(inplace=True):

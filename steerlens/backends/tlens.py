@@ -21,8 +21,9 @@ attached gives the same hooks as `fwd_hooks` for `bridge.run_with_hooks` / `run_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -81,4 +82,3 @@ class TLensSteering(SteeringHandle):
 def attach(model: Any, vectors: SteeringVectors, trainable: bool = False) -> TLensSteering:
     """Steer a TransformerLens model with `vectors` until the handle is removed (or a `with` block ends)."""
     return TLensSteering(model, vectors, trainable).attach()
-

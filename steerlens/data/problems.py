@@ -7,9 +7,10 @@ files fall back to the common column names. Adding a dataset is one entry.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,8 +78,15 @@ DATASETS: dict[str, DatasetFormat] = {
 }
 
 
-_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
-              bool: "true or false", type(None): "null"}
+_JSON_KINDS = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+    type(None): "null",
+}
 
 
 def _kind(value: Any) -> str:
@@ -146,8 +154,13 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     try:
         if suffix == ".jsonl":
             return _jsonl_table(path)
-        frame = (_json_table(path) if suffix == ".json" else pd.read_parquet(path) if suffix == ".parquet"
-                 else pd.read_csv(path, dtype=str, keep_default_na=False))
+        frame = (
+            _json_table(path)
+            if suffix == ".json"
+            else pd.read_parquet(path)
+            if suffix == ".parquet"
+            else pd.read_csv(path, dtype=str, keep_default_na=False)
+        )
     except DataError:
         raise
     except (ValueError, OSError) as err:
@@ -155,8 +168,15 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, list[str]]:
     return frame, [f"row {i + 1}" for i in range(len(frame))]
 
 
-def _pick(columns: list[str], explicit: str | None, preferred: str | None, candidates: tuple[str, ...],
-          what: str, flag: str, source: str) -> str:
+def _pick(
+    columns: list[str],
+    explicit: str | None,
+    preferred: str | None,
+    candidates: tuple[str, ...],
+    what: str,
+    flag: str,
+    source: str,
+) -> str:
     if explicit is not None:
         if explicit not in columns:
             raise DataError(f"{source}: no column {explicit!r} ({flag}); columns are {columns}")
@@ -203,8 +223,14 @@ def _cell(value: Any, role: str, column: str, where: str, numbers: bool) -> str:
     return value
 
 
-def load_problems(source: str | Path, problem_key: str | None = None, answer_key: str | None = None,
-                  limit: int | None = None, split: str | None = None, dataset: str | None = None) -> list[Problem]:
+def load_problems(
+    source: str | Path,
+    problem_key: str | None = None,
+    answer_key: str | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+    dataset: str | None = None,
+) -> list[Problem]:
     """Problems with gold answers from a local file or hub id; `dataset` names a `DATASETS` format.
 
     Every row must hold a non-empty problem (text) and answer (text or a number); the first that does not

@@ -6,5 +6,16 @@ from steerlens.evaluation.metrics import benchmark_scores, length_stats, summari
 from steerlens.evaluation.runner import evaluate
 from steerlens.evaluation.tables import combine_runs
 
-__all__ = ["BENCHMARKS", "SIX", "Benchmark", "BenchmarkSpec", "EvalConfig", "benchmark_scores", "combine_runs",
-           "evaluate", "length_stats", "parse_benchmark", "summarize"]
+__all__ = [
+    "BENCHMARKS",
+    "SIX",
+    "Benchmark",
+    "BenchmarkSpec",
+    "EvalConfig",
+    "benchmark_scores",
+    "combine_runs",
+    "evaluate",
+    "length_stats",
+    "parse_benchmark",
+    "summarize",
+]

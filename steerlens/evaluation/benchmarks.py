@@ -55,7 +55,8 @@ class BenchmarkSpec:
 
 
 def parse_benchmark(entry: str) -> BenchmarkSpec:
-    """`NAME=FILE`, a file whose stem names a benchmark (`aime24.jsonl`), or a generated set (`toy-arith`, `word-arith`)."""
+    """`NAME=FILE`, a file whose stem names a benchmark (`aime24.jsonl`), or a generated set (`toy-arith`,
+    `word-arith`)."""
     name, sep, source = entry.partition("=")
     if not sep:
         name, source = Path(entry).stem, entry

@@ -11,8 +11,15 @@ from steerlens.options import SharedOptions, option_checks
 from steerlens.rollout import Sampling
 
 # Fields that do not change any number: a finished or interrupted evaluation may be continued with other values.
-NON_RESULT_FIELDS = ("out_dir", "progress", "engine", "gpu_memory_utilization", "chunk_problems", "label",
-                     "model_label")
+NON_RESULT_FIELDS = (
+    "out_dir",
+    "progress",
+    "engine",
+    "gpu_memory_utilization",
+    "chunk_problems",
+    "label",
+    "model_label",
+)
 
 
 @dataclass
@@ -50,17 +57,20 @@ class EvalConfig(SharedOptions):
     - `progress`: show a live progress bar.
     """
 
-    vectors: str | None = option(None, "steering vectors (.safetensors), or named sets NAME=FILE,NAME=FILE in one "
-                                 "pass (none: unsteered)")
+    vectors: str | None = option(
+        None, "steering vectors (.safetensors), or named sets NAME=FILE,NAME=FILE in one pass (none: unsteered)"
+    )
     adapter: str | None = option(None, "LoRA adapter directory (trainable=lora run), merged into the model")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     model_label: str | None = option(None, "model name in the tables (default: --model as given)")
-    benchmarks: list[str] = option(["toy-arith"], "benchmarks: NAME=FILE, a file named after a known benchmark, "
-                                   "or a generated set")
+    benchmarks: list[str] = option(
+        ["toy-arith"], "benchmarks: NAME=FILE, a file named after a known benchmark, or a generated set"
+    )
     samples: int | None = option(None, "samples per problem for every benchmark (default: its protocol)")
     seeds: list[int] = option([0, 1, 2], "evaluation seeds; tables report mean ± std over them")
-    decoding: Literal["auto", "greedy", "sample"] = option("auto", "greedy, sample at --temperature, or auto "
-                                                           "(greedy for the base model only)")
+    decoding: Literal["auto", "greedy", "sample"] = option(
+        "auto", "greedy, sample at --temperature, or auto (greedy for the base model only)"
+    )
     limit: int | None = option(None, "evaluate only the first N problems of each benchmark")
     chunk_problems: int = option(64, "problems generated and saved at a time (the unit of resumption)")
     out_dir: str = option("runs/eval", "where samples/*.jsonl and the tables go; an interrupted run continues there")
@@ -89,8 +99,9 @@ class EvalConfig(SharedOptions):
         for entry in self.vectors.split(","):
             name, _, path = entry.partition("=")
             if not name.strip() or not path.strip() or name.strip() in files:
-                raise ConfigError(f"EvalConfig: vectors must be FILE or NAME=FILE,NAME=FILE with distinct names, "
-                                  f"got {self.vectors!r}")
+                raise ConfigError(
+                    f"EvalConfig: vectors must be FILE or NAME=FILE,NAME=FILE with distinct names, got {self.vectors!r}"
+                )
             files[name.strip()] = path.strip()
         return files
 

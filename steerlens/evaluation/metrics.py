@@ -29,8 +29,11 @@ def with_average(scores: pd.DataFrame) -> pd.DataFrame:
     complete = six.groupby("seed").filter(lambda g: set(g["benchmark"]) == set(SIX))
     if complete.empty:
         return scores
-    average = complete.groupby("seed").agg(score=("score", "mean"), problems=("problems", "sum"),
-                                           samples=("samples", "sum")).reset_index()
+    average = (
+        complete.groupby("seed")
+        .agg(score=("score", "mean"), problems=("problems", "sum"), samples=("samples", "sum"))
+        .reset_index()
+    )
     average.insert(0, "benchmark", "Average")
     return pd.concat([scores, average], ignore_index=True)
 
@@ -39,17 +42,20 @@ def summarize(scores: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std over seeds per benchmark (std with ddof=1; 0 for a single seed), Average last."""
     scores = with_average(scores)
     summary = scores.groupby("benchmark", sort=False)["score"].agg(
-        mean="mean", std=lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0, seeds="size")
+        mean="mean", std=lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0, seeds="size"
+    )
     return summary.reset_index()
 
 
 def length_stats(samples: pd.DataFrame) -> pd.DataFrame:
     """Completion lengths in tokens per benchmark: mean, median, 90th percentile, max, truncation rate."""
     grouped = samples.groupby("benchmark")
-    return pd.DataFrame({
-        "mean_tokens": grouped["tokens"].mean(),
-        "median_tokens": grouped["tokens"].median(),
-        "p90_tokens": grouped["tokens"].quantile(0.9),
-        "max_tokens": grouped["tokens"].max(),
-        "truncation_rate": grouped["truncated"].mean(),
-    }).reset_index()
+    return pd.DataFrame(
+        {
+            "mean_tokens": grouped["tokens"].mean(),
+            "median_tokens": grouped["tokens"].median(),
+            "p90_tokens": grouped["tokens"].quantile(0.9),
+            "max_tokens": grouped["tokens"].max(),
+            "truncation_rate": grouped["truncated"].mean(),
+        }
+    ).reset_index()

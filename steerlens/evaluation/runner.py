@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -53,8 +54,12 @@ def finished_samples(path: Path, k: int) -> list[dict[str, Any]]:
     kept = [row for row in rows if count[row["index"]] >= k]
     if torn or len(kept) < len(rows):
         partial = sorted({row["index"] for row in rows} - {row["index"] for row in kept})
-        LOG.warning("%s: %s%s; they are generated again", path, "a torn last line, " if torn else "",
-                    f"{len(partial)} problem(s) with fewer than {k} samples" if partial else "no partial problem")
+        LOG.warning(
+            "%s: %s%s; they are generated again",
+            path,
+            "a torn last line, " if torn else "",
+            f"{len(partial)} problem(s) with fewer than {k} samples" if partial else "no partial problem",
+        )
         write_jsonl(path, kept)
     return kept
 
@@ -77,8 +82,9 @@ def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
         changed = [k for k in current if k not in NON_RESULT_FIELDS and saved.get(k) != current[k]]
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise EvalError(f"{out_dir} holds an evaluation with other settings ({diffs}); "
-                            "use another --out-dir to evaluate these")
+            raise EvalError(
+                f"{out_dir} holds an evaluation with other settings ({diffs}); use another --out-dir to evaluate these"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(saved_path, current)
     write_text(out_dir / "eval_config.yaml", to_yaml(cfg))
@@ -95,8 +101,9 @@ def model_path(cfg: EvalConfig, out_dir: Path) -> str:
         from steerlens.models import load_model, resolve_model
 
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
-            raise EvalError(f"adapter {cfg.adapter}: no adapter_config.json (expected the lora/ folder of a "
-                            "trainable=lora run)")
+            raise EvalError(
+                f"adapter {cfg.adapter}: no adapter_config.json (expected the lora/ folder of a trainable=lora run)"
+            )
         base, tokenizer = load_model(resolve_model(cfg.model), dtype=cfg.dtype)
         model = PeftModel.from_pretrained(base, cfg.adapter).merge_and_unload()
         with atomic_dir(merged) as tmp:
@@ -147,58 +154,106 @@ def run_pass(engine: Rollout, runs: list[SetRun], problems: dict[str, list[Probl
     evaluation seed and problem index). Returns each run's samples, keyed by its `out_dir`."""
     first = runs[0].cfg
     specs = [parse_benchmark(entry) for entry in first.benchmarks]
-    done = {(run.cfg.out_dir, spec.name, seed): {row["index"] for row in finished_samples(
-                samples_path(Path(run.cfg.out_dir), spec.name, seed), samples_per_problem(run.cfg, spec))}
-            for run in runs for spec in specs for seed in run.seeds}
+    done = {
+        (run.cfg.out_dir, spec.name, seed): {
+            row["index"]
+            for row in finished_samples(
+                samples_path(Path(run.cfg.out_dir), spec.name, seed), samples_per_problem(run.cfg, spec)
+            )
+        }
+        for run in runs
+        for spec in specs
+        for seed in run.seeds
+    }
     total = sum(len(problems[spec.name]) for run in runs for spec in specs for _ in run.seeds)
     prompt = template_prompt(engine.tokenizer, first.template)
-    with MathReward.for_template(engine.tokenizer, first.template, first.answer_fallback) as reward, \
-            tqdm(total=total, disable=not first.progress, desc="eval", unit="problem") as bar:
+    with (
+        MathReward.for_template(engine.tokenizer, first.template, first.answer_fallback) as reward,
+        tqdm(total=total, disable=not first.progress, desc="eval", unit="problem") as bar,
+    ):
         bar.update(sum(len(indices) for indices in done.values()))
         for seed in dict.fromkeys(seed for run in runs for seed in run.seeds):
             for spec in specs:
-                todo = {r: {i for i in range(len(problems[spec.name])) if i not in done[(run.cfg.out_dir, spec.name, seed)]}
-                        for r, run in enumerate(runs) if seed in run.seeds}
+                todo = {
+                    r: {i for i in range(len(problems[spec.name])) if i not in done[(run.cfg.out_dir, spec.name, seed)]}
+                    for r, run in enumerate(runs)
+                    if seed in run.seeds
+                }
                 for chunk in chunks(sorted(set().union(*todo.values())), first.chunk_problems):
                     for greedy in (True, False):
-                        group = [(runs[r], [i for i in chunk if i in indices]) for r, indices in todo.items()
-                                 if runs[r].cfg.greedy == greedy]
+                        group = [
+                            (runs[r], [i for i in chunk if i in indices])
+                            for r, indices in todo.items()
+                            if runs[r].cfg.greedy == greedy
+                        ]
                         group = [(run, indices) for run, indices in group if indices]
                         if group:
                             generate_chunk(engine, reward, prompt, spec, problems[spec.name], seed, group)
                             bar.update(sum(len(indices) for _, indices in group))
-    return {Path(run.cfg.out_dir): pd.DataFrame([row for spec in specs for seed in run.seeds
-                                                 for row in read_jsonl(samples_path(Path(run.cfg.out_dir), spec.name, seed))[0]])
-            for run in runs}
+    return {
+        Path(run.cfg.out_dir): pd.DataFrame(
+            [
+                row
+                for spec in specs
+                for seed in run.seeds
+                for row in read_jsonl(samples_path(Path(run.cfg.out_dir), spec.name, seed))[0]
+            ]
+        )
+        for run in runs
+    }
 
 
-def generate_chunk(engine: Rollout, reward: MathReward, prompt: PromptFn, spec: BenchmarkSpec,
-                   problems: list[Problem], seed: int, group: list[tuple[SetRun, list[int]]]) -> None:
+def generate_chunk(
+    engine: Rollout,
+    reward: MathReward,
+    prompt: PromptFn,
+    spec: BenchmarkSpec,
+    problems: list[Problem],
+    seed: int,
+    group: list[tuple[SetRun, list[int]]],
+) -> None:
     """One engine call for the problems each run of `group` (all greedy, or all sampled) still needs,
     each under its run's vector set; each run's rows are appended to its own samples file."""
     cfg = group[0][0].cfg
     k = samples_per_problem(cfg, spec)
     requests = [(run, i) for run, indices in group for i in indices]
     prompts = [prompt(problems[i]) for _, i in requests]
-    groups = engine.generate(prompts, k, cfg.decoding_sampling(), seeds=[sample_seed(seed, 0, i) for _, i in requests],
-                             vectors=[run.vectors for run, _ in requests])
+    groups = engine.generate(
+        prompts,
+        k,
+        cfg.decoding_sampling(),
+        seeds=[sample_seed(seed, 0, i) for _, i in requests],
+        vectors=[run.vectors for run, _ in requests],
+    )
     texts = [c.text for samples in groups for c in samples]
     verdicts = iter(reward.verdicts(texts, [problems[i] for (_, i), samples in zip(requests, groups) for _ in samples]))
     rows: dict[str, list[dict[str, Any]]] = {run.cfg.out_dir: [] for run, _ in group}
     for (run, i), text, samples in zip(requests, prompts, groups):
         rows[run.cfg.out_dir].extend(
-            {"benchmark": spec.name, "seed": seed, "index": i, "id": problems[i].id, "sample": j,
-             "prompt": text, "completion": c.text, "extracted": reward.extract(c.text),
-             "formatted": reward.formatted(c.text),
-             "gold": problems[i].answer, "correct": next(verdicts), "tokens": len(c.token_ids),
-             "truncated": c.truncated}
-            for j, c in enumerate(samples))
+            {
+                "benchmark": spec.name,
+                "seed": seed,
+                "index": i,
+                "id": problems[i].id,
+                "sample": j,
+                "prompt": text,
+                "completion": c.text,
+                "extracted": reward.extract(c.text),
+                "formatted": reward.formatted(c.text),
+                "gold": problems[i].answer,
+                "correct": next(verdicts),
+                "tokens": len(c.token_ids),
+                "truncated": c.truncated,
+            }
+            for j, c in enumerate(samples)
+        )
     for out_dir, run_rows in rows.items():
         append_jsonl(samples_path(Path(out_dir), spec.name, seed), run_rows)
 
 
-def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
-             engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
+def evaluate(
+    cfg: EvalConfig, vectors: SteeringVectors | None = None, engine: Rollout | None = None
+) -> dict[str, pd.DataFrame]:
     """Run (or continue) the evaluation and write its tables; returns them.
 
     `vectors` steer the model (default: the file `cfg.vectors` names, if any); vectors given without
@@ -230,8 +285,9 @@ def evaluate(cfg: EvalConfig, vectors: SteeringVectors | None = None,
     return write_run_tables(samples, Path(cfg.out_dir), model=cfg.table_model, setup=cfg.setup)
 
 
-def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
-                  engine: Rollout | None = None) -> dict[str, dict[str, pd.DataFrame]]:
+def evaluate_sets(
+    cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None], engine: Rollout | None = None
+) -> dict[str, dict[str, pd.DataFrame]]:
     """Evaluate `cfg.model` under each named set (None: unsteered) in one pass, set `name` into
     `cfg.out_dir/<name>/` with its name as the setup label; returns each set's tables.
 
@@ -242,10 +298,15 @@ def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
     if cfg.adapter:
         raise EvalError("evaluate_sets compares vector sets on one model; evaluate an adapter on its own")
     out_dir = Path(cfg.out_dir)
-    runs = {name: SetRun(replace(cfg, label=name, out_dir=str(out_dir / name),
-                                 vectors=None if vectors is None else vectors.fingerprint()),
-                         BASE if vectors is None else name)
-            for name, vectors in sets.items()}
+    runs = {
+        name: SetRun(
+            replace(
+                cfg, label=name, out_dir=str(out_dir / name), vectors=None if vectors is None else vectors.fingerprint()
+            ),
+            BASE if vectors is None else name,
+        )
+        for name, vectors in sets.items()
+    }
     problems = load_runs(list(runs.values()))
     own_engine = engine is None
     if engine is None:
@@ -262,9 +323,12 @@ def evaluate_sets(cfg: EvalConfig, sets: Mapping[str, SteeringVectors | None],
             engine.remove(name)
         if own_engine:
             engine.close()
-    return {name: write_run_tables(samples[Path(run.cfg.out_dir)], Path(run.cfg.out_dir), model=cfg.table_model,
-                                   setup=run.cfg.setup)
-            for name, run in runs.items()}
+    return {
+        name: write_run_tables(
+            samples[Path(run.cfg.out_dir)], Path(run.cfg.out_dir), model=cfg.table_model, setup=run.cfg.setup
+        )
+        for name, run in runs.items()
+    }
 
 
 def evaluate_named_files(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
@@ -273,16 +337,26 @@ def evaluate_named_files(cfg: EvalConfig, engine: Rollout | None = None) -> dict
     files = cfg.vector_files()
     if BASE in files:
         raise EvalError(f"--vectors: {BASE!r} is the unsteered model's folder; give the vector set another name")
-    sets: dict[str, SteeringVectors | None] = {BASE: None, **{name: SteeringVectors.load(path) for name, path in files.items()}}
+    sets: dict[str, SteeringVectors | None] = {
+        BASE: None,
+        **{name: SteeringVectors.load(path) for name, path in files.items()},
+    }
     evaluate_sets(cfg, sets, engine)
     table = combine_runs([Path(cfg.out_dir) / name for name in sets], Path(cfg.out_dir) / "table")
     return {"summary": table.reset_index()}
 
 
-def start_engine(cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None,
-                 max_vector_sets: int = 0) -> Rollout:
+def start_engine(
+    cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None, max_vector_sets: int = 0
+) -> Rollout:
     """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`, with room for
     `max_vector_sets` named sets."""
-    return make_rollout(model_path(cfg, out_dir), engine=cfg.engine, vectors=vectors, dtype=cfg.dtype,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                        max_vector_sets=max_vector_sets)
+    return make_rollout(
+        model_path(cfg, out_dir),
+        engine=cfg.engine,
+        vectors=vectors,
+        dtype=cfg.dtype,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        max_vector_sets=max_vector_sets,
+    )

@@ -52,7 +52,8 @@ def _read_run(run_dir: Path) -> pd.DataFrame:
 def table1(scores: pd.DataFrame) -> pd.DataFrame:
     """Model x setup rows, benchmark columns (the six, then others, then Average), cells `mean ± std` in %."""
     stats = scores.groupby(["model", "setup", "benchmark"], sort=False)["score"].agg(
-        mean="mean", std=lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0)
+        mean="mean", std=lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0
+    )
     cells = (100 * stats["mean"]).map("{:.1f}".format) + " ± " + (100 * stats["std"]).map("{:.1f}".format)
     table = cells.unstack("benchmark")
     present = list(table.columns)
@@ -81,5 +82,13 @@ def _figure(scores: pd.DataFrame) -> go.Figure:
     stats = scores.groupby(["model", "setup", "benchmark"], sort=False)["score"].agg(["mean", "std"]).reset_index()
     stats["run"] = stats["model"].astype(str) + " · " + stats["setup"].astype(str)
     stats["std"] = stats["std"].fillna(0.0)
-    return px.bar(stats, x="benchmark", y="mean", error_y="std", color="run", barmode="group",
-                  labels={"mean": "score (mean over seeds)"}, title="Accuracy per benchmark")
+    return px.bar(
+        stats,
+        x="benchmark",
+        y="mean",
+        error_y="std",
+        color="run",
+        barmode="group",
+        labels={"mean": "score (mean over seeds)"},
+        title="Accuracy per benchmark",
+    )

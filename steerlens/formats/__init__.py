@@ -8,9 +8,10 @@ with a message rather than shifted. `docs/formats.md` lists each format's layout
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from steerlens.formats.llama_cpp import read_gguf, write_easysteer, write_gguf
 from steerlens.formats.vllm_lens import read_vllm_lens, write_vllm_lens
@@ -37,14 +38,34 @@ def _write_steerlens(vectors: SteeringVectors, path: Path) -> Path:
 
 
 FORMATS: dict[str, Format] = {
-    "steerlens": Format("steerlens", "safetensors with the layers and provenance in the header",
-                        (".safetensors",), _read_steerlens, _write_steerlens),
-    "llama.cpp": Format("llama.cpp", "GGUF control vector (llama.cpp --control-vector, repeng export_gguf)",
-                        (".gguf",), read_gguf, write_gguf),
-    "easysteer": Format("easysteer", "GGUF directions for EasySteer's vLLM steering (layer 0 allowed; read "
-                        "as llama.cpp)", (), read_gguf, write_easysteer),
-    "vllm-lens": Format("vllm-lens", "JSON of a vllm-lens SteeringVector (its request wire form)",
-                        (".vllm-lens.json",), read_vllm_lens, write_vllm_lens),
+    "steerlens": Format(
+        "steerlens",
+        "safetensors with the layers and provenance in the header",
+        (".safetensors",),
+        _read_steerlens,
+        _write_steerlens,
+    ),
+    "llama.cpp": Format(
+        "llama.cpp",
+        "GGUF control vector (llama.cpp --control-vector, repeng export_gguf)",
+        (".gguf",),
+        read_gguf,
+        write_gguf,
+    ),
+    "easysteer": Format(
+        "easysteer",
+        "GGUF directions for EasySteer's vLLM steering (layer 0 allowed; read as llama.cpp)",
+        (),
+        read_gguf,
+        write_easysteer,
+    ),
+    "vllm-lens": Format(
+        "vllm-lens",
+        "JSON of a vllm-lens SteeringVector (its request wire form)",
+        (".vllm-lens.json",),
+        read_vllm_lens,
+        write_vllm_lens,
+    ),
 }
 
 
@@ -62,8 +83,9 @@ def detect_format(path: str | Path) -> str:
         if any(name.endswith(suffix) for suffix in fmt.suffixes):
             return fmt.name
     suffix = Path(path).suffix
-    raise VectorsError(f"{path}: cannot tell the vectors format from the suffix {suffix!r}; name it "
-                       f"(one of {', '.join(FORMATS)})")
+    raise VectorsError(
+        f"{path}: cannot tell the vectors format from the suffix {suffix!r}; name it (one of {', '.join(FORMATS)})"
+    )
 
 
 def read_vectors(path: str | Path, format: str = "auto", num_layers: int | None = None) -> SteeringVectors:
@@ -80,12 +102,20 @@ def write_vectors(vectors: SteeringVectors, path: str | Path, format: str = "aut
     accepted = set(inspect.signature(fmt.write).parameters) - {"vectors", "path"}
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise VectorsError(f"the {fmt.name} format takes no option {', '.join(unknown)}"
-                           + (f" (it takes {', '.join(sorted(accepted))})" if accepted else ""))
+        raise VectorsError(
+            f"the {fmt.name} format takes no option {', '.join(unknown)}"
+            + (f" (it takes {', '.join(sorted(accepted))})" if accepted else "")
+        )
     return fmt.write(vectors, Path(path), **options)
 
 
-def convert(source: str | Path, target: str | Path, to: str = "auto", source_format: str = "auto",
-            num_layers: int | None = None, **options: Any) -> Path:
+def convert(
+    source: str | Path,
+    target: str | Path,
+    to: str = "auto",
+    source_format: str = "auto",
+    num_layers: int | None = None,
+    **options: Any,
+) -> Path:
     """Read `source` and write it to `target` as `to`."""
     return write_vectors(read_vectors(source, source_format, num_layers), target, to, **options)

@@ -29,8 +29,7 @@ NUM_LAYERS_KEY = "steerlens.num_layers"
 MODEL_KEY = "steerlens.model"
 
 
-def write_gguf(vectors: SteeringVectors, path: str | Path, *, model_hint: str = "",
-               drop_layer0: bool = False) -> Path:
+def write_gguf(vectors: SteeringVectors, path: str | Path, *, model_hint: str = "", drop_layer0: bool = False) -> Path:
     """Write `vectors` as a llama.cpp control vector; `model_hint` defaults to the vectors' architecture."""
     path = Path(path)
     layers = list(vectors.layers)
@@ -113,8 +112,11 @@ def read_gguf(path: str | Path, num_layers: int | None = None) -> SteeringVector
             num_layers=int(total),
             model=str(_field(reader, MODEL_KEY) or ""),
             architecture="",
-            provenance={"imported_from": str(path), "format": "llama.cpp",
-                        "model_hint": _field(reader, f"{ARCH}.model_hint") or ""},
+            provenance={
+                "imported_from": str(path),
+                "format": "llama.cpp",
+                "model_hint": _field(reader, f"{ARCH}.model_hint") or "",
+            },
         )
     except VectorsError as err:
         raise VectorsError(f"{path}: {err}") from err

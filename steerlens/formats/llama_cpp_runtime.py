@@ -72,8 +72,7 @@ def apply_control_vector(llm: Any, path: str | Path | None, scale: float = 1.0) 
         raise VectorsError(f"llama.cpp refused the control vector {path} (llama_set_adapter_cvec returned {code})")
 
 
-def greedy_generate(llm: Any, prompts: list[list[int]], max_new_tokens: int,
-                    stops: list[int]) -> list[list[int]]:
+def greedy_generate(llm: Any, prompts: list[list[int]], max_new_tokens: int, stops: list[int]) -> list[list[int]]:
     """Greedy completions from `llm` (a `llama_cpp.Llama`) for prompts given as token ids, one prompt at a
     time from an empty cache: the argmax of the last logits after each decode, up to `max_new_tokens`,
     the stop token included when one of `stops` ends it (as steerlens's engines return completions)."""

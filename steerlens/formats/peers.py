@@ -10,7 +10,8 @@ format of its own.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,18 +44,26 @@ def to_steering_vector(vectors: SteeringVectors) -> Any:
 def from_steering_vector(vector: Any, num_layers: int, model: str = "") -> SteeringVectors:
     """Steering vectors from a `steering_vectors.SteeringVector` whose layer type is `decoder_block`."""
     if vector.layer_type != "decoder_block":
-        raise VectorsError(f"a SteeringVector on {vector.layer_type!r} layers adds inside the block, not after it; "
-                           "only layer_type='decoder_block' converts to steering vectors")
+        raise VectorsError(
+            f"a SteeringVector on {vector.layer_type!r} layers adds inside the block, not after it; "
+            "only layer_type='decoder_block' converts to steering vectors"
+        )
     rows = {int(layer): torch.as_tensor(act).detach().float().cpu() for layer, act in vector.layer_activations.items()}
     return _from_rows(rows, num_layers, model, {"format": "steering-vectors"})
 
 
-def _from_rows(rows: Mapping[int, torch.Tensor], num_layers: int, model: str,
-               provenance: dict[str, Any]) -> SteeringVectors:
+def _from_rows(
+    rows: Mapping[int, torch.Tensor], num_layers: int, model: str, provenance: dict[str, Any]
+) -> SteeringVectors:
     """Resolve negative layer numbers (both libraries allow them) and build the set."""
     if not rows:
         raise VectorsError("the vector has no layers")
     resolved = {layer + num_layers if layer < 0 else layer: row.reshape(-1) for layer, row in rows.items()}
     layers = sorted(resolved)
-    return SteeringVectors(values=torch.stack([resolved[layer] for layer in layers]), layers=tuple(layers),
-                           num_layers=num_layers, model=model, provenance=provenance)
+    return SteeringVectors(
+        values=torch.stack([resolved[layer] for layer in layers]),
+        layers=tuple(layers),
+        num_layers=num_layers,
+        model=model,
+        provenance=provenance,
+    )

@@ -32,7 +32,10 @@ def write_vllm_lens(vectors: SteeringVectors, path: str | Path) -> Path:
     payload = {
         "activations": {
             "data": base64.b64encode(zstandard.ZstdCompressor(level=1).compress(array.tobytes())).decode("ascii"),
-            "dtype": "float32", "original_dtype": "torch.float32", "shape": list(array.shape), "compression": "zstd",
+            "dtype": "float32",
+            "original_dtype": "torch.float32",
+            "shape": list(array.shape),
+            "compression": "zstd",
         },
         "layer_indices": list(vectors.layers),
         "scale": 1.0,
@@ -53,20 +56,29 @@ def read_vllm_lens(path: str | Path, num_layers: int | None = None) -> SteeringV
     if not isinstance(data, dict) or not {"activations", "layer_indices"} <= set(data):
         raise VectorsError(f"{path}: a vllm-lens steering vector needs 'activations' and 'layer_indices'")
     if data.get("norm_match"):
-        raise VectorsError(f"{path}: norm_match=true rescales the vector to each token's residual norm; that is "
-                           "not a constant per-layer vector and cannot be converted")
+        raise VectorsError(
+            f"{path}: norm_match=true rescales the vector to each token's residual norm; that is "
+            "not a constant per-layer vector and cannot be converted"
+        )
     values = _tensor(data["activations"], path)
     if values.ndim != 2:
-        raise VectorsError(f"{path}: activations of shape {tuple(values.shape)} are position-specific; only "
-                           "(layers, hidden) vectors added at every position convert")
+        raise VectorsError(
+            f"{path}: activations of shape {tuple(values.shape)} are position-specific; only "
+            "(layers, hidden) vectors added at every position convert"
+        )
     if num_layers is None:
-        raise VectorsError(f"{path}: a vllm-lens vector does not say how many layers the model has; pass "
-                           "num_layers (steerlens convert --num-layers N, or --model)")
+        raise VectorsError(
+            f"{path}: a vllm-lens vector does not say how many layers the model has; pass "
+            "num_layers (steerlens convert --num-layers N, or --model)"
+        )
     scale = float(data.get("scale", 1.0))
     try:
-        return SteeringVectors(values=values.float() * scale, layers=tuple(data["layer_indices"]),
-                               num_layers=num_layers, provenance={"imported_from": str(path), "format": "vllm-lens",
-                                                                  "scale": scale})
+        return SteeringVectors(
+            values=values.float() * scale,
+            layers=tuple(data["layer_indices"]),
+            num_layers=num_layers,
+            provenance={"imported_from": str(path), "format": "vllm-lens", "scale": scale},
+        )
     except VectorsError as err:
         raise VectorsError(f"{path}: {err}") from err
 

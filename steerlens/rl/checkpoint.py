@@ -77,8 +77,15 @@ def _write_manifest(directory: Path) -> None:
     write_json(directory / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files})
 
 
-def save_checkpoint(out_dir: Path, step: int, policy: Policy, optimizer: torch.optim.Optimizer,
-                    config_yaml: str, extra: dict[str, Any], keep_last: int = 0) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    config_yaml: str,
+    extra: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
     """Write checkpoint `step` under `out_dir/checkpoints`, point `latest` at it, and delete all but the
     newest `keep_last` checkpoints (0: keep every one)."""
     root = out_dir / "checkpoints"
@@ -127,7 +134,8 @@ def problem(directory: Path) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         if not isinstance(entry, dict) or path.stat().st_size != entry.get("bytes"):
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry.get('bytes') if isinstance(entry, dict) else '?'}"
+            expected = entry.get("bytes") if isinstance(entry, dict) else "?"
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {expected}"
         if _digest(path) != entry.get("sha256"):
             return f"{name} does not match its checksum"
     return None
@@ -152,8 +160,10 @@ def load_checkpoint(path: Path, policy: Policy, optimizer: torch.optim.Optimizer
         rng = load_file(str(path / "rng.safetensors"))
         state = json.loads((path / "state.json").read_text())
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: cannot be restored ({type(err).__name__}: {err}); it does not fit "
-                              "this run (another model, trainable or layers?)") from err
+        raise CheckpointError(
+            f"{path}: cannot be restored ({type(err).__name__}: {err}); it does not fit "
+            "this run (another model, trainable or layers?)"
+        ) from err
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

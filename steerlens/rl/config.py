@@ -12,12 +12,25 @@ from typing import Literal
 from steerlens.config import ConfigError, option
 from steerlens.options import SharedOptions, option_checks
 
-
 # Settings a resumed run may change without changing any number it computes.
-RESUME_FREE_FIELDS = ("out_dir", "resume", "allow_config_change", "progress", "engine", "gpu_memory_utilization",
-                      "verify_every", "verify_atol", "save_every", "keep_last", "device", "micro_batch",
-                      "max_tokens_per_micro_batch", "logprob_chunk_tokens", "activation_checkpointing",
-                      "share_prompt_forward")
+RESUME_FREE_FIELDS = (
+    "out_dir",
+    "resume",
+    "allow_config_change",
+    "progress",
+    "engine",
+    "gpu_memory_utilization",
+    "verify_every",
+    "verify_atol",
+    "save_every",
+    "keep_last",
+    "device",
+    "micro_batch",
+    "max_tokens_per_micro_batch",
+    "logprob_chunk_tokens",
+    "activation_checkpointing",
+    "share_prompt_forward",
+)
 
 
 @dataclass
@@ -92,47 +105,58 @@ class TrainConfig(SharedOptions):
     """
 
     # what is trained
-    trainable: Literal["steering", "lora", "full"] = option("steering", "what is trained: steering vectors, "
-                                                            "rank-r LoRA on MLP down_proj, or every weight")
+    trainable: Literal["steering", "lora", "full"] = option(
+        "steering", "what is trained: steering vectors, rank-r LoRA on MLP down_proj, or every weight"
+    )
     layers: list[int] | None = option(None, "steered layers (default: all); one index trains a single-layer vector")
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
     lora_alpha: float = option(2.0, "LoRA alpha (trainable=lora)")
     # data
-    data: str = option("toy-arith", "training problems: a generated set, a JSONL/JSON/parquet/CSV file, or a hub "
-                       "dataset id")
-    eval_data: str | None = option("toy-arith-heldout", "held-out problems for the before/after accuracy report "
-                                   "(none: skip)")
+    data: str = option(
+        "toy-arith", "training problems: a generated set, a JSONL/JSON/parquet/CSV file, or a hub dataset id"
+    )
+    eval_data: str | None = option(
+        "toy-arith-heldout", "held-out problems for the before/after accuracy report (none: skip)"
+    )
     eval_problems: int = option(64, "how many held-out problems the before/after report uses")
     # the RLOO step
     steps: int = option(40, "optimiser steps")
     prompts_per_step: int = option(32, "prompts per step, across all ranks (paper: 128)")
     generations: int = option(8, "completions sampled per prompt (paper: 16)")
-    baseline: Literal["rloo", "group_mean", "grpo"] = option("rloo", "advantage: leave-one-out (RLOO), group "
-                                                             "mean, or GRPO std-normalised")
+    baseline: Literal["rloo", "group_mean", "grpo"] = option(
+        "rloo", "advantage: leave-one-out (RLOO), group mean, or GRPO std-normalised"
+    )
     reward_correct: float = option(1.0, "reward for a verified-correct boxed answer (reference: +1)")
-    reward_wrong: float = option(-1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also "
-                                 "common)")
-    kl_coef: float = option(0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in "
-                            "the paper)")
+    reward_wrong: float = option(
+        -1.0, "reward otherwise: wrong, unboxed, or unparsable (reference: -1; 0 is also common)"
+    )
+    kl_coef: float = option(
+        0.0, "coefficient of a per-token KL penalty to the base policy (off by default, as in the paper)"
+    )
     lr: float = option(5e-2, "AdamW learning rate (paper: 1e-3 for all-layer steering on Qwen2.5-1.5B/7B)")
     warmup_ratio: float = option(0.03, "fraction of steps with linear LR warmup, then constant")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(2.0, "gradient-norm clipping (reference: 2.0)")
     # engines and hardware
-    micro_batch: int = option(64, "at most this many sequences per forward/backward pass (gradient accumulation "
-                              "over the step)")
-    max_tokens_per_micro_batch: int = option(16384, "token budget of one forward/backward pass, in length-sorted "
-                                             "padded groups")
-    logprob_chunk_tokens: int = option(1024, "completion tokens unembedded at a time (bounds the log-prob step's "
-                                       "memory)")
-    update_autocast: Literal["off", "bfloat16"] = option("off", "run the update's forward and backward under bf16 "
-                                                         "autocast (faster on bf16 CPUs; not bit-equal)")
-    activation_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
-                                            "pass (less memory)")
-    share_prompt_forward: bool = option(True, "run each prompt's forward once for all its generations (without "
-                                        "activation_checkpointing)")
-    verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at "
-                               "start)")
+    micro_batch: int = option(
+        64, "at most this many sequences per forward/backward pass (gradient accumulation over the step)"
+    )
+    max_tokens_per_micro_batch: int = option(
+        16384, "token budget of one forward/backward pass, in length-sorted padded groups"
+    )
+    logprob_chunk_tokens: int = option(
+        1024, "completion tokens unembedded at a time (bounds the log-prob step's memory)"
+    )
+    update_autocast: Literal["off", "bfloat16"] = option(
+        "off", "run the update's forward and backward under bf16 autocast (faster on bf16 CPUs; not bit-equal)"
+    )
+    activation_checkpointing: bool = option(
+        False, "recompute each decoder layer's activations in the backward pass (less memory)"
+    )
+    share_prompt_forward: bool = option(
+        True, "run each prompt's forward once for all its generations (without activation_checkpointing)"
+    )
+    verify_every: int = option(10, "compare engine and trainer log-probs after a push every N steps (0: only at start)")
     verify_atol: float = option(2e-3, "largest allowed per-token log-prob difference between vLLM and the trainer")
     device: str = option("auto", "trainer device: auto, cpu, cuda, cuda:N")
     # bookkeeping
@@ -140,25 +164,32 @@ class TrainConfig(SharedOptions):
     data_seed: int = option(0, "seed of generated problem sets (training and held-out); fixed across seeds")
     out_dir: str = option("runs/toy-arith", "where checkpoints, metrics.jsonl and the final vectors go")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    keep_last: int = option(0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the "
-                            "whole model)")
-    resume: bool = option(False, "continue from the newest valid checkpoint in out_dir (never restarts over an "
-                          "existing run)")
-    allow_config_change: bool = option(False, "let --resume continue with changed result-affecting settings "
-                                       "(recorded in config_changes.jsonl)")
+    keep_last: int = option(
+        0, "keep only the newest N checkpoints (0: all; full-tuning checkpoints hold the whole model)"
+    )
+    resume: bool = option(
+        False, "continue from the newest valid checkpoint in out_dir (never restarts over an existing run)"
+    )
+    allow_config_change: bool = option(
+        False, "let --resume continue with changed result-affecting settings (recorded in config_changes.jsonl)"
+    )
     progress: bool = option(True, "show a live progress bar")
 
     def __post_init__(self) -> None:
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-            (self.generations >= (2 if self.baseline == "rloo" else 1),
-             "generations must be >= 2 for the rloo baseline"),
+            (
+                self.generations >= (2 if self.baseline == "rloo" else 1),
+                "generations must be >= 2 for the rloo baseline",
+            ),
             (self.lr > 0, "lr must be > 0"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
             (self.micro_batch >= 1, "micro_batch must be >= 1"),
-            (self.max_tokens_per_micro_batch >= 1 and self.logprob_chunk_tokens >= 1,
-             "max_tokens_per_micro_batch and logprob_chunk_tokens must be >= 1"),
+            (
+                self.max_tokens_per_micro_batch >= 1 and self.logprob_chunk_tokens >= 1,
+                "max_tokens_per_micro_batch and logprob_chunk_tokens must be >= 1",
+            ),
             (self.save_every >= 1, "save_every must be >= 1"),
             (self.keep_last >= 0, "keep_last must be >= 0"),
             (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank must be >= 1 and lora_alpha > 0"),

@@ -3,8 +3,9 @@ the device and the process group. `train(cfg)` is what `steerlens train` runs.""
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import AbstractSet, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +31,10 @@ def load_split(source: str, cfg: TrainConfig, out_dir: Path, exclude: AbstractSe
     problems = load_problems(source, problem_key=cfg.problem_key, answer_key=cfg.answer_key)
     kept = [p for p in problems if p.problem not in exclude]
     if not kept:
-        raise TrainingError(f"{source}: all {len(problems)} problems also appear in the training data; "
-                            "give --eval-data a held-out file (or null)")
+        raise TrainingError(
+            f"{source}: all {len(problems)} problems also appear in the training data; "
+            "give --eval-data a held-out file (or null)"
+        )
     return kept
 
 

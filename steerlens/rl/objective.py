@@ -32,8 +32,9 @@ def advantages(rewards: torch.Tensor, baseline: Baseline = "rloo", eps: float = 
     raise ConfigError(f"unknown baseline {baseline!r}; expected rloo, group_mean or grpo")
 
 
-def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: list[int],
-                        completion_lens: list[int]) -> torch.Tensor:
+def logprobs_from_logits(
+    logits: torch.Tensor, input_ids: torch.Tensor, prompt_lens: list[int], completion_lens: list[int]
+) -> torch.Tensor:
     """Per-token log-probs (fp32) of each row's completion; zero beyond its length.
 
     `input_ids[b]` is prompt + completion (right-padded); `logits` come from one forward pass on it.
@@ -48,8 +49,14 @@ def logprobs_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, prompt_l
     return out
 
 
-def policy_loss(token_logprobs: torch.Tensor, mask: torch.Tensor, advantage: torch.Tensor, total_tokens: int,
-                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0) -> torch.Tensor:
+def policy_loss(
+    token_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    advantage: torch.Tensor,
+    total_tokens: int,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
     """`-sum_i A_i * sum_t log pi(y_t)` over this micro-batch, divided by the step's total token count.
 
     With `ref_logprobs` and `kl_coef > 0`, adds the k3 estimate of KL(pi || ref) per token, summed

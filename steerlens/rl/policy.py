@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
+from steerlens.anatomy import model_shape
 from steerlens.backends.hf import HFSteering, attach, freeze
 from steerlens.errors import SteerlensError
 from steerlens.io import atomic_dir
-from steerlens.anatomy import model_shape
 from steerlens.vectors import SteeringVectors
 
 
@@ -109,8 +110,9 @@ class LoraPolicy(Policy):
         from peft import LoraConfig, get_peft_model
 
         freeze(model)
-        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["down_proj"],
-                                                      lora_dropout=0.0, bias="none"))
+        peft_model = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["down_proj"], lora_dropout=0.0, bias="none")
+        )
         super().__init__(peft_model)
 
     @contextlib.contextmanager
@@ -119,8 +121,14 @@ class LoraPolicy(Policy):
             yield self.model
 
 
-def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, model_name: str,
-                lora_rank: int = 1, lora_alpha: float = 2.0) -> Policy:
+def make_policy(
+    model: nn.Module,
+    trainable: str,
+    layers: list[int] | None,
+    model_name: str,
+    lora_rank: int = 1,
+    lora_alpha: float = 2.0,
+) -> Policy:
     """Prepare `model` for training `trainable` ("steering", "lora" or "full")."""
     if trainable == "steering":
         return SteeringPolicy(model, layers, model_name)
@@ -131,4 +139,3 @@ def make_policy(model: nn.Module, trainable: str, layers: list[int] | None, mode
             param.requires_grad_(True)
         return Policy(model)
     raise SteerlensError(f"trainable must be steering, lora or full, got {trainable!r}")
-

@@ -30,8 +30,9 @@ class Scored:
     @classmethod
     def merge(cls, parts: list[Scored]) -> Scored:
         """The ranks' parts joined in rank order."""
-        joined = {f.name: [v for part in parts for v in getattr(part, f.name)] for f in fields(cls)
-                  if f.name != "generations"}
+        joined = {
+            f.name: [v for part in parts for v in getattr(part, f.name)] for f in fields(cls) if f.name != "generations"
+        }
         return cls(**joined, generations=parts[0].generations)
 
     def no_signal_share(self) -> float:
@@ -79,8 +80,15 @@ class StepMetrics:
     vector_norms: dict[str, float] | None = None  #: each steered layer's vector norm (steering runs)
 
     @classmethod
-    def of(cls, step: int, scored: Scored, update: UpdateResult, seconds: dict[str, float],
-           sync_diff: float | None, vectors: SteeringVectors | None) -> StepMetrics:
+    def of(
+        cls,
+        step: int,
+        scored: Scored,
+        update: UpdateResult,
+        seconds: dict[str, float],
+        sync_diff: float | None,
+        vectors: SteeringVectors | None,
+    ) -> StepMetrics:
         """The row of a step from its scored completions (all ranks), its update, timings and push check."""
         n = len(scored.rewards)
         adv = scored.advantages
@@ -141,9 +149,13 @@ class RunSummary:
     @classmethod
     def of(cls, rows: list[dict[str, Any]], **known: Any) -> RunSummary:
         """The summary of a run's `metrics.jsonl` rows and the facts known at its end."""
-        return cls(steps=len(rows), windows=window_means(rows),
-                   mean_step_seconds=sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in rows) / len(rows),
-                   mean_update_seconds=sum(r["time_forward_backward"] for r in rows) / len(rows), **known)
+        return cls(
+            steps=len(rows),
+            windows=window_means(rows),
+            mean_step_seconds=sum(sum(v for k, v in r.items() if k.startswith("time_")) for r in rows) / len(rows),
+            mean_update_seconds=sum(r["time_forward_backward"] for r in rows) / len(rows),
+            **known,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """`summary.json`'s flat keys (the windows inline; the before accuracy first, when measured)."""
@@ -178,19 +190,27 @@ def format_report(summary: dict[str, Any]) -> str:
         f"accuracy (sampled, same windows):        {summary['accuracy_first_steps']:.3f} -> "
         f"{summary['accuracy_last_steps']:.3f}",
     ]
-    optional = [("formatted", "answers in the asked-for format:         "),
-                ("truncation", "completions cut at the token budget:     "),
-                ("no_signal_share", "groups without signal (equal rewards):  ")]
+    optional = [
+        ("formatted", "answers in the asked-for format:         "),
+        ("truncation", "completions cut at the token budget:     "),
+        ("no_signal_share", "groups without signal (equal rewards):  "),
+    ]
     for name, label in optional:
         if f"{name}_first_steps" in summary:
             lines.append(f"{label}{summary[f'{name}_first_steps']:.3f} -> {summary[f'{name}_last_steps']:.3f}")
     if summary["config"]["answer_fallback"] != "none":
-        lines.append(f"reward relaxed: answer_fallback={summary['config']['answer_fallback']} verifies the last number "
-                     "of completions without a formatted answer")
+        lines.append(
+            f"reward relaxed: answer_fallback={summary['config']['answer_fallback']} verifies the last number "
+            "of completions without a formatted answer"
+        )
     if "heldout_accuracy_before" in summary and not math.isnan(summary["heldout_accuracy_after"]):
-        lines.append(f"held-out greedy accuracy:                {summary['heldout_accuracy_before']:.3f} -> "
-                     f"{summary['heldout_accuracy_after']:.3f}")
-    lines.append(f"trainable parameters: {summary['trainable_parameters']:,}; optimizer state: "
-                 f"{summary['optimizer_state_bytes']:,} bytes; mean step {summary['mean_step_seconds']:.2f} s "
-                 f"(update {summary['mean_update_seconds']:.3f} s)")
+        lines.append(
+            f"held-out greedy accuracy:                {summary['heldout_accuracy_before']:.3f} -> "
+            f"{summary['heldout_accuracy_after']:.3f}"
+        )
+    lines.append(
+        f"trainable parameters: {summary['trainable_parameters']:,}; optimizer state: "
+        f"{summary['optimizer_state_bytes']:,} bytes; mean step {summary['mean_step_seconds']:.2f} s "
+        f"(update {summary['mean_update_seconds']:.3f} s)"
+    )
     return "\n".join(lines)

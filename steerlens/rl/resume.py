@@ -43,8 +43,10 @@ def config_changes(cfg: TrainConfig, saved_yaml: Path) -> dict[str, tuple[Any, A
     try:
         saved = build_config(TrainConfig, saved_yaml)
     except ConfigError as err:
-        raise CheckpointError(f"{saved_yaml}: the run's saved config cannot be read ({err}); "
-                              "cannot tell whether --resume would change its settings") from err
+        raise CheckpointError(
+            f"{saved_yaml}: the run's saved config cannot be read ({err}); "
+            "cannot tell whether --resume would change its settings"
+        ) from err
     old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
     return {k: (old[k], new[k]) for k in new if k not in RESUME_FREE_FIELDS and old.get(k) != new[k]}
 
@@ -54,19 +56,24 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     out = Path(cfg.out_dir)
     if not cfg.resume:
         if holds_run(out):
-            raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another "
-                                  "--out-dir")
+            raise CheckpointError(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out-dir"
+            )
         return ResumePlan()
     checkpoint, skipped = newest_valid(out)
     if checkpoint is None:
         if holds_run(out):
             why = "; ".join(skipped) or "no checkpoint was written"
-            raise CheckpointError(f"{out}: no checkpoint can be resumed ({why}); nothing was changed. Move the "
-                                  "directory away to start again from step 0")
+            raise CheckpointError(
+                f"{out}: no checkpoint can be resumed ({why}); nothing was changed. Move the "
+                "directory away to start again from step 0"
+            )
         return ResumePlan(skipped=skipped)
     changes = config_changes(cfg, checkpoint / "config.yaml")
     if changes and not cfg.allow_config_change:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        raise CheckpointError(f"{out}: --resume with other settings than the run's ({listed}); pass "
-                              "--allow-config-change to continue anyway (the change is recorded)")
+        raise CheckpointError(
+            f"{out}: --resume with other settings than the run's ({listed}); pass "
+            "--allow-config-change to continue anyway (the change is recorded)"
+        )
     return ResumePlan(checkpoint, skipped, changes)

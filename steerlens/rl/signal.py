@@ -26,8 +26,10 @@ class SignalMonitor:
         self.streak = self.streak + 1 if metrics.no_signal_share > self.share else 0
         if self.streak != self.steps:
             return None
-        return (f"step {metrics.step}: {metrics.no_signal_share:.0%} of prompt groups gave no learning signal (all "
-                f"their rewards equal) for {self.steps} steps running; {advice(metrics)}")
+        return (
+            f"step {metrics.step}: {metrics.no_signal_share:.0%} of prompt groups gave no learning signal (all "
+            f"their rewards equal) for {self.steps} steps running; {advice(metrics)}"
+        )
 
 
 def advice(metrics: StepMetrics) -> str:

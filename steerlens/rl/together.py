@@ -35,9 +35,13 @@ def train_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
     for step in range(min(starts), first.cfg.steps):
         asked = [(t, t.prompts(step)) for t, start in zip(trainers, starts) if start <= step]
         start = time.perf_counter()
-        groups = first.rollout.generate([p for _, a in asked for p in a.prompts], first.cfg.generations,
-                                        first.cfg.sampling(), seeds=[s for _, a in asked for s in a.seeds],
-                                        vectors=[t.vector_set for t, a in asked for _ in a.prompts])
+        groups = first.rollout.generate(
+            [p for _, a in asked for p in a.prompts],
+            first.cfg.generations,
+            first.cfg.sampling(),
+            seeds=[s for _, a in asked for s in a.seeds],
+            vectors=[t.vector_set for t, a in asked for _ in a.prompts],
+        )
         seconds = time.perf_counter() - start
         offset = 0
         for trainer, prompts in asked:
@@ -56,12 +60,24 @@ def train_runs_together(runs: list[TrainConfig], names: list[str]) -> list[dict[
     ctx = job_context(first)
     try:
         model, tokenizer = job_model(first, ctx)
-        rollout = make_rollout(model, tokenizer, engine=first.engine, dtype=first.dtype,
-                               gpu_memory_utilization=first.gpu_memory_utilization, batch_size=first.micro_batch,
-                               seed=first.seed, max_model_len=first.max_model_len, max_vector_sets=len(runs))
+        rollout = make_rollout(
+            model,
+            tokenizer,
+            engine=first.engine,
+            dtype=first.dtype,
+            gpu_memory_utilization=first.gpu_memory_utilization,
+            batch_size=first.micro_batch,
+            seed=first.seed,
+            max_model_len=first.max_model_len,
+            max_vector_sets=len(runs),
+        )
         try:
-            return train_together([Trainer(model, tokenizer, math_task(run, tokenizer, task), run, rollout,
-                                           vector_set=name) for run, task, name in zip(runs, problems, names)])
+            return train_together(
+                [
+                    Trainer(model, tokenizer, math_task(run, tokenizer, task), run, rollout, vector_set=name)
+                    for run, task, name in zip(runs, problems, names)
+                ]
+            )
         finally:
             rollout.close()
     finally:
@@ -83,8 +99,15 @@ def train_each_layer(cfg: TrainConfig, layers: list[int] | None = None, together
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
         raise TrainingError(f"layers {bad} do not exist: {cfg.model} has layers 0..{num_layers - 1}")
-    runs = {layer: replace(cfg, layers=[layer], out_dir=str(Path(cfg.out_dir) / f"layer{layer}"),
-                           resume=(Path(cfg.out_dir) / f"layer{layer}").exists()) for layer in layers}
+    runs = {
+        layer: replace(
+            cfg,
+            layers=[layer],
+            out_dir=str(Path(cfg.out_dir) / f"layer{layer}"),
+            resume=(Path(cfg.out_dir) / f"layer{layer}").exists(),
+        )
+        for layer in layers
+    }
     todo = {layer: run for layer, run in runs.items() if not (Path(run.out_dir) / "summary.json").is_file()}
     if todo and together:
         train_runs_together(list(todo.values()), [f"layer{layer}" for layer in todo])

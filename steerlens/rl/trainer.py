@@ -129,14 +129,22 @@ class Trainer:
     2
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, task: Task, cfg: TrainConfig,
-                 rollout: Rollout | None = None, vector_set: str | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        task: Task,
+        cfg: TrainConfig,
+        rollout: Rollout | None = None,
+        vector_set: str | None = None,
+    ) -> None:
         self.cfg = cfg
         self.vector_set = vector_set
         self.ctx = D.init_distributed(next(model.parameters()).device.type)
         if cfg.prompts_per_step % self.ctx.world:
-            raise TrainingError(f"prompts_per_step={cfg.prompts_per_step} is not divisible by the "
-                                f"{self.ctx.world} ranks")
+            raise TrainingError(
+                f"prompts_per_step={cfg.prompts_per_step} is not divisible by the {self.ctx.world} ranks"
+            )
         if not task.problems:
             raise TrainingError("the task has no training problems")
         self.out = Path(cfg.out_dir)
@@ -172,8 +180,9 @@ class Trainer:
         asked = self.prompts(step)
         # 1. sample `generations` completions per prompt from the engine, which holds the current policy
         with clock("rollout"):
-            groups = self.rollout.generate(asked.prompts, cfg.generations, cfg.sampling(), seeds=asked.seeds,
-                                           vectors=self.vector_set)
+            groups = self.rollout.generate(
+                asked.prompts, cfg.generations, cfg.sampling(), seeds=asked.seeds, vectors=self.vector_set
+            )
         return self.learn(asked.sampled(groups), clock)
 
     def learn(self, rollouts: Rollouts, clock: PhaseClock) -> StepMetrics:
@@ -192,8 +201,14 @@ class Trainer:
         with clock("sync"):
             sync_diff = self.push(verify)
         # 6. log the step: metrics.jsonl, the progress bar, the learning-signal monitor
-        metrics = StepMetrics.of(step, self.scored(rollouts, rewards, adv), update, clock.seconds,
-                                 sync_diff if verify else None, self.policy.vectors())
+        metrics = StepMetrics.of(
+            step,
+            self.scored(rollouts, rewards, adv),
+            update,
+            clock.seconds,
+            sync_diff if verify else None,
+            self.policy.vectors(),
+        )
         self.log(metrics)
         # 7. checkpoint when due, and after the last step
         if due(step, cfg.save_every) or step + 1 == cfg.steps:
@@ -205,10 +220,13 @@ class Trainer:
         """This rank's problems of `step`, their prompts and their sampling seeds."""
         cfg, ctx = self.cfg, self.ctx
         share = cfg.prompts_per_step // ctx.world
-        mine = batch_indices(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)[ctx.rank * share : (ctx.rank + 1) * share]
+        mine = batch_indices(step, cfg.prompts_per_step, len(self.train_set), cfg.seed)[
+            ctx.rank * share : (ctx.rank + 1) * share
+        ]
         problems = [self.train_set[i] for i in mine]
-        return StepPrompts(step, problems, [self.prompt(p) for p in problems],
-                           [sample_seed(cfg.seed, step, i) for i in mine])
+        return StepPrompts(
+            step, problems, [self.prompt(p) for p in problems], [sample_seed(cfg.seed, step, i) for i in mine]
+        )
 
     def rewards(self, rollouts: Rollouts) -> torch.Tensor:
         """The task's reward for every completion, `[prompts, generations]`, scored as one batch."""
@@ -238,13 +256,17 @@ class Trainer:
             self.scheduler.step()
             self.nan_streak = 0
             if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise TrainingError(f"step {rollouts.step}: the update made the trained values non-finite (lr={lr}); "
-                                    "nothing of this step was saved or pushed: lower --lr and --resume")
+                raise TrainingError(
+                    f"step {rollouts.step}: the update made the trained values non-finite (lr={lr}); "
+                    "nothing of this step was saved or pushed: lower --lr and --resume"
+                )
         else:
             self.nan_streak += 1
             if self.nan_streak >= 3:
-                raise TrainingError(f"step {rollouts.step}: loss or gradients not finite 3 steps running (lr={lr}); "
-                                    "lower --lr or check the model dtype")
+                raise TrainingError(
+                    f"step {rollouts.step}: loss or gradients not finite 3 steps running (lr={lr}); "
+                    "lower --lr or check the model dtype"
+                )
         self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(loss, grad_norm, lr, finite)
 
@@ -252,17 +274,27 @@ class Trainer:
         """Accumulate the loss's gradients over token-budget micro-batches; returns this rank's loss."""
         cfg, model = self.cfg, self.policy.model
         share = cfg.share_prompt_forward and not cfg.activation_checkpointing  # checkpointed layers keep no cache
-        batches = micro_batches([c.prompt_ids for c in completions], [c.token_ids for c in completions],
-                                cfg.max_tokens_per_micro_batch, cfg.micro_batch, share, self.tokenizer.pad_token_id or 0)
+        batches = micro_batches(
+            [c.prompt_ids for c in completions],
+            [c.token_ids for c in completions],
+            cfg.max_tokens_per_micro_batch,
+            cfg.micro_batch,
+            share,
+            self.tokenizer.pad_token_id or 0,
+        )
         device_type = next(model.parameters()).device.type
-        autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if cfg.update_autocast == "bfloat16"
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type, dtype=torch.bfloat16)
+            if cfg.update_autocast == "bfloat16"
+            else contextlib.nullcontext()
+        )
         loss_sum = 0.0
         model.train()
         with layer_checkpointing(model, cfg.activation_checkpointing), autocast:
             for rows, batch in batches:
-                loss = micro_batch_loss(self.policy, batch, adv[rows], total_tokens, cfg.logprob_chunk_tokens,
-                                        cfg.kl_coef)
+                loss = micro_batch_loss(
+                    self.policy, batch, adv[rows], total_tokens, cfg.logprob_chunk_tokens, cfg.kl_coef
+                )
                 loss.backward()
                 loss_sum += float(loss.detach())
         model.eval()
@@ -283,21 +315,34 @@ class Trainer:
         if not verify or not isinstance(self.rollout, VLLMRollout):
             return 0.0
         if vectors is None:  # the peft model with its adapter, compared as it is
-            return float(verify_push(self.rollout.engine, self.policy.model, self.tokenizer, None,
-                                     atol=self.cfg.verify_atol))
+            return float(
+                verify_push(self.rollout.engine, self.policy.model, self.tokenizer, None, atol=self.cfg.verify_atol)
+            )
         with self.policy.base_policy() as bare_model:
-            return float(verify_push(self.rollout.engine, bare_model, self.tokenizer, vectors,
-                                     atol=self.cfg.verify_atol, name=self.vector_set))
+            return float(
+                verify_push(
+                    self.rollout.engine,
+                    bare_model,
+                    self.tokenizer,
+                    vectors,
+                    atol=self.cfg.verify_atol,
+                    name=self.vector_set,
+                )
+            )
 
     def scored(self, rollouts: Rollouts, rewards: torch.Tensor, adv: torch.Tensor) -> Scored:
         """Every rank's completions with their rewards and advantages, for the step's metrics."""
         completions, values = rollouts.completions, rewards.flatten().tolist()
         formatted = getattr(self.reward, "formatted", None)
-        local = Scored(rewards=values, advantages=adv.flatten().tolist(),
-                       correct=[is_success(self.reward, r) for r in values],
-                       truncated=[c.truncated for c in completions], lengths=[len(c.token_ids) for c in completions],
-                       formatted=[formatted(c.text) for c in completions] if callable(formatted) else [],
-                       generations=self.cfg.generations)
+        local = Scored(
+            rewards=values,
+            advantages=adv.flatten().tolist(),
+            correct=[is_success(self.reward, r) for r in values],
+            truncated=[c.truncated for c in completions],
+            lengths=[len(c.token_ids) for c in completions],
+            formatted=[formatted(c.text) for c in completions] if callable(formatted) else [],
+            generations=self.cfg.generations,
+        )
         return Scored.merge(D.gather(self.ctx, local))
 
     def log(self, metrics: StepMetrics) -> None:
@@ -306,8 +351,11 @@ class Trainer:
             return
         append_jsonl(self.metrics_path, metrics.row())
         assert self.bar is not None
-        self.bar.set_postfix(reward=f"{metrics.reward_mean:+.3f}", acc=f"{metrics.accuracy:.2f}",
-                             no_signal=f"{metrics.no_signal_share:.2f}")
+        self.bar.set_postfix(
+            reward=f"{metrics.reward_mean:+.3f}",
+            acc=f"{metrics.accuracy:.2f}",
+            no_signal=f"{metrics.no_signal_share:.2f}",
+        )
         self.bar.update(1)
         warning = self.signal.observe(metrics)
         if warning:
@@ -316,16 +364,24 @@ class Trainer:
     def save(self, step: int) -> None:
         """A checkpoint after `step` steps (rank 0 writes; every rank waits)."""
         if self.ctx.is_main:
-            save_checkpoint(self.out, step, self.policy, self.optimizer, to_yaml(self.cfg), {"summary": self._state()},
-                            keep_last=self.cfg.keep_last)
+            save_checkpoint(
+                self.out,
+                step,
+                self.policy,
+                self.optimizer,
+                to_yaml(self.cfg),
+                {"summary": self._state()},
+                keep_last=self.cfg.keep_last,
+            )
         D.barrier(self.ctx)
 
     def accuracy(self, problems: list[Problem]) -> float:
         """Greedy success rate of the current policy on `problems` (this rank's engine)."""
         if not problems:
             return float("nan")
-        groups = self.rollout.generate([self.prompt(p) for p in problems], 1, self.cfg.greedy_sampling(),
-                                       vectors=self.vector_set)
+        groups = self.rollout.generate(
+            [self.prompt(p) for p in problems], 1, self.cfg.greedy_sampling(), vectors=self.vector_set
+        )
         values = self.reward([g[0].text for g in groups], problems)
         return sum(is_success(self.reward, v) for v in values) / len(problems)
 
@@ -337,9 +393,14 @@ class Trainer:
         self.push(verify=True)
         if start_step == 0 and self.ctx.is_main:
             self.heldout_before = self.accuracy(self.eval_set)
-        self.bar = tqdm(total=self.cfg.steps, initial=start_step, disable=not (self.cfg.progress and self.ctx.is_main),
-                        desc="train" if self.vector_set is None else f"train {self.vector_set}", unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.cfg.steps,
+            initial=start_step,
+            disable=not (self.cfg.progress and self.ctx.is_main),
+            desc="train" if self.vector_set is None else f"train {self.vector_set}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         return start_step
 
     def finish(self) -> dict[str, Any]:
@@ -349,14 +410,21 @@ class Trainer:
         summary: dict[str, Any] = {}
         if self.ctx.is_main:
             rows, _ = read_jsonl(self.metrics_path)
-            opt_bytes = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
-                            for t in s.values() if isinstance(t, torch.Tensor))
+            opt_bytes = sum(
+                t.numel() * t.element_size()
+                for s in self.optimizer.state.values()
+                for t in s.values()
+                if isinstance(t, torch.Tensor)
+            )
             summary = RunSummary.of(
-                rows, trainable=self.cfg.trainable,
+                rows,
+                trainable=self.cfg.trainable,
                 trainable_parameters=sum(p.numel() for p in self.policy.parameters()),
-                optimizer_state_bytes=opt_bytes, heldout_accuracy_before=self.heldout_before,
+                optimizer_state_bytes=opt_bytes,
+                heldout_accuracy_before=self.heldout_before,
                 heldout_accuracy_after=self.accuracy(self.eval_set),
-                artefact=str(self.policy.save_final(self.out, self.tokenizer)), config=asdict(self.cfg),
+                artefact=str(self.policy.save_final(self.out, self.tokenizer)),
+                config=asdict(self.cfg),
             ).as_dict()
             write_json(self.out / "summary.json", summary)
         close = getattr(self.reward, "close", None)
@@ -393,8 +461,7 @@ class Trainer:
             if plan.changes:
                 append_jsonl(self.out / CHANGES, {"step": step, "changes": plan.changes})
                 write_text(self.out / "config.yaml", to_yaml(self.cfg))
-                LOG.warning("continuing with changed settings: %s (recorded in %s)",
-                            ", ".join(plan.changes), CHANGES)
+                LOG.warning("continuing with changed settings: %s (recorded in %s)", ", ".join(plan.changes), CHANGES)
             rows, torn = read_jsonl(self.metrics_path)
             if torn:
                 LOG.warning("%s: dropped a torn last line (the write was interrupted)", self.metrics_path)
@@ -404,7 +471,9 @@ class Trainer:
     def _detached_hooks(self) -> HFSteering:
         """The steering hooks of a run that shares its model: detached, attached only for its own update."""
         if not isinstance(self.policy, SteeringPolicy):
-            raise TrainingError(f"runs that share a model and an engine train steering vectors, not {self.cfg.trainable}")
+            raise TrainingError(
+                f"runs that share a model and an engine train steering vectors, not {self.cfg.trainable}"
+            )
         self.policy.handle.remove()
         return self.policy.handle
 
@@ -414,12 +483,22 @@ class Trainer:
         engine, kind = self.cfg.engine, self.cfg.trainable
         if kind == "full":
             if engine == "vllm":
-                raise TrainingError("engine=vllm supports trainable=steering and lora (full-tuning weights are not "
-                                    "synced into vLLM); use --engine hf")
+                raise TrainingError(
+                    "engine=vllm supports trainable=steering and lora (full-tuning weights are not "
+                    "synced into vLLM); use --engine hf"
+                )
             engine = "hf"
         vllm = use_vllm(engine)
         vectors = self.policy.vectors() if vllm else None  # HF generation runs the hooked model itself
-        return make_rollout(self.policy.model, self.tokenizer, engine=engine, vectors=vectors,
-                            dtype=self.cfg.dtype, gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-                            batch_size=self.cfg.micro_batch, seed=self.cfg.seed, max_model_len=self.cfg.max_model_len,
-                            lora_rank=self.cfg.lora_rank if vllm and kind == "lora" else None)
+        return make_rollout(
+            self.policy.model,
+            self.tokenizer,
+            engine=engine,
+            vectors=vectors,
+            dtype=self.cfg.dtype,
+            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
+            batch_size=self.cfg.micro_batch,
+            seed=self.cfg.seed,
+            max_model_len=self.cfg.max_model_len,
+            lora_rank=self.cfg.lora_rank if vllm and kind == "lora" else None,
+        )

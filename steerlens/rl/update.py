@@ -4,15 +4,16 @@
 Only the completion positions are unembedded, a chunk of tokens at a time, each chunk recomputed in the
 backward pass (activation checkpointing), so the log-prob step's peak is bounded by `chunk_tokens x vocab`
 instead of growing with `batch x sequence x vocab`. Sequences are sorted by length before they are
-grouped, so little padding is computed, and a prompt's generations can share one forward of the prompt. Decoder-layer checkpointing (HF's gradient checkpointing) is a
-switch of its own (`checkpointing`).
+grouped, so little padding is computed, and a prompt's generations can share one forward of the prompt.
+Decoder-layer checkpointing (HF's gradient checkpointing) is a switch of its own (`layer_checkpointing`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,15 +47,23 @@ def decoder_trunk(model: nn.Module) -> nn.Module:
     return trunk
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None) -> torch.Tensor:
+def _chunk_logprobs(
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None
+) -> torch.Tensor:
     logits = head(hidden).float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_lens: list[int], completion_lens: list[int], chunk_tokens: int = 1024) -> torch.Tensor:
+def completion_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lens: list[int],
+    completion_lens: list[int],
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
     """Per-token log-probs (fp32) of each row's completion, `[batch, max_completion_len]`, zero beyond
     its length: the same numbers as the model's full logits would give, from completion positions only."""
     hidden = decoder_trunk(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -64,8 +73,9 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     return _scatter_logprobs(model, picked, input_ids[rows, starts + steps], rows, steps, completion_lens, chunk_tokens)
 
 
-def shared_prompt_logprobs(model: nn.Module, prompts: list[list[int]], completions: list[list[int]],
-                           chunk_tokens: int = 1024) -> torch.Tensor:
+def shared_prompt_logprobs(
+    model: nn.Module, prompts: list[list[int]], completions: list[list[int]], chunk_tokens: int = 1024
+) -> torch.Tensor:
     """`completion_logprobs` of rows whose prompts repeat (a prompt's generations), each distinct prompt's
     forward computed once: the distinct prompts run left-padded side by side, their keys and values are
     gathered for their rows (gradients flow back through them), and the completions run on that cache.
@@ -90,14 +100,20 @@ def shared_prompt_logprobs(model: nn.Module, prompts: list[list[int]], completio
         cache.batch_select_indices(owner)
         steps = torch.arange(width - 1, device=device)[None]
         mask = torch.cat([prompt_mask[owner], (steps < torch.tensor(lens, device=device)[:, None] - 1).long()], dim=1)
-        rest = trunk(input_ids=targets_all[:, :-1], attention_mask=mask, position_ids=prompt_lens[owner][:, None] + steps,
-                     past_key_values=cache, use_cache=True).last_hidden_state
+        rest = trunk(
+            input_ids=targets_all[:, :-1],
+            attention_mask=mask,
+            position_ids=prompt_lens[owner][:, None] + steps,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
         hidden = torch.cat([last, rest], dim=1)
     else:
         hidden = last
     rows, steps_all = _completion_positions(lens, device)
-    return _scatter_logprobs(model, hidden[rows, steps_all], targets_all[rows, steps_all], rows, steps_all, lens,
-                             chunk_tokens)
+    return _scatter_logprobs(
+        model, hidden[rows, steps_all], targets_all[rows, steps_all], rows, steps_all, lens, chunk_tokens
+    )
 
 
 def _completion_positions(completion_lens: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,15 +123,30 @@ def _completion_positions(completion_lens: list[int], device: torch.device) -> t
     return rows, steps
 
 
-def _scatter_logprobs(model: nn.Module, picked: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
-                      steps: torch.Tensor, completion_lens: list[int], chunk_tokens: int) -> torch.Tensor:
+def _scatter_logprobs(
+    model: nn.Module,
+    picked: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    steps: torch.Tensor,
+    completion_lens: list[int],
+    chunk_tokens: int,
+) -> torch.Tensor:
     """Log-probs of `targets` from the hidden states `picked`, unembedded `chunk_tokens` at a time (each
     chunk recomputed in backward), placed at (rows, steps) of a zero `[batch, max_len]` fp32 tensor."""
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    pieces = [checkpoint(_chunk_logprobs, picked[s : s + chunk_tokens], targets[s : s + chunk_tokens], head, softcap,
-                         use_reentrant=False)
-              for s in range(0, len(targets), chunk_tokens)]
+    pieces = [
+        checkpoint(
+            _chunk_logprobs,
+            picked[s : s + chunk_tokens],
+            targets[s : s + chunk_tokens],
+            head,
+            softcap,
+            use_reentrant=False,
+        )
+        for s in range(0, len(targets), chunk_tokens)
+    ]
     out = torch.zeros(len(completion_lens), max(completion_lens), dtype=torch.float32, device=picked.device)
     out[rows, steps] = torch.cat(pieces) if pieces else out.new_zeros(0)
     return out
@@ -140,8 +171,9 @@ class MicroBatch:
         width = max(map(len, seqs))
         ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in seqs], device=device)
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        return completion_logprobs(model, ids, attention, [len(p) for p in self.prompts],
-                                 [len(c) for c in self.completions], chunk_tokens)
+        return completion_logprobs(
+            model, ids, attention, [len(p) for p in self.prompts], [len(c) for c in self.completions], chunk_tokens
+        )
 
     @property
     def padded_tokens(self) -> int:
@@ -158,23 +190,34 @@ class MicroBatch:
         return torch.arange(int(lens.max()), device=device)[None] < lens[:, None]
 
 
-def micro_batches(prompts: Sequence[list[int]], completions: Sequence[list[int]], max_tokens: int, max_sequences: int,
-                  share_prompts: bool = False, pad_id: int = 0) -> list[tuple[list[int], MicroBatch]]:
+def micro_batches(
+    prompts: Sequence[list[int]],
+    completions: Sequence[list[int]],
+    max_tokens: int,
+    max_sequences: int,
+    share_prompts: bool = False,
+    pad_id: int = 0,
+) -> list[tuple[list[int], MicroBatch]]:
     """(indices, micro-batch) pairs covering every row once, each within `max_tokens` padded tokens and
     `max_sequences` rows (a longer row goes alone). Without `share_prompts`: `token_budget_batches` over
     the full lengths. With it: each prompt's rows grouped under what the budget leaves beside one copy of
     the prompt, and such groups packed together while the distinct prompts (padded) plus the rows'
     completions (padded) fit; the rows of a batch share their prompts' forward."""
     if not share_prompts:
-        groups = token_budget_batches([len(p) + len(c) for p, c in zip(prompts, completions, strict=True)],
-                                      max_tokens, max_sequences)
+        groups = token_budget_batches(
+            [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)], max_tokens, max_sequences
+        )
         return [(g, MicroBatch([prompts[i] for i in g], [completions[i] for i in g], pad_id=pad_id)) for g in groups]
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
         by_prompt.setdefault(tuple(prompt), []).append(i)
-    parts = [[rows[j] for j in part] for key, rows in by_prompt.items()
-             for part in token_budget_batches([len(completions[i]) for i in rows], max(1, max_tokens - len(key)),
-                                              max_sequences)]
+    parts = [
+        [rows[j] for j in part]
+        for key, rows in by_prompt.items()
+        for part in token_budget_batches(
+            [len(completions[i]) for i in rows], max(1, max_tokens - len(key)), max_sequences
+        )
+    ]
 
     def batch(rows: list[int]) -> MicroBatch:
         shared = len({tuple(prompts[i]) for i in rows}) < len(rows)
@@ -190,8 +233,14 @@ def micro_batches(prompts: Sequence[list[int]], completions: Sequence[list[int]]
     return [(rows, batch(rows)) for rows in packed]
 
 
-def micro_batch_loss(policy: Any, batch: MicroBatch, advantage: torch.Tensor, total_tokens: int,
-                     chunk_tokens: int = 1024, kl_coef: float = 0.0) -> torch.Tensor:
+def micro_batch_loss(
+    policy: Any,
+    batch: MicroBatch,
+    advantage: torch.Tensor,
+    total_tokens: int,
+    chunk_tokens: int = 1024,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
     """The policy loss of one micro-batch, ready for `backward()`: completion log-probs masked to each
     row's length and, with `kl_coef > 0`, the KL to `policy.base_policy()` (its log-probs without
     gradient). One function for the trainer and the benches, so what they measure is what trains."""
