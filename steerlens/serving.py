@@ -25,8 +25,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO
 
 from steerlens.backends.vector_bank import VectorBank
 from steerlens.backends.vllm import (
@@ -67,8 +68,13 @@ def _serve_entry() -> list[str]:
     return ["vllm.entrypoints.cli.main", "serve"]
 
 
-def steering_settings(model: str, vectors: Mapping[str, str | Path], api_key: str | None = None,
-                      allow_loading: bool = False, max_vector_sets: int | None = None) -> ServeSettings:
+def steering_settings(
+    model: str,
+    vectors: Mapping[str, str | Path],
+    api_key: str | None = None,
+    allow_loading: bool = False,
+    max_vector_sets: int | None = None,
+) -> ServeSettings:
     """The settings of a steered server for `model`: every vector file is read and checked against the
     model's shape here, so a bad file fails before a server starts."""
     shape = config_shape(model)
@@ -81,12 +87,20 @@ def steering_settings(model: str, vectors: Mapping[str, str | Path], api_key: st
     capacity = max_vector_sets if max_vector_sets is not None else max(DEFAULT_VECTOR_SETS, len(vectors))
     if capacity < len(vectors):
         raise ServerError(f"max_vector_sets {capacity} is fewer than the {len(vectors)} vector sets given")
-    return ServeSettings(base=model, num_layers=shape.num_layers, hidden_size=shape.hidden_size, sets=sets,
-                         capacity=capacity, api_key=api_key, allow_loading=allow_loading)
+    return ServeSettings(
+        base=model,
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        sets=sets,
+        capacity=capacity,
+        api_key=api_key,
+        allow_loading=allow_loading,
+    )
 
 
-def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: int = 4096,
-                   steering: ServeSettings | None = None) -> list[str]:
+def server_command(
+    model: str, port: int, host: str = LOOPBACK, max_model_len: int = 4096, steering: ServeSettings | None = None
+) -> list[str]:
     """The `vllm serve` command line for `model` (a short name, directory or hub id), named as given;
     with `steering`, on the steered architecture with the steerlens middleware (its settings travel in the
     environment: `server_environment`)."""
@@ -96,16 +110,35 @@ def server_command(model: str, port: int, host: str = LOOPBACK, max_model_len: i
 
     source = resolve_model(model)
     names = [model, *(steering.sets if steering else [])]
-    command = [sys.executable, "-m", *_serve_entry(), "--model", source, "--served-model-name", *names,
-               "--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
+    command = [
+        sys.executable,
+        "-m",
+        *_serve_entry(),
+        "--model",
+        source,
+        "--served-model-name",
+        *names,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+    ]
     if steering is not None:
         from transformers import AutoConfig
 
         check_plugin_visible()
         config = SteeredArchitecture(None, steering.capacity)(AutoConfig.from_pretrained(source))
         overrides = {"architectures": config.architectures, VECTOR_SETS: steering.capacity}
-        command += ["--hf-overrides", json.dumps(overrides), "--worker-extension-cls", WORKER_EXTENSION,
-                    "--middleware", f"{SteeringMiddleware.__module__}.{SteeringMiddleware.__name__}"]
+        command += [
+            "--hf-overrides",
+            json.dumps(overrides),
+            "--worker-extension-cls",
+            WORKER_EXTENSION,
+            "--middleware",
+            f"{SteeringMiddleware.__module__}.{SteeringMiddleware.__name__}",
+        ]
         if steering.api_key:
             command += ["--api-key", steering.api_key]
     if current_platform.is_cpu():  # the in-process engine's CPU settings (see engine_defaults), a bounded KV cache
@@ -134,17 +167,27 @@ def _cli_flag(key: str, value: object) -> list[str]:
 class LocalServer:
     """vLLM's OpenAI server for `model` on loopback; `url` is its `/v1` base. Stop it with `close()`."""
 
-    def __init__(self, model: str, port: int | None = None, log_path: str | Path | None = None,
-                 max_model_len: int = 4096, start_timeout_s: float = 600.0,
-                 steering: ServeSettings | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        port: int | None = None,
+        log_path: str | Path | None = None,
+        max_model_len: int = 4096,
+        start_timeout_s: float = 600.0,
+        steering: ServeSettings | None = None,
+    ) -> None:
         self.model = model
         self.api_key = steering.api_key if steering else None
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}/v1"
         self.log_path = Path(log_path or Path(tempfile.gettempdir()) / f"steerlens-serve-{self.port}.log")
         self._log: IO[bytes] = self.log_path.open("wb")
-        self.process = subprocess.Popen(server_command(model, self.port, max_model_len=max_model_len, steering=steering),
-                                        stdout=self._log, stderr=subprocess.STDOUT, env=server_environment(steering))
+        self.process = subprocess.Popen(
+            server_command(model, self.port, max_model_len=max_model_len, steering=steering),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=server_environment(steering),
+        )
         try:
             self._wait_ready(start_timeout_s)
         except BaseException:
@@ -157,18 +200,23 @@ class LocalServer:
             if self.process.poll() is not None:
                 if refusal := self.startup_refusal():
                     raise ServerError(f"vllm serve {self.model} did not start: {refusal}")
-                raise ServerError(f"vllm serve {self.model} exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerError(
+                    f"vllm serve {self.model} exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
             if self.served_models():
                 return
             time.sleep(1.0)
-        raise ServerError(f"vllm serve {self.model} did not answer on {self.url} within {timeout_s:.0f} s:\n"
-                          f"{self.log_tail()}")
+        raise ServerError(
+            f"vllm serve {self.model} did not answer on {self.url} within {timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def served_models(self) -> list[str]:
         """The model names the server lists (empty while it is still starting)."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{self.url}/models", headers=headers), timeout=5) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{self.url}/models", headers=headers), timeout=5
+            ) as response:
                 return [entry["id"] for entry in json.load(response)["data"]]
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, KeyError):
             return []
@@ -176,8 +224,11 @@ class LocalServer:
     def startup_refusal(self) -> str | None:
         """The one-line reason the steering middleware printed when it stopped the server's start, if it did."""
         self._log.flush()
-        reasons = [line.split(STARTUP_FAILED, 1)[1] for line in self.log_path.read_text(errors="replace").splitlines()
-                   if STARTUP_FAILED in line]
+        reasons = [
+            line.split(STARTUP_FAILED, 1)[1]
+            for line in self.log_path.read_text(errors="replace").splitlines()
+            if STARTUP_FAILED in line
+        ]
         return reasons[-1] if reasons else None
 
     def log_tail(self, chars: int = 3000) -> str:
@@ -195,7 +246,7 @@ class LocalServer:
                 self.process.wait()
         self._log.close()
 
-    def __enter__(self) -> "LocalServer":
+    def __enter__(self) -> LocalServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

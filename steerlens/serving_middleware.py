@@ -26,8 +26,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from steerlens.backends.vector_bank import BASE, SCALE_ARG, SLOT_ARG, VectorBank, VectorSetError
 from steerlens.backends.vllm import SteeringProbe, check_installed
@@ -63,11 +64,13 @@ class ServeSettings:
         return json.dumps(self.__dict__)
 
     @classmethod
-    def from_env(cls) -> "ServeSettings":
+    def from_env(cls) -> ServeSettings:
         raw = os.environ.get(SERVE_SETTINGS)
         if not raw:
-            raise SteerlensError(f"the steerlens serving middleware needs {SERVE_SETTINGS}; start the server with "
-                                 "`steerlens serve` (or steerlens.serving.LocalServer)")
+            raise SteerlensError(
+                f"the steerlens serving middleware needs {SERVE_SETTINGS}; start the server with "
+                "`steerlens serve` (or steerlens.serving.LocalServer)"
+            )
         return cls(**json.loads(raw))
 
 
@@ -142,8 +145,10 @@ class SteeringMiddleware:
         try:
             outputs = []
             for call, (prompts, params) in enumerate(probe.calls()):
-                requests = (engine.generate(prompt, sampling, f"steerlens-probe-{call}-{i}")
-                            for i, (prompt, sampling) in enumerate(zip(prompts, params)))
+                requests = (
+                    engine.generate(prompt, sampling, f"steerlens-probe-{call}-{i}")
+                    for i, (prompt, sampling) in enumerate(zip(prompts, params))
+                )
                 outputs.append(await asyncio.gather(*map(final_output, requests)))
         finally:
             zeros = SteeringVectors.zeros(self.shape).dense()
@@ -159,8 +164,11 @@ class SteeringMiddleware:
             raise RequestError(400, str(err)) from None
         engine = scope["app"].state.engine_client
         if self.bank.in_use(name):
-            raise RequestError(409, f"vector set {name!r} is in use by {self.bank.in_use(name)} running request(s); "
-                                    "load its new values after they finish")
+            raise RequestError(
+                409,
+                f"vector set {name!r} is in use by {self.bank.in_use(name)} running request(s); "
+                "load its new values after they finish",
+            )
         try:
             entry = self.bank.bump(name) if name in self.bank.names() else self.bank.add(name, scale)
         except VectorSetError as err:
@@ -175,12 +183,16 @@ class SteeringMiddleware:
 
     async def _vectors_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.settings.allow_loading:
-            raise RequestError(404, f"{VECTORS_PATH} is off: start the server with --allow-vector-loading to load "
-                                    "vector files at run time")
+            raise RequestError(
+                404,
+                f"{VECTORS_PATH} is off: start the server with --allow-vector-loading to load vector files at run time",
+            )
         if not self._authorized(scope):
             raise RequestError(401, "missing or wrong API key (Authorization: Bearer KEY)")
         if scope["method"] == "GET":
-            listed = [{"name": e.name, "scale": e.scale, "version": e.version} for e in map(self.bank.get, self.bank.names())]
+            listed = [
+                {"name": e.name, "scale": e.scale, "version": e.version} for e in map(self.bank.get, self.bank.names())
+            ]
             await respond(send, 200, {"vector_sets": listed})
             return
         if scope["method"] != "POST":
@@ -196,8 +208,11 @@ class SteeringMiddleware:
         name, scale = self._chosen_set(body)
         extra = body.get("vllm_xargs") or {}
         if not isinstance(extra, dict) or SLOT_ARG in extra or SCALE_ARG in extra:
-            raise RequestError(400, f"vllm_xargs must be an object without {SLOT_ARG}/{SCALE_ARG}: choose a vector "
-                                    'set by model name or {"steerlens": {"vectors": NAME, "scale": S}}')
+            raise RequestError(
+                400,
+                f"vllm_xargs must be an object without {SLOT_ARG}/{SCALE_ARG}: choose a vector "
+                'set by model name or {"steerlens": {"vectors": NAME, "scale": S}}',
+            )
         with self.bank.using([name]):
             args, salt = self.bank.request(name, scale)
             body["model"] = self.settings.base
@@ -212,8 +227,11 @@ class SteeringMiddleware:
         choice = body.pop("steerlens", None)
         available = ", ".join([self.settings.base, *self.bank.names()])
         if choice is not None:
-            if not isinstance(choice, dict) or not isinstance(choice.get("vectors"), str) \
-                    or not finite_number(choice.get("scale", 1.0)):
+            if (
+                not isinstance(choice, dict)
+                or not isinstance(choice.get("vectors"), str)
+                or not finite_number(choice.get("scale", 1.0))
+            ):
                 raise RequestError(400, 'the steerlens field is {"vectors": NAME, "scale": NUMBER (optional)}')
             name, scale = choice["vectors"], choice.get("scale")
         else:
@@ -238,8 +256,8 @@ def failure_line(err: Exception) -> str:
 async def final_output(outputs: Any) -> Any:
     """The last of the outputs an engine client's `generate` yields for one request."""
     last = None
-    async for last in outputs:
-        pass
+    async for output in outputs:
+        last = output
     return last
 
 
@@ -288,6 +306,11 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 async def respond(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -12,9 +12,10 @@ test_vllm_backend.py. One small vLLM engine per family (~30 s each on two cores)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_vllm_gives_the_hf_logprobs(family: Family, tmp_path: Path) -> None:
     def hf_logprobs(vectors: sl.SteeringVectors) -> torch.Tensor:
         with sl.steer(family.hf, vectors):
             logits = family.hf(ids).logits[0, len(prompt) - 1 : -1]
-        return logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0]
+        return logits.log_softmax(-1).gather(-1, ids[0, len(prompt) :, None])[:, 0]
 
     vectors = sl.SteeringVectors.load(family.vectors_file)
     zeros = sl.SteeringVectors.zeros(sl.model_shape(family.hf))

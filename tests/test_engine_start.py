@@ -73,17 +73,24 @@ def test_the_startup_probe_catches_a_broken_slot_fill(tiny_qwen_dir: Path, monke
     monkeypatch.setenv(SKIP_FILL, "1")
     with pytest.raises(SteeringNotApplied) as info:
         SteeredLLM(tiny_qwen_dir, **ENGINE_ARGS)
-    assert one_line(info.value).startswith("steering is not applied in this vLLM engine: a random vector set moved "
-                                           "its log-probs by at most 0 nats")
+    assert one_line(info.value).startswith(
+        "steering is not applied in this vLLM engine: a random vector set moved its log-probs by at most 0 nats"
+    )
 
 
 @pytest.mark.slow
-def test_serve_refuses_to_start_when_steering_is_not_applied(tiny_qwen_dir: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_refuses_to_start_when_steering_is_not_applied(
+    tiny_qwen_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from steerlens.serving import LocalServer, ServerError, steering_settings
 
     monkeypatch.setenv(SKIP_FILL, "1")
     with pytest.raises(ServerError) as info:
-        LocalServer(str(tiny_qwen_dir), log_path=tmp_path / "serve.log", max_model_len=512,
-                    steering=steering_settings(str(tiny_qwen_dir), {}), start_timeout_s=300)
+        LocalServer(
+            str(tiny_qwen_dir),
+            log_path=tmp_path / "serve.log",
+            max_model_len=512,
+            steering=steering_settings(str(tiny_qwen_dir), {}),
+            start_timeout_s=300,
+        )
     assert one_line(info.value).startswith(f"vllm serve {tiny_qwen_dir} did not start: steering is not applied")

@@ -7,8 +7,9 @@ residual stream after its layer, all give the same logits, and the handle verbs 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -142,10 +143,11 @@ def test_vllm_engine_speaks_the_same_verbs(tiny_qwen_dir: Path, hf_model: tuple)
             with sl.steer(model, vectors):
                 logits = model(ids).logits
         logp = logits[0, len(prompt) - 1 : -1].log_softmax(-1)
-        return logp.gather(-1, ids[0, len(prompt):, None])[:, 0]
+        return logp.gather(-1, ids[0, len(prompt) :, None])[:, 0]
 
     first, second = random_vectors(model, 4), random_vectors(model, 5, layers=(0, 2))
     with sl.vllm.SteeredLLM(tiny_qwen_dir, first, kv_cache_memory_bytes=64 << 20, max_model_len=512) as engine:
+
         def engine_logprobs() -> torch.Tensor:
             return sl.vllm.engine_logprobs(engine, prompt, completion)
 
@@ -174,12 +176,25 @@ def test_trainer_takes_a_model_a_task_and_any_reward(tmp_path: Path) -> None:
         return [1.0 if "\\boxed{" in text else 0.0 for text in completions]
 
     task = sl.Task(problems, reward=boxed_anything, eval_problems=problems[:32])
-    cfg = sl.TrainConfig(engine="hf", steps=16, prompts_per_step=16, generations=8, max_new_tokens=40, lr=0.1,
-                         out_dir=str(tmp_path / "run"), progress=False)
+    cfg = sl.TrainConfig(
+        engine="hf",
+        steps=16,
+        prompts_per_step=16,
+        generations=8,
+        max_new_tokens=40,
+        lr=0.1,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
     summary = sl.Trainer(model, tokenizer, task, cfg).train()
     assert 16 * 8 in calls  # a whole step scored at once
-    print("\ncustom reward:", {k: summary[k] for k in ("reward_first_steps", "reward_last_steps",
-                                                      "heldout_accuracy_before", "heldout_accuracy_after")})
+    print(
+        "\ncustom reward:",
+        {
+            k: summary[k]
+            for k in ("reward_first_steps", "reward_last_steps", "heldout_accuracy_before", "heldout_accuracy_after")
+        },
+    )
     assert summary["reward_last_steps"] - summary["reward_first_steps"] >= 0.15, summary
     assert summary["heldout_accuracy_after"] > summary["heldout_accuracy_before"], summary
     assert "formatted_first_steps" not in summary  # only the math reward knows a format

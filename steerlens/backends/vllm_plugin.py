@@ -12,22 +12,22 @@ exist before weights load and before any torch.compile / CUDA-graph capture:
   default set; slots 2.. are named sets, `hf_config.steerlens_vector_sets` of them, see `vector_bank`);
 - `steerlens_slots` and `steerlens_scales`, one slot index and one scale per token the engine can run in a
   forward pass.
-Each decoder layer on this pipeline rank adds `scales[t] * bank[layer, slots[t]]` to the hidden state of
-token t it returns (a gather and one fused multiply-add), which lands the vector in the residual stream exactly once in both layer
-styles vLLM has: a layer returning the full hidden state (the Transformers backend's HF layers), and one
-returning `(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
+Each decoder layer on this pipeline rank adds `scales[t] * bank[layer, slots[t]]` to the hidden state of token t
+it returns (a gather and one fused multiply-add), which lands the vector in the residual stream exactly once in
+both layer styles vLLM has: a layer returning the full hidden state (the Transformers backend's HF layers), and
+one returning `(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
 `hidden` adds to the stream, last layer included. The decoder layers are found by
 `steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names.
 
-The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model
-runner's `_prepare_inputs` so that, once the scheduled batch is laid out, each token gets the slot and
-scale of its own request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default
-slot 1, scale 1). That is vLLM's V1 model runner (steerlens pins it: `VLLM_USE_V2_MODEL_RUNNER=0`); on a
-runner without it the install reports the runner's class instead of raising, because an error raised here
-reaches the host as a plain `Exception` (its type is lost in `collective_rpc`), and the host raises it. The forward pass itself runs no Python of ours beyond the add, and compiled or captured
-graphs stay valid, because the buffers are only ever written in place. Being buffers, not parameters, they are never expected in a checkpoint nor
-filled by dummy weight loading. Values arrive through `SteeringWorkerExtension` as in-place `copy_`s.
-"""
+The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model runner's
+`_prepare_inputs` so that, once the scheduled batch is laid out, each token gets the slot and scale of its own
+request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default slot 1, scale 1). That is
+vLLM's V1 model runner (steerlens pins it: `VLLM_USE_V2_MODEL_RUNNER=0`); on a runner without it the install reports
+the runner's class instead of raising, because an error raised here reaches the host as a plain `Exception` (its
+type is lost in `collective_rpc`), and the host raises it. The forward pass itself runs no Python of ours beyond the
+add, and compiled or captured graphs stay valid, because the buffers are only ever written in place. Being buffers,
+not parameters, they are never expected in a checkpoint nor filled by dummy weight loading. Values arrive through
+`SteeringWorkerExtension` as in-place `copy_`s."""
 
 from __future__ import annotations
 
@@ -115,8 +115,10 @@ def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> N
     text_config = vllm_config.model_config.hf_text_config
     named = int(getattr(vllm_config.model_config.hf_config, VECTOR_SETS, 0) or 0)
     bank = torch.zeros(len(layers), bank_slots(named), int(text_config.hidden_size))
-    tokens = max(int(vllm_config.scheduler_config.max_num_batched_tokens),
-                 int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0))
+    tokens = max(
+        int(vllm_config.scheduler_config.max_num_batched_tokens),
+        int(getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", 0) or 0),
+    )
     buffers = {BANK: bank, SLOTS: torch.full((tokens,), DEFAULT_SLOT, dtype=torch.long), SCALES: torch.ones(tokens, 1)}
     for name, buffer in buffers.items():
         model.register_buffer(name, buffer, persistent=False)
@@ -175,10 +177,14 @@ def fill_slots(runner: Any, sets: int, slots: torch.Tensor, scales: torch.Tensor
     batch = runner.input_batch
     chosen = [request_steering(runner.requests[req_id], sets) for req_id in batch.req_ids[: batch.num_reqs]]
     tokens = int(scheduled.sum())
-    slots[:tokens].copy_(torch.from_numpy(np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)),
-                         non_blocking=True)
-    scales[:tokens, 0].copy_(torch.from_numpy(np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)),
-                             non_blocking=True)
+    slots[:tokens].copy_(
+        torch.from_numpy(np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)),
+        non_blocking=True,
+    )
+    scales[:tokens, 0].copy_(
+        torch.from_numpy(np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)),
+        non_blocking=True,
+    )
 
 
 def to_wire(values: torch.Tensor) -> tuple[bytes, list[int]]:
@@ -221,8 +227,10 @@ class SteeringWorkerExtension:
         """Copy the `[L, d]` values in `data` (see `to_wire`) into bank slot `slot` of this worker, in place."""
         bank, _, _ = steering_buffers(self.model_runner.get_model())
         if list(shape) != [bank.shape[0], bank.shape[2]] or not 0 < slot < bank.shape[1]:
-            raise VectorsError(f"steering values of shape {list(shape)} for slot {slot} of a bank of "
-                               f"{list(bank.shape)} (layers, slots, hidden size); slot 0 is never written")
+            raise VectorsError(
+                f"steering values of shape {list(shape)} for slot {slot} of a bank of "
+                f"{list(bank.shape)} (layers, slots, hidden size); slot 0 is never written"
+            )
         bank[:, slot].copy_(from_wire(data, shape).to(device=bank.device, dtype=bank.dtype))
 
     def steerlens_read(self, slot: int) -> tuple[bytes, list[int]]:
