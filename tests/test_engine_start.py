@@ -17,7 +17,7 @@ from steerlens.backends.vllm import (  # noqa: E402
     check_installed,
     engine_defaults,
 )
-from steerlens.backends.vllm_plugin import SKIP_FILL, V1_RUNNER_PARTS  # noqa: E402
+from steerlens.backends.vllm_plugin import SKIP_FILL, UBATCHING, V1_RUNNER_PARTS  # noqa: E402
 from steerlens.errors import ModelError, SteeringNotApplied  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -94,3 +94,32 @@ def test_serve_refuses_to_start_when_steering_is_not_applied(
             start_timeout_s=300,
         )
     assert one_line(info.value).startswith(f"vllm serve {tiny_qwen_dir} did not start: steering is not applied")
+
+
+def test_padded_positions_read_the_base_slot() -> None:
+    """Positions after a batch's tokens (the padding up to a CUDA-graph size) get slot 0 at scale 0, never a
+    slot left from an earlier, larger batch (docs/vllm-cuda.md, question 3)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from steerlens.backends.vector_bank import SCALE_ARG, SLOT_ARG
+    from steerlens.backends.vllm_plugin import fill_slots
+
+    def runner(slot: int, scale: float) -> SimpleNamespace:  # the V1 runner's parts that the fill reads
+        params = SimpleNamespace(extra_args={SLOT_ARG: slot, SCALE_ARG: scale})
+        batch = SimpleNamespace(req_ids=["r"], num_reqs=1)
+        return SimpleNamespace(input_batch=batch, requests={"r": SimpleNamespace(sampling_params=params)})
+
+    slots, scales = torch.zeros(8, dtype=torch.long), torch.zeros(8, 1)
+    fill_slots(runner(3, 2.0), 4, slots, scales, np.array([6]))
+    assert slots.tolist() == [3] * 6 + [0] * 2 and scales[:, 0].tolist() == [2.0] * 6 + [0.0] * 2
+    fill_slots(runner(2, 0.5), 4, slots, scales, np.array([2]))
+    assert slots.tolist() == [2, 2] + [0] * 6 and scales[:, 0].tolist() == [0.5, 0.5] + [0.0] * 6
+
+
+def test_dual_batch_overlap_is_refused_in_one_line() -> None:
+    with pytest.raises(ModelError) as info:
+        check_installed([None, UBATCHING])
+    assert "dual batch overlap" in one_line(info.value) and "without it" in one_line(info.value)

@@ -49,6 +49,7 @@ from steerlens.backends.vector_bank import (
 )
 from steerlens.backends.vllm_plugin import (
     PREFIX,
+    UBATCHING,
     V1_RUNNER_PARTS,
     VECTOR_SETS,
     WORKER_EXTENSION,
@@ -134,6 +135,11 @@ def check_installed(runners: Sequence[str | None]) -> None:
     """Raise one line if a worker could not hook its model runner (`steerlens_install`'s replies: None, or the
     class of a runner it cannot fill slots in), so an engine that cannot steer stops where it is built."""
     refused = next((runner for runner in runners if runner), None)
+    if refused == UBATCHING:
+        raise ModelError(
+            "vLLM's dual batch overlap (enable_dbo) runs each micro-batch on a slice of the batch, so steerlens "
+            "would give its tokens another slice's vector sets; start the engine without it"
+        )
     if refused:
         raise ModelError(
             f"vLLM's model runner {refused} has no {'/'.join(V1_RUNNER_PARTS)}, from which steerlens "
@@ -570,9 +576,9 @@ def verify_push(
     diff = float((engine - reference).abs().max())
     if not diff <= atol:  # also catches NaN
         what = "the default set" if name is None else f"vector set {name!r}"
-        reference = "steered by the pushed vectors" if vectors is not None else "and its adapter"
+        hf_side = "steered by the pushed vectors" if vectors is not None else "and its adapter"
         raise SyncError(
-            f"vLLM ({what}) disagrees with the HF model {reference}: "
+            f"vLLM ({what}) disagrees with the HF model {hf_side}: "
             f"max |Δ log-prob| = {diff:.3g} > atol {atol:g} over {len(completion_ids)} tokens. The engine is not "
             "running these weights (push missing or to the wrong model), or its dtype is coarser than atol allows."
         )

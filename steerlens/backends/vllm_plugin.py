@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from steerlens.anatomy import decoder_layers
-from steerlens.backends.vector_bank import DEFAULT_SLOT, SCALE_ARG, SLOT_ARG, bank_slots
+from steerlens.backends.vector_bank import BASE_SLOT, DEFAULT_SLOT, SCALE_ARG, SLOT_ARG, bank_slots
 from steerlens.errors import ModelError
 from steerlens.vectors import VectorsError
 
@@ -50,6 +50,8 @@ SCALES = "steerlens_scales"
 VECTOR_SETS = "steerlens_vector_sets"  # the config attribute that sizes the bank (set by SteeredArchitecture)
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
 V1_RUNNER_PARTS = ("_prepare_inputs", "input_batch", "requests")  # what `fill_slots` reads from the model runner
+# dual batch overlap runs each micro-batch on a slice of the batch, whose tokens would read another slice's slots
+UBATCHING = "dual batch overlap"
 SKIP_FILL = "STEERLENS_TEST_SKIP_SLOT_FILL"  # "1": install nothing, as on a runner whose batches go unseen (tests)
 
 _layer_classes: dict[type, type] = {}
@@ -172,19 +174,26 @@ def request_steering(state: Any, sets: int) -> tuple[int, float]:
     return slot, float(scale)
 
 
+def staged(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """`values` as a CPU tensor of `like`'s dtype, pinned when `like` is on CUDA: a copy from pageable memory
+    ignores `non_blocking` and waits for the stream (vLLM pins its own staging buffers for this reason)."""
+    tensor = torch.from_numpy(values).to(like.dtype)
+    return tensor.pin_memory() if like.is_cuda else tensor
+
+
 def fill_slots(runner: Any, sets: int, slots: torch.Tensor, scales: torch.Tensor, scheduled: np.ndarray) -> None:
-    """Write each scheduled token's slot and scale, in the order the runner laid the batch out."""
+    """Write each scheduled token's slot and scale, in the order the runner laid the batch out; every position
+    after them (the padding up to the CUDA-graph size the runner replays) gets slot 0 at scale 0, never a
+    slot left over from an earlier batch (docs/vllm-cuda.md)."""
     batch = runner.input_batch
     chosen = [request_steering(runner.requests[req_id], sets) for req_id in batch.req_ids[: batch.num_reqs]]
     tokens = int(scheduled.sum())
-    slots[:tokens].copy_(
-        torch.from_numpy(np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)),
-        non_blocking=True,
-    )
-    scales[:tokens, 0].copy_(
-        torch.from_numpy(np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)),
-        non_blocking=True,
-    )
+    slot_values = np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)
+    scale_values = np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)
+    slots[:tokens].copy_(staged(slot_values, slots), non_blocking=True)
+    scales[:tokens, 0].copy_(staged(scale_values, scales), non_blocking=True)
+    slots[tokens:].fill_(BASE_SLOT)
+    scales[tokens:].zero_()
 
 
 def to_wire(values: torch.Tensor) -> tuple[bytes, list[int]]:
@@ -209,6 +218,8 @@ class SteeringWorkerExtension:
         the model runner's class when it lacks what the fill reads (`V1_RUNNER_PARTS`): the host raises."""
         runner = self.model_runner
         bank, slots, scales = steering_buffers(runner.get_model())
+        if getattr(getattr(runner, "parallel_config", None), "use_ubatching", False):
+            return UBATCHING
         if not all(hasattr(runner, part) for part in V1_RUNNER_PARTS):
             return f"{type(runner).__module__}.{type(runner).__qualname__}"
         prepare = runner._prepare_inputs
