@@ -14,7 +14,8 @@ from steerlens.rl import distributed as D
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.job import job_context, job_model, math_problems, math_task, train
 from steerlens.rl.resume import plan_resume
-from steerlens.rl.trainer import PhaseClock, Trainer, TrainingError
+from steerlens.rl.step import PhaseClock
+from steerlens.rl.trainer import Trainer, TrainingError
 from steerlens.rollout import make_rollout
 
 
