@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from bench_rollout import median_time  # bench/ is on sys.path: the script's own directory
 
-from steerlens.analysis.patching import DEFAULT_VARIANTS, MODES, head_patching, make_patch, patch_hooks, variant_patches
+from steerlens.analysis.patches import DEFAULT_VARIANTS, MODES, make_patch, variant_patches
+from steerlens.analysis.patching import head_patching, patch_hooks
 from steerlens.anatomy import attention_parts, model_shape
 from steerlens.backends import hf
 from steerlens.models import load_model

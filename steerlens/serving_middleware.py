@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerlens.backends.vector_bank import BASE, SCALE_ARG, SLOT_ARG, VectorBank, VectorSetError
-from steerlens.backends.vllm import SteeringProbe, check_installed
+from steerlens.backends.vllm import check_installed
+from steerlens.backends.vllm_checks import SteeringProbe
 from steerlens.backends.vllm_plugin import to_wire
 from steerlens.errors import SteerlensError
 from steerlens.vectors import ModelShape, SteeringVectors

@@ -8,9 +8,10 @@ import doctest
 import pytest
 
 from steerlens.backends.base import SteeringHandle
+from steerlens.backends.vllm import SteeredLLM
 from steerlens.rl.trainer import Trainer
 
-EXAMPLES = [SteeringHandle, Trainer]
+EXAMPLES = [SteeringHandle, Trainer, SteeredLLM]
 
 
 @pytest.mark.parametrize("obj", EXAMPLES, ids=lambda obj: obj.__qualname__)

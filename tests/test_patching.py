@@ -7,16 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steerlens.analysis.patching import (
-    LayerPatcher,
-    Patch,
-    PatchingError,
-    head_patching,
-    kl_divergence,
-    make_patch,
-    patch_hooks,
-    summarize_patching,
-)
+from steerlens.analysis.patches import Patch, PatchingError, make_patch
+from steerlens.analysis.patching import LayerPatcher, head_patching, kl_divergence, patch_hooks, summarize_patching
 from steerlens.anatomy import decoder_layers, final_norm, model_shape
 from steerlens.backends import hf
 from steerlens.models import load_model

@@ -89,7 +89,7 @@ def test_pair_study_and_magnitude_sweep(tmp_path: Path, trained_toy_vectors: Pat
 def test_patched_accuracy_matches_the_steered_and_unsteered_runs(tmp_path: Path, trained_toy_vectors: Path) -> None:
     from dataclasses import replace
 
-    from steerlens.analysis.patching import Patch, make_patch
+    from steerlens.analysis.patches import Patch, make_patch
     from steerlens.analysis.studies import headline, patched_accuracy
     from steerlens.evaluation import evaluate
 

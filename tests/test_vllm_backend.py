@@ -18,12 +18,12 @@ pytest.importorskip("vllm")
 from steerlens.backends.vllm import (  # noqa: E402
     SteeredArchitecture,
     SteeredLLM,
-    SteeringProbe,
     SyncError,
     engine_logprobs,
     hf_sequence_logprobs,
     verify_push,
 )
+from steerlens.backends.vllm_checks import SteeringProbe  # noqa: E402
 from steerlens.backends.vllm_plugin import to_wire  # noqa: E402
 from steerlens.errors import ModelError, SteeringNotApplied  # noqa: E402
 from steerlens.models import load_model  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from steerlens.analysis.patching import Patch
+from steerlens.analysis.patches import Patch
 from steerlens.analysis.results import StudyResult
 from steerlens.backends.vector_bank import BASE
 from steerlens.evaluation.config import EvalConfig

