@@ -7,19 +7,27 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from steerlens.backends.hf import attach
-from steerlens.backends.vector_bank import BASE_SLOT, SCALE_ARG, SLOT_ARG
+from steerlens.backends.vector_bank import BASE_SLOT, SCALE_ARG, SLOT_ARG, SetChoice, VectorBank
 from steerlens.backends.vllm_requests import scored_logprobs, scoring_params, with_extra_args
 from steerlens.errors import SteeringNotApplied, SteerlensError
 from steerlens.vectors import ModelShape, SteeringVectors
 
-if TYPE_CHECKING:
-    from steerlens.backends.vllm import SteeredLLM
+
+class Engine(Protocol):
+    """What the checks use of a `SteeredLLM` (declared here so that this module does not import the engine's)."""
+
+    bank: VectorBank
+
+    def generate(
+        self, prompts: Sequence[Any], sampling: Any = None, vectors: SetChoice = None, **generate_kwargs: Any
+    ) -> list[Any]: ...
+
 
 VERIFY_PROMPT = "Question: what is 17 + 25?\nAnswer:"
 VERIFY_COMPLETION = " 17 + 25 = 42, so the answer is \\boxed{42}."
@@ -30,7 +38,7 @@ class SyncError(SteerlensError, RuntimeError):
 
 
 def engine_logprobs(
-    steering: SteeredLLM, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None
+    steering: Engine, prompt_ids: list[int], completion_ids: list[int], vectors: str | None = None
 ) -> torch.Tensor:
     """Log-probabilities the vLLM engine gives each token of `completion_ids` after `prompt_ids` under set
     `vectors` (None: the default set; "base": unsteered) and its loaded adapter (fp32, CPU)."""
@@ -142,7 +150,7 @@ def hf_sequence_logprobs(
 
 
 def verify_push(
-    steering: SteeredLLM,
+    steering: Engine,
     hf_model: nn.Module,
     tokenizer: Any,
     vectors: SteeringVectors | None,
