@@ -30,6 +30,7 @@ from steerlens.data.generated import generate
 from steerlens.io import append_jsonl, read_jsonl, write_json
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.job import train
+from steerlens.rl.report import no_signal_share
 from steerlens.rollout import make_rollout, sample_seed
 from steerlens.task import MathReward, is_success, template_prompt
 
@@ -59,19 +60,17 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             seconds = time.perf_counter() - start
             values = reward([c.text for g in groups for c in g], [p for p, g in zip(problems, groups) for _ in g])
-            n = cfg.generations
             ok = [is_success(reward, v) for v in values]
-            per_group = [ok[i : i + n] for i in range(0, len(ok), n)]
             tokens = sum(len(c.token_ids) for g in groups for c in g)
             rows.append(
                 {
                     "setting": text or "config",
-                    "generations": n,
+                    "generations": cfg.generations,
                     "temperature": cfg.temperature,
                     "max_new_tokens": cfg.max_new_tokens,
                     "success": sum(ok) / len(ok),
                     "truncated": sum(c.truncated for g in groups for c in g) / len(ok),
-                    "no_signal_groups": sum(len(set(g)) == 1 for g in per_group) / len(per_group),
+                    "no_signal_groups": no_signal_share([float(v) for v in values], cfg.generations),
                     "mean_tokens": tokens / len(ok),
                     "tokens_per_s": tokens / seconds,
                     "seconds": seconds,

@@ -4,7 +4,7 @@
 middleware (`--middleware`), the set names as extra served model names (so `/v1/models` lists them beside
 the base model, like `--lora-modules`), and its settings in the environment (`SERVE_SETTINGS`). At start-up
 (the ASGI lifespan, before the server accepts a connection) it makes the engine's workers fill their per-token
-slot buffers, proves that steering is applied (`backends.vllm.SteeringProbe`) and loads every set into the bank
+slot buffers, proves that steering is applied (`backends.vllm_checks.SteeringProbe`) and loads every set into the bank
 (see `backends.vector_bank`); if any of that fails, the server does not start: it prints one line
 (`STARTUP_FAILED` and the reason) and exits.
 

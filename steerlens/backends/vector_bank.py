@@ -3,7 +3,7 @@
 An engine's steered model keeps a bank of vector sets (see `vllm_plugin`): slot 0 is no steering, slot 1
 the engine's default set (what `SteeredLLM(model, vectors)` and `update(vectors)` write, and what a request
 that names no set gets), slots 2.. the named sets, and one last slot for the engine's start-up probe (a random
-set that proves steering is applied before anything is served; see `backends.vllm.SteeringProbe`).
+set that proves steering is applied before anything is served; see `backends.vllm_checks.SteeringProbe`).
 `VectorBank` is the bookkeeping beside it, in the process
 that sends requests (a `SteeredLLM`, or the OpenAI server's middleware): which slot each name has, its scale,
 its version, and how many requests are using it right now.

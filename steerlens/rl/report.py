@@ -36,11 +36,15 @@ class Scored:
         return cls(**joined, generations=parts[0].generations)
 
     def no_signal_share(self) -> float:
-        """The share of prompt groups whose rewards are all equal: their advantages are zero, so they give
-        no gradient."""
-        n = self.generations
-        groups = [self.rewards[i : i + n] for i in range(0, len(self.rewards), n)]
-        return sum(max(g) == min(g) for g in groups) / len(groups)
+        """The share of this step's prompt groups that give no gradient (`no_signal_share`)."""
+        return no_signal_share(self.rewards, self.generations)
+
+
+def no_signal_share(rewards: list[float], generations: int) -> float:
+    """The share of prompt groups (`generations` consecutive rewards each) whose rewards are all equal: their
+    advantages are zero, so they give no gradient."""
+    groups = [rewards[i : i + generations] for i in range(0, len(rewards), generations)]
+    return sum(max(g) == min(g) for g in groups) / len(groups)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from steerlens.rl.config import TrainConfig
 from steerlens.rl.job import job_context, job_model, math_problems, math_task, train
 from steerlens.rl.resume import plan_resume
 from steerlens.rl.step import PhaseClock
-from steerlens.rl.trainer import Trainer, TrainingError
-from steerlens.rollout import make_rollout
+from steerlens.rl.trainer import Trainer, TrainingError, training_rollout
 
 
 def train_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
@@ -61,17 +60,7 @@ def train_runs_together(runs: list[TrainConfig], names: list[str]) -> list[dict[
     ctx = job_context(first)
     try:
         model, tokenizer = job_model(first, ctx)
-        rollout = make_rollout(
-            model,
-            tokenizer,
-            engine=first.engine,
-            dtype=first.dtype,
-            gpu_memory_utilization=first.gpu_memory_utilization,
-            batch_size=first.micro_batch,
-            seed=first.seed,
-            max_model_len=first.max_model_len,
-            max_vector_sets=len(runs),
-        )
+        rollout = training_rollout(model, tokenizer, first, first.engine, max_vector_sets=len(runs))
         try:
             return train_together(
                 [

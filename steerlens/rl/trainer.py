@@ -425,16 +425,27 @@ class Trainer:
                 )
             engine = "hf"
         vllm = use_vllm(engine)
-        vectors = self.policy.vectors() if vllm else None  # HF generation runs the hooked model itself
-        return make_rollout(
+        return training_rollout(
             self.policy.model,
             self.tokenizer,
-            engine=engine,
-            vectors=vectors,
-            dtype=self.cfg.dtype,
-            gpu_memory_utilization=self.cfg.gpu_memory_utilization,
-            batch_size=self.cfg.micro_batch,
-            seed=self.cfg.seed,
-            max_model_len=self.cfg.max_model_len,
+            self.cfg,
+            engine,
+            vectors=self.policy.vectors() if vllm else None,  # HF generation runs the hooked model itself
             lora_rank=self.cfg.lora_rank if vllm and kind == "lora" else None,
         )
+
+
+def training_rollout(model: nn.Module, tokenizer: Any, cfg: TrainConfig, engine: str, **options: Any) -> Rollout:
+    """The rollout engine `engine` for `model` with a training config's settings (dtype, memory share, micro-batch,
+    seed, context length); `options` are `make_rollout`'s others (vectors, LoRA rank, number of vector sets)."""
+    return make_rollout(
+        model,
+        tokenizer,
+        engine=engine,
+        dtype=cfg.dtype,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        batch_size=cfg.micro_batch,
+        seed=cfg.seed,
+        max_model_len=cfg.max_model_len,
+        **options,
+    )
