@@ -23,6 +23,7 @@ from steerlens.anatomy import model_shape
 from steerlens.backends.hf import attach
 from steerlens.backends.vector_bank import BASE, SetChoice, VectorSetError, per_prompt
 from steerlens.backends.vllm import DEFAULT_VECTOR_SETS, SteeredLLM, lora_engine_options, require_vllm, vllm_available
+from steerlens.backends.vllm_weights import WeightPush, weight_transfer_options
 from steerlens.errors import SteerlensError
 from steerlens.models import load_model, resolve_model
 from steerlens.vectors import SteeringVectors
@@ -285,6 +286,7 @@ class VLLMRollout:
         self.stops = stop_token_ids(tokenizer)
         self._adapters: Path | None = None  # where `update_adapter` saves, created at its first push
         self._pushes = 0
+        self._weights: WeightPush | None = None  # `update_weights`'s transfer, built at its first push
 
     def update(self, vectors: SteeringVectors | None, name: str | None = None) -> None:
         """Copy new values into the engine's default set (None: unsteered), or into the named set `name`."""
@@ -312,6 +314,13 @@ class VLLMRollout:
         model.save_pretrained(folder)
         self.engine.load_adapter(folder)
         shutil.rmtree(self._adapters / f"v{self._pushes - 2}", ignore_errors=True)
+
+    def update_weights(self, model: nn.Module) -> None:
+        """Load every weight of the HF `model` as it is now into the engine (full tuning; CUDA vLLM started with
+        `full_weights`, see `backends.vllm_weights`)."""
+        if self._weights is None or self._weights.model is not model:
+            self._weights = WeightPush(self.engine, model)
+        self._weights.push()
 
     def close(self) -> None:
         """Shut the engine's processes down (and delete the adapter folders)."""
@@ -368,6 +377,7 @@ def make_rollout(
     max_model_len: int | None = None,
     lora_rank: int | None = None,
     max_vector_sets: int = DEFAULT_VECTOR_SETS,
+    full_weights: bool = False,
 ) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
@@ -375,7 +385,9 @@ def make_rollout(
     and vLLM loads the same checkpoint directory) or a name/path, loaded here. `vectors` steer the
     engine from the start; `seed` is vLLM's engine seed (requests carry their own seeds); `max_model_len`
     caps vLLM's context (None: the model's own); `lora_rank` starts vLLM ready to serve a LoRA adapter of
-    that rank (`VLLMRollout.update_adapter`); `max_vector_sets` sizes vLLM's bank of named sets (`add`).
+    that rank (`VLLMRollout.update_adapter`); `max_vector_sets` sizes vLLM's bank of named sets (`add`);
+    `full_weights` starts vLLM ready to take a fully tuned model's weights (`VLLMRollout.update_weights`; CUDA only,
+    refused in one line elsewhere).
     """
     if isinstance(model, nn.Module):
         config: Any = model.config
@@ -390,6 +402,8 @@ def make_rollout(
         options: dict[str, Any] = {} if max_model_len is None else {"max_model_len": max_model_len}
         if lora_rank is not None:
             options.update(lora_engine_options(lora_rank))
+        if full_weights:
+            options.update(weight_transfer_options(model if isinstance(model, nn.Module) else None))
         llm = SteeredLLM(
             source,
             vectors,

