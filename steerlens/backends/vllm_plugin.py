@@ -19,27 +19,27 @@ one returning `(hidden, residual)` whose sum the next layer's fused norm (or the
 `hidden` adds to the stream, last layer included. The decoder layers are found by
 `steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names.
 
-The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model runner's
-`_prepare_inputs` so that, once the scheduled batch is laid out, each token gets the slot and scale of its own
-request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default slot 1, scale 1). That is
-vLLM's V1 model runner (steerlens pins it: `VLLM_USE_V2_MODEL_RUNNER=0`); on a runner without it the install reports
-the runner's class instead of raising, because an error raised here reaches the host as a plain `Exception` (its
-type is lost in `collective_rpc`), and the host raises it. The forward pass itself runs no Python of ours beyond the
-add, and compiled or captured graphs stay valid, because the buffers are only ever written in place. Being buffers,
-not parameters, they are never expected in a checkpoint nor filled by dummy weight loading. Values arrive through
-`SteeringWorkerExtension` as in-place `copy_`s."""
+The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model runner
+(V1's or V2's, `vllm_runners`) so that, once the scheduled batch is laid out, each token gets the slot and scale of
+its own request (`SamplingParams.extra_args["steerlens_slot"]` and `["steerlens_scale"]`; default slot 1, scale 1).
+Where a configuration makes that impossible the install reports why instead of raising, because an error raised
+here reaches the host as a plain `Exception` (its type is lost in `collective_rpc`), and the host raises it.
+The forward pass itself runs no Python of ours beyond the add, and compiled or captured graphs stay valid,
+because the buffers are only ever written in place. Being buffers, not parameters, they are never expected in a
+checkpoint nor filled by dummy weight loading. Values arrive through `SteeringWorkerExtension` as in-place
+`copy_`s."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from steerlens.anatomy import decoder_layers
-from steerlens.backends.vector_bank import BASE_SLOT, DEFAULT_SLOT, SCALE_ARG, SLOT_ARG, bank_slots
+from steerlens.backends.vector_bank import DEFAULT_SLOT, bank_slots
+from steerlens.backends.vllm_runners import install_slot_fill
 from steerlens.errors import ModelError
 from steerlens.vectors import VectorsError
 
@@ -49,9 +49,6 @@ SLOTS = "steerlens_slots"
 SCALES = "steerlens_scales"
 VECTOR_SETS = "steerlens_vector_sets"  # the config attribute that sizes the bank (set by SteeredArchitecture)
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
-V1_RUNNER_PARTS = ("_prepare_inputs", "input_batch", "requests")  # what `fill_slots` reads from the model runner
-# dual batch overlap runs each micro-batch on a slice of the batch, whose tokens would read another slice's slots
-UBATCHING = "dual batch overlap"
 SKIP_FILL = "STEERLENS_TEST_SKIP_SLOT_FILL"  # "1": install nothing, as on a runner whose batches go unseen (tests)
 
 _layer_classes: dict[type, type] = {}
@@ -163,39 +160,6 @@ def steering_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return bank, slots, scales  # type: ignore[return-value]
 
 
-def request_steering(state: Any, sets: int) -> tuple[int, float]:
-    """The bank slot and scale a running request asked for (its sampling parameters' extra args; default
-    slot 1, scale 1)."""
-    params = getattr(state, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    slot, scale = extra.get(SLOT_ARG, DEFAULT_SLOT), extra.get(SCALE_ARG, 1.0)
-    if not isinstance(slot, int) or not 0 <= slot < sets:
-        raise VectorsError(f"request asks for steering slot {slot!r}; this engine's bank has slots 0-{sets - 1}")
-    return slot, float(scale)
-
-
-def staged(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """`values` as a CPU tensor of `like`'s dtype, pinned when `like` is on CUDA: a copy from pageable memory
-    ignores `non_blocking` and waits for the stream (vLLM pins its own staging buffers for this reason)."""
-    tensor = torch.from_numpy(values).to(like.dtype)
-    return tensor.pin_memory() if like.is_cuda else tensor
-
-
-def fill_slots(runner: Any, sets: int, slots: torch.Tensor, scales: torch.Tensor, scheduled: np.ndarray) -> None:
-    """Write each scheduled token's slot and scale, in the order the runner laid the batch out; every position
-    after them (the padding up to the CUDA-graph size the runner replays) gets slot 0 at scale 0, never a
-    slot left over from an earlier batch (docs/vllm-cuda.md)."""
-    batch = runner.input_batch
-    chosen = [request_steering(runner.requests[req_id], sets) for req_id in batch.req_ids[: batch.num_reqs]]
-    tokens = int(scheduled.sum())
-    slot_values = np.repeat(np.array([slot for slot, _ in chosen], dtype=np.int64), scheduled)
-    scale_values = np.repeat(np.array([scale for _, scale in chosen], dtype=np.float32), scheduled)
-    slots[:tokens].copy_(staged(slot_values, slots), non_blocking=True)
-    scales[:tokens, 0].copy_(staged(scale_values, scales), non_blocking=True)
-    slots[tokens:].fill_(BASE_SLOT)
-    scales[tokens:].zero_()
-
-
 def to_wire(values: torch.Tensor) -> tuple[bytes, list[int]]:
     """`values` as raw fp32 bytes plus shape: collective_rpc's msgpack carries bytes, not tensors
     (tensors would need VLLM_ALLOW_INSECURE_SERIALIZATION)."""
@@ -214,25 +178,13 @@ class SteeringWorkerExtension:
     model_runner: Any
 
     def steerlens_install(self) -> str | None:
-        """Make this worker fill the slot buffers before every forward pass (idempotent). Returns None, or
-        the model runner's class when it lacks what the fill reads (`V1_RUNNER_PARTS`): the host raises."""
+        """Make this worker fill the slot buffers before every forward pass (idempotent; `vllm_runners`).
+        Returns None, or why this runner's batches cannot be steered: the host raises it."""
         runner = self.model_runner
         bank, slots, scales = steering_buffers(runner.get_model())
-        if getattr(getattr(runner, "parallel_config", None), "use_ubatching", False):
-            return UBATCHING
-        if not all(hasattr(runner, part) for part in V1_RUNNER_PARTS):
-            return f"{type(runner).__module__}.{type(runner).__qualname__}"
-        prepare = runner._prepare_inputs
-        if not getattr(prepare, "steerlens", False) and os.environ.get(SKIP_FILL) != "1":
-
-            def prepare_with_slots(scheduler_output: Any, scheduled: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-                result = prepare(scheduler_output, scheduled, *args, **kwargs)
-                fill_slots(runner, int(bank.shape[1]), slots, scales, scheduled)
-                return result
-
-            prepare_with_slots.steerlens = True  # type: ignore[attr-defined]
-            runner._prepare_inputs = prepare_with_slots
-        return None
+        if os.environ.get(SKIP_FILL) == "1":
+            return None
+        return install_slot_fill(runner, int(bank.shape[1]), slots, scales)
 
     def steerlens_write(self, slot: int, data: bytes, shape: list[int]) -> None:
         """Copy the `[L, d]` values in `data` (see `to_wire`) into bank slot `slot` of this worker, in place."""
