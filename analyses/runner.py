@@ -7,12 +7,16 @@ root on `sys.path` to import this module as `analyses.runner`.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from steerlens.config import build_config, read_config
+from steerlens.io import write_jsonl
 from steerlens.rl.config import TrainConfig
+from steerlens.rl.job import math_problems
 
 
 def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -> tuple[dict[Any, Any], Path]:
@@ -26,14 +30,14 @@ def runner_settings(doc: str, folder: Path, argv: Sequence[str] | None = None) -
 
 
 def training_config(preset: Path, out_dir: Path, steps: int, **overrides: Any) -> TrainConfig:
-    """The training preset for `steps` steps into `out_dir`, saved once at the end, with no held-out report or
-    progress bar, resuming what an earlier run left there; `overrides` set further keys (checked as a file's)."""
+    """The training preset for `steps` steps into `out_dir`, with no held-out report or progress bar, resuming
+    what an earlier run left there (checkpoints every preset `save_every` steps, so a stopped run loses at most
+    that many); `overrides` set further keys (checked as a file's)."""
     return build_config(
         TrainConfig,
         preset,
         {
             "steps": steps,
-            "save_every": steps,
             "eval_data": None,
             "progress": False,
             "out_dir": str(out_dir),
@@ -41,3 +45,14 @@ def training_config(preset: Path, out_dir: Path, steps: int, **overrides: Any) -
             **overrides,
         },
     )
+
+
+def heldout_benchmark(preset: Path, path: Path) -> str:
+    """The preset's fixed held-out set (the problems its training runs report on, the same for every training
+    seed) written once to `path` (JSONL), as a `steerlens eval` benchmark entry `word-arith=<path>`."""
+    if not path.is_file():
+        cfg = build_config(TrainConfig, preset)
+        with tempfile.TemporaryDirectory() as scratch:
+            _, held_out = math_problems(replace(cfg, out_dir=scratch))
+        write_jsonl(path, [{"problem": p.problem, "answer": p.answer} for p in held_out])
+    return f"word-arith={path}"

@@ -135,8 +135,6 @@ def test_runners_build_the_configs_their_command_lines_did(tmp_path: Path, runne
             "1",
             "--steps",
             "12",
-            "--save-every",
-            "12",
             "--eval-data",
             "null",
             "--no-progress",
@@ -150,10 +148,8 @@ def test_runners_build_the_configs_their_command_lines_did(tmp_path: Path, runne
         EvalConfig,
         None,
         [
-            "--benchmarks",
-            "word-arith",
             "--limit",
-            "64",
+            "128",
             "--max-new-tokens",
             "48",
             "--decoding",
@@ -182,3 +178,17 @@ def test_help_is_one_short_clause_and_the_docstring_explains_each_field() -> Non
         own = set(cls.__annotations__)  # the fields the class declares itself
         undocumented = sorted(name for name in own if f"`{name}`" not in (cls.__doc__ or ""))
         assert not undocumented, f"{cls.__name__}'s docstring does not explain {undocumented}"
+
+
+def test_the_heldout_benchmark_is_the_presets_fixed_heldout_set(tmp_path: Path, runner: ModuleType) -> None:
+    """Table 1 and the mechanisms evaluate on the very problems every training run of the preset reports on."""
+    from steerlens.data.problems import load_problems
+    from steerlens.rl.job import math_problems
+
+    preset, path = ROOT / "analyses" / "presets" / "smollm2-135m-word-arith.yaml", tmp_path / "heldout.jsonl"
+    assert runner.heldout_benchmark(preset, path) == f"word-arith={path}"
+    cfg = build_config(TrainConfig, preset, {"out_dir": str(tmp_path / "run"), "seed": 3})
+    _, held_out = math_problems(cfg)
+    written = load_problems(path)
+    assert len(written) == cfg.eval_problems == 128
+    assert [(p.problem, p.answer) for p in written] == [(p.problem, p.answer) for p in held_out]

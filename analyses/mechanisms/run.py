@@ -50,7 +50,7 @@ from steerlens.serving import LocalServer
 from steerlens.vectors import SteeringVectors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
-from analyses.runner import runner_settings, training_config
+from analyses.runner import heldout_benchmark, runner_settings, training_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,10 +78,11 @@ class Table1:
             raise SystemExit(f"Table 1's results are missing ({', '.join(missing)}): run analyses/table1/run.py first")
         self.kept_lr = float(json.loads((results / "kept_lr.json").read_text())["steering"])
         self.accuracy = pd.read_csv(results / "accuracy.csv")
-        self.eval = build_config(EvalConfig, None, self.settings["eval"])
+        heldout = heldout_benchmark(self.dir / self.settings["preset"], results / "heldout.jsonl")
+        self.eval = build_config(EvalConfig, None, {**self.settings["eval"], "benchmarks": [heldout]})
         self.seeds = {
             f"seed{seed}": SteeringVectors.load(results / "vectors" / f"steering-seed{seed}.safetensors")
-            for seed in self.settings["seeds"]
+            for seed in self.settings["seeds"]["steering"]
         }
 
 
@@ -126,7 +127,7 @@ def seed_swap(settings: dict[str, Any], table1: Table1, runs: Path) -> StudyResu
 def single_layer(settings: dict[str, Any], table1: Table1, runs: Path, out: Path) -> StudyResult:
     """Single-layer vectors (trained together, Table 1's settings at a hotter rate) against all layers (seed 0)."""
     t1 = table1.settings
-    seed = t1["seeds"][0]
+    seed = t1["seeds"]["steering"][0]
     cfg = training_config(
         table1.dir / t1["preset"],
         runs / "single",
