@@ -164,7 +164,7 @@ def verify_push(
 
     `hf_model` must be the unsteered base model (the vectors, times the set's scale, are attached here for
     the comparison); with `vectors=None` it is compared as it is (a LoRA push: the peft model with its
-    adapter). Raises `SyncError` if the difference exceeds `atol`.
+    adapter; a full-tuning push: the tuned model). Raises `SyncError` if the difference exceeds `atol`.
     """
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
@@ -175,7 +175,7 @@ def verify_push(
     diff = float((engine - reference).abs().max())
     if not diff <= atol:  # also catches NaN
         what = "the default set" if name is None else f"vector set {name!r}"
-        hf_side = "steered by the pushed vectors" if vectors is not None else "and its adapter"
+        hf_side = "steered by the pushed vectors" if vectors is not None else "as it is (its adapter or pushed weights)"
         raise SyncError(
             f"vLLM ({what}) disagrees with the HF model {hf_side}: "
             f"max |Δ log-prob| = {diff:.3g} > atol {atol:g} over {len(completion_ids)} tokens. The engine is not "
