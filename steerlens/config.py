@@ -4,7 +4,8 @@ Each field carries a one-clause help text in `field(metadata={"help": ...})` (`o
 CLI's option list and the YAML comments; the class docstring explains the fields. A config is built from defaults,
 then a YAML file, then `--key value` / `key=value` overrides; unknown keys and ill-typed values are
 errors that name the key, the source and what was expected. Numbers must be finite, and config files
-are read with limits (size, UTF-8 text, YAML aliases), so a damaged or hostile file fails fast in one line.
+are read with limits (size, UTF-8 text, YAML aliases) and unique keys (a key written twice in one mapping is
+refused with both lines), so a damaged or hostile file fails fast in one line.
 """
 
 from __future__ import annotations
@@ -56,6 +57,29 @@ class _Loader(yaml.SafeLoader):
                     self.peek_event().start_mark,
                 )
         return super().compose_node(parent, index)
+
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        """A mapping as written, refused when a key appears twice in it: YAML requires unique keys, and PyYAML
+        would keep the last one silently. Keys merged in by `<<` may be overridden (they are not written here)."""
+        node = super().compose_mapping_node(anchor)
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)  # as Python sees it: `1` and `0x1`, `yes` and `true` collide
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable: the constructor refuses it with its own message
+                continue
+            if first is not key_node:
+                a, b = first.start_mark.line + 1, key_node.start_mark.line + 1
+                where = f"on line {a} twice" if a == b else f"on lines {a} and {b}"
+                if first.value == key_node.value:
+                    problem = f"duplicate key {_show(key)} {where}"
+                else:  # written differently, read the same
+                    problem = f"duplicate key {_show(key)} {where} (written {first.value!r} and {key_node.value!r})"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+        return node
 
 
 def _parse_yaml(text: str, source: str) -> Any:

@@ -192,3 +192,31 @@ def test_the_heldout_benchmark_is_the_presets_fixed_heldout_set(tmp_path: Path, 
     written = load_problems(path)
     assert len(written) == cfg.eval_problems == 128
     assert [(p.problem, p.answer) for p in written] == [(p.problem, p.answer) for p in held_out]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("steps: 3\nlr: 0.1\nsteps: 5\n", "line 3, column 1: duplicate key 'steps' on lines 1 and 3"),
+        ("eval:\n  limit: 1\n  seeds: [0]\n  limit: 2\n", "line 4, column 3: duplicate key 'limit' on lines 2 and 4"),
+        ("runs:\n  - {a: 1, a: 2}\n", "line 2, column 12: duplicate key 'a' on line 2 twice"),
+        ("runs:\n  - a: 1\n    b: 2\n    a: 3\n", "line 4, column 5: duplicate key 'a' on lines 2 and 4"),
+        ("1: x\n0x1: y\n", "line 2, column 1: duplicate key 1 on lines 1 and 2 (written '1' and '0x1')"),
+    ],
+    ids=["top level", "nested", "flow mapping", "mapping in a list", "written differently"],
+)
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path: Path, text: str, problem: str) -> None:
+    """PyYAML keeps the last of two equal keys silently; a config file names the key and both of its lines."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_config(path)
+    assert str(err.value) == f"{path}: not valid YAML ({problem})"
+    with pytest.raises(ConfigError, match="duplicate key"):
+        build_config(TrainConfig, None, ["--layers", "{a: 1, a: 2}"])  # a flag's value is YAML too
+
+
+def test_keys_merged_in_may_be_overridden_and_equal_keys_may_sit_in_different_mappings(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("base: &b {lr: 1, steps: 2}\nrun:\n  <<: *b\n  lr: 3\nother: {lr: 4}\n")
+    assert read_config(path) == {"base": {"lr": 1, "steps": 2}, "run": {"lr": 3, "steps": 2}, "other": {"lr": 4}}
