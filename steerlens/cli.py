@@ -218,12 +218,12 @@ def serve(
         if files or allow_vector_loading or api_key
         else None
     )
+    command = server_command(model, port, host=host, max_model_len=max_model_len, steering=steering)
     names = ", ".join([model, *files])
     typer.echo(
         f"serving {names} at http://{host}:{port}/v1 (export OPENAI_BASE_URL=http://{host}:{port}/v1); Ctrl-C stops it",
         err=True,
     )
-    command = server_command(model, port, host=host, max_model_len=max_model_len, steering=steering)
     os.execve(command[0], command, server_environment(steering))
 
 

@@ -62,6 +62,61 @@ def resolve_model(name_or_path: str | Path) -> str:
     return key
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def context_length(model: str) -> int | None:
+    """The model's own context in tokens, from its config alone: the smallest of the lengths it declares (what
+    vLLM takes as `max_model_len` when none is given); None if it declares none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
+    lengths = [value for key in CONTEXT_KEYS if isinstance(value := getattr(config, key, None), int) and value > 0]
+    return min(lengths) if lengths else None
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+STEERLENS_FORMAT_KEY = "format"  # a steerlens vectors file's header names its format under this key
+
+
+def stray_weight_files(folder: str | Path) -> list[tuple[Path, str]]:
+    """The `*.safetensors` in a model folder that vLLM would load as weights but that are not the model's: each
+    with what it is. vLLM loads every top-level `*.safetensors` unless the folder's weight index lists the
+    shards; without one, a steerlens vectors file (known by its header) or any file beside `model.safetensors`
+    is not a model shard."""
+    from safetensors import safe_open
+
+    path = Path(folder)
+    if not path.is_dir() or (path / WEIGHTS_INDEX).is_file():
+        return []
+    files = sorted(path.glob("*.safetensors"))
+    strays = []
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                header = handle.metadata() or {}
+        except Exception:  # noqa: BLE001 - an unreadable file is vLLM's to report
+            header = {}
+        if str(header.get(STEERLENS_FORMAT_KEY, "")).startswith("steerlens.vectors"):
+            strays.append((file, "a steerlens vectors file"))
+        elif file.name != "model.safetensors" and (path / "model.safetensors").is_file():
+            strays.append((file, "not a shard of the model (its weights are model.safetensors)"))
+    return strays
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Refuse, in one line, a model folder holding a `*.safetensors` that vLLM would load as weights but is not
+    the model's (see `stray_weight_files`): vLLM would fail on it with "no module or parameter named ..."."""
+    strays = stray_weight_files(folder)
+    if strays:
+        file, what = strays[0]
+        others = f" (and {len(strays) - 1} more)" if len(strays) > 1 else ""
+        raise ModelError(
+            f"{file} is {what}, inside the model folder {file.parent}{others}: vLLM would load it as model "
+            "weights and fail; move it out of the folder"
+        )
+
+
 def config_shape(model: str) -> ModelShape:
     """Layer count and hidden size from the model's config alone (no weights loaded)."""
     from transformers import AutoConfig

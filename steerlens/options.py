@@ -6,11 +6,20 @@ and YAML files and `--key value` flags stay flat.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from steerlens.config import option
-from steerlens.rollout import Sampling
+from steerlens.data import DataError, Problem
+from steerlens.models import context_length, resolve_model
+from steerlens.rollout import Sampling, encode_prompt
+from steerlens.task import template_prompt
+
+LOG = logging.getLogger("steerlens")
+LISTED = 5  # too-long problems named in the line; the rest are counted
 
 
 @dataclass
@@ -53,6 +62,11 @@ class DataOptions:
     - `answer_fallback`: a completion without a `\boxed{}` (or `<answer>`) answer: `none` scores it wrong (the
       paper); `last_number` verifies its last number instead, for models that compute but never box (the
       boxed share is reported as `formatted_rate`).
+    - `too_long`: problems whose prompt (after the template, in the model's tokens) leaves no room for
+      `max_new_tokens` in the engine's context (`max_model_len`, else the model's own): `error` stops before
+      the engine starts, naming them (index and length) in one line per file; `skip` leaves them out of
+      generation and says so in that line; an evaluation records each as wrong, in rows marked `skipped`,
+      training leaves them out.
     """
 
     problem_key: str | None = option(None, "column holding the problem (default: recognised per dataset)")
@@ -65,6 +79,9 @@ class DataOptions:
     )
     answer_fallback: Literal["none", "last_number"] = option(
         "none", "a completion without a boxed answer: none = wrong, last_number = its last number verified"
+    )
+    too_long: Literal["error", "skip"] = option(
+        "error", "prompts too long for the context with max_new_tokens: error (stop, listing them) or skip (wrong)"
     )
 
 
@@ -109,3 +126,50 @@ def option_checks(opts: SharedOptions) -> list[tuple[bool, str]]:
         (opts.temperature > 0, "temperature must be > 0 (greedy decoding is decoding=greedy in eval)"),
         (0 < opts.top_p <= 1, "top_p must be in (0, 1]"),
     ]
+
+
+def too_long_problems(problems: Sequence[Problem], source: str, opts: SharedOptions, tokenizer: Any) -> dict[int, int]:
+    """The problems of `source` whose prompt cannot be generated from in full: index -> prompt tokens.
+
+    A prompt is counted in the tokenizer's ids after the template (as the engines encode it) and must leave
+    `max_new_tokens` in the engine's context (`max_model_len`, else the model's own), so every problem gets the
+    same completion budget: vLLM refuses a longer prompt, and cuts short a completion that runs into the end of
+    its context. `opts.too_long` decides: `error` raises one line naming them (index and length), `skip` logs
+    that line and returns them for the caller to leave out. Nothing to check for a model without a context."""
+    context = opts.max_model_len or context_length(opts.model)
+    if context is None or not problems:
+        return {}
+    room = context - opts.max_new_tokens
+    prompt = template_prompt(tokenizer, opts.template)
+    lengths = {i: len(encode_prompt(tokenizer, prompt(problem))) for i, problem in enumerate(problems)}
+    long = {i: n for i, n in lengths.items() if n > room}
+    if not long:
+        return {}
+    where = f"max_model_len {context}" if opts.max_model_len else f"the model's context of {context}"
+    named = ", ".join(f"problem {i} ({n} tokens)" for i, n in list(long.items())[:LISTED])
+    more = f" and {len(long) - LISTED} more" if len(long) > LISTED else ""
+    message = (
+        f"{source}: {len(long)} of {len(problems)} prompts leave no room for max_new_tokens {opts.max_new_tokens} "
+        f"in {where} tokens (at most {max(room, 0)} prompt tokens): {named}{more}"
+    )
+    if opts.too_long == "error":
+        raise DataError(f"{message}; shorten or remove them, raise --max-model-len, or pass --too-long skip")
+    LOG.warning("%s; skipped them (an evaluation scores them wrong, training leaves them out)", message)
+    return long
+
+
+@functools.lru_cache(maxsize=4)
+def model_tokenizer(model: str) -> Any:
+    """The tokenizer of `model` (a short name, directory or hub id), loaded once per model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+def fitting_problems(problems: Sequence[Problem], source: str, opts: SharedOptions) -> list[Problem]:
+    """`problems` without those too long for the engine's context (see `too_long_problems`; `error` raises)."""
+    long = too_long_problems(problems, source, opts, model_tokenizer(opts.model))
+    kept = [problem for i, problem in enumerate(problems) if i not in long]
+    if problems and not kept:
+        raise DataError(f"{source}: no problem fits the engine's context; nothing is left to generate from")
+    return kept

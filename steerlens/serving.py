@@ -35,11 +35,13 @@ from steerlens.backends.vllm import (
     SteeredArchitecture,
     check_plugin_visible,
     pin_v1_model_runner,
+    root_cause,
+    shorten,
     use_every_core_on_small_cpus,
 )
 from steerlens.backends.vllm_plugin import VECTOR_SETS, WORKER_EXTENSION
 from steerlens.errors import SteerlensError
-from steerlens.models import config_shape, resolve_model
+from steerlens.models import check_weight_files, config_shape, resolve_model
 from steerlens.serving_middleware import SERVE_SETTINGS, STARTUP_FAILED, ServeSettings, SteeringMiddleware
 from steerlens.vectors import SteeringVectors
 
@@ -109,6 +111,7 @@ def server_command(
     from steerlens.backends.vllm import CPU_ENGINE_DEFAULTS
 
     source = resolve_model(model)
+    check_weight_files(source)
     names = [model, *(steering.sets if steering else [])]
     command = [
         sys.executable,
@@ -200,6 +203,8 @@ class LocalServer:
             if self.process.poll() is not None:
                 if refusal := self.startup_refusal():
                     raise ServerError(f"vllm serve {self.model} did not start: {refusal}")
+                if cause := root_cause(self.log_tail(chars=1 << 20)):
+                    raise ServerError(f"vllm serve {self.model} did not start: {shorten(cause)} (log: {self.log_path})")
                 raise ServerError(
                     f"vllm serve {self.model} exited with code {self.process.returncode}:\n{self.log_tail()}"
                 )

@@ -243,6 +243,8 @@ def test_verdicts_follow_the_template_answer_format(tmp_path: Path) -> None:
                 "greedy",
                 "--max-new-tokens",
                 "8",
+                "--max-model-len",  # r1's prompts (~440 tokens) are longer than the toy model's 256 positions
+                "1024",
             ),
         )
     )

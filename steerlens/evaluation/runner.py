@@ -29,6 +29,7 @@ from steerlens.evaluation.benchmarks import BenchmarkSpec, parse_benchmark
 from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import combine_runs, write_run_tables
 from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_json, write_jsonl, write_text
+from steerlens.options import model_tokenizer, too_long_problems
 from steerlens.rollout import Rollout, make_rollout, sample_seed
 from steerlens.task import MathReward, PromptFn, check_answers, template_prompt
 from steerlens.vectors import SteeringVectors
@@ -134,20 +135,57 @@ def samples_per_problem(cfg: EvalConfig, spec: BenchmarkSpec) -> int:
     return 1 if cfg.greedy else (cfg.samples or spec.protocol.k)
 
 
-def load_runs(runs: list[SetRun]) -> dict[str, list[Problem]]:
+Skipped = dict[str, dict[int, int]]  # benchmark name -> {problem index: prompt tokens} too long to generate from
+
+
+def load_runs(runs: list[SetRun]) -> tuple[dict[str, list[Problem]], Skipped]:
     """Check that each run's folder may hold it and load its benchmarks (each generated one is written into
-    the run's folder): done before any engine starts, so bad input fails fast. Problems by benchmark name."""
-    problems = {}
+    the run's folder), and check every prompt against the engine's context (`too_long_problems`): done before
+    any engine starts, so bad input fails fast. Problems by benchmark name, and the problems to skip."""
+    problems: dict[str, list[Problem]] = {}
+    skipped: Skipped = {}
     for run in runs:
         check_resumable(run.cfg, Path(run.cfg.out_dir))
         for entry in run.cfg.benchmarks:
             spec = parse_benchmark(entry)
             problems[spec.name] = load_benchmark(spec, run.cfg, Path(run.cfg.out_dir))
-    return problems
+            if spec.name not in skipped:
+                tokenizer = model_tokenizer(run.cfg.model)
+                skipped[spec.name] = too_long_problems(problems[spec.name], spec.source, run.cfg, tokenizer)
+    return problems, skipped
 
 
-def run_pass(engine: Rollout, runs: list[SetRun], problems: dict[str, list[Problem]]) -> dict[Path, pd.DataFrame]:
-    """Generate and verify every run's missing samples of `problems` (`load_runs`) in one pass: for each seed,
+def skipped_rows(
+    spec: BenchmarkSpec, problems: list[Problem], seed: int, k: int, long: dict[int, int]
+) -> list[dict[str, Any]]:
+    """The rows of problems left out as too long: `k` wrong samples each, marked `skipped` with the reason."""
+    return [
+        {
+            "benchmark": spec.name,
+            "seed": seed,
+            "index": i,
+            "id": problems[i].id,
+            "sample": j,
+            "prompt": "",
+            "completion": "",
+            "extracted": None,
+            "formatted": False,
+            "gold": problems[i].answer,
+            "correct": False,
+            "tokens": 0,
+            "truncated": False,
+            "skipped": f"too long: {tokens} prompt tokens",
+        }
+        for i, tokens in sorted(long.items())
+        for j in range(k)
+    ]
+
+
+def run_pass(
+    engine: Rollout, runs: list[SetRun], problems: dict[str, list[Problem]], skipped: Skipped | None = None
+) -> dict[Path, pd.DataFrame]:
+    """Generate and verify every run's missing samples of `problems` (`load_runs`) in one pass (the `skipped`
+    problems are not generated: each gets `k` wrong rows marked `skipped`): for each seed,
     benchmark and chunk of problems, one engine call per decoding holds every run that still needs them,
     each request under its run's vector set. Each run appends its own JSONL a chunk at a time, so any run
     resumes on its own; its samples equal those of the run evaluated alone (seeds depend only on the
@@ -179,6 +217,14 @@ def run_pass(engine: Rollout, runs: list[SetRun], problems: dict[str, list[Probl
                     for r, run in enumerate(runs)
                     if seed in run.seeds
                 }
+                long = (skipped or {}).get(spec.name, {})
+                for r, indices in todo.items():
+                    if left_out := {i: long[i] for i in indices & long.keys()}:
+                        k = samples_per_problem(runs[r].cfg, spec)
+                        rows = skipped_rows(spec, problems[spec.name], seed, k, left_out)
+                        append_jsonl(samples_path(Path(runs[r].cfg.out_dir), spec.name, seed), rows)
+                        indices -= left_out.keys()
+                        bar.update(len(left_out))
                 for chunk in chunks(sorted(set().union(*todo.values())), first.chunk_problems):
                     for greedy in (True, False):
                         group = [
@@ -269,7 +315,7 @@ def evaluate(
     elif vectors is not None and not cfg.vectors:
         cfg = replace(cfg, vectors=vectors.fingerprint())
     runs = [SetRun(cfg, None)]
-    problems = load_runs(runs)
+    problems, skipped = load_runs(runs)
     own_engine = engine is None
     if engine is None:
         engine = start_engine(cfg, Path(cfg.out_dir), vectors)
@@ -278,7 +324,7 @@ def evaluate(
     else:
         engine.update(vectors)
     try:
-        (samples,) = run_pass(engine, runs, problems).values()
+        (samples,) = run_pass(engine, runs, problems, skipped).values()
     finally:
         if own_engine:
             engine.close()
@@ -307,7 +353,7 @@ def evaluate_sets(
         )
         for name, vectors in sets.items()
     }
-    problems = load_runs(list(runs.values()))
+    problems, skipped = load_runs(list(runs.values()))
     own_engine = engine is None
     if engine is None:
         engine = start_engine(cfg, out_dir, max_vector_sets=sum(vectors is not None for vectors in sets.values()))
@@ -317,7 +363,7 @@ def evaluate_sets(
             if vectors is not None:
                 engine.add(name, vectors)
                 loaded.append(name)
-        samples = run_pass(engine, list(runs.values()), problems)
+        samples = run_pass(engine, list(runs.values()), problems, skipped)
     finally:
         for name in loaded:
             engine.remove(name)

@@ -13,6 +13,7 @@ from torch import nn
 from steerlens.data import Problem, load_problems
 from steerlens.data.generated import HELDOUT, generator_of, materialize
 from steerlens.models import load_model
+from steerlens.options import fitting_problems
 from steerlens.rl import distributed as D
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.resume import plan_resume
@@ -49,7 +50,8 @@ def math_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
         problems = check_answers(problems, cfg.data, cfg.bad_answers)
     if cfg.eval_data and generator_of(cfg.eval_data) is None:
         held_out = check_answers(held_out, cfg.eval_data, cfg.bad_answers)
-    return problems, held_out
+    held_out = fitting_problems(held_out, cfg.eval_data or "", cfg) if held_out else held_out
+    return fitting_problems(problems, cfg.data, cfg), held_out
 
 
 def math_task(cfg: TrainConfig, tokenizer: Any, split: tuple[list[Problem], list[Problem]]) -> Task:
