@@ -223,7 +223,7 @@ def run_pass(
                         k = samples_per_problem(runs[r].cfg, spec)
                         rows = skipped_rows(spec, problems[spec.name], seed, k, left_out)
                         append_jsonl(samples_path(Path(runs[r].cfg.out_dir), spec.name, seed), rows)
-                        indices -= left_out.keys()
+                        indices.difference_update(left_out)
                         bar.update(len(left_out))
                 for chunk in chunks(sorted(set().union(*todo.values())), first.chunk_problems):
                     for greedy in (True, False):
