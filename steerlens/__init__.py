@@ -19,7 +19,6 @@ reward pool, vLLM's workers) does not import the trainer, pandas or transformers
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -56,10 +55,7 @@ _HOMES = {
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _SUBMODULES = {"vllm": "steerlens.backends.vllm"}
 
-try:
-    __version__ = version("steerlens")
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+__version__ = "0.1.0"  # the one place the version is written; pyproject.toml reads it (a dynamic version)
 
 __all__ = sorted([*_HOME_OF, *_SUBMODULES, "__version__"])
 
