@@ -30,6 +30,7 @@ RESUME_FREE_FIELDS = (
     "logprob_chunk_tokens",
     "activation_checkpointing",
     "share_prompt_forward",
+    "report_to",
 )
 
 
@@ -102,6 +103,9 @@ class TrainConfig(SharedOptions):
     - `allow_config_change`: let `resume` continue with changed result-affecting settings; the change is
       recorded in `config_changes.jsonl`.
     - `progress`: show a live progress bar.
+    - `report_to`: experiment trackers that mirror `metrics.jsonl`, the config and the summary, as in TRL:
+      `tensorboard` (event files in `out_dir`), `wandb` (an offline run in `out_dir/wandb`), both, or `none`
+      (needs `pip install 'steerlens[tracking]'`; see `steerlens.rl.tracking`).
     """
 
     # what is trained
@@ -174,6 +178,9 @@ class TrainConfig(SharedOptions):
         False, "let --resume continue with changed result-affecting settings (recorded in config_changes.jsonl)"
     )
     progress: bool = option(True, "show a live progress bar")
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = option(
+        ["none"], "experiment trackers: none, tensorboard, wandb (offline), or several, comma-separated"
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -198,6 +205,11 @@ class TrainConfig(SharedOptions):
             (self.max_grad_norm > 0 and self.verify_atol > 0, "max_grad_norm and verify_atol must be > 0"),
             (self.verify_every >= 0, "verify_every must be >= 0"),
             (self.trainable == "steering" or self.layers is None, "layers applies only to trainable=steering"),
+            (
+                len(set(self.report_to)) == len(self.report_to)
+                and ("none" not in self.report_to or len(self.report_to) == 1),
+                "report_to lists each tracker once, and none alone",
+            ),
         ]
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:

@@ -36,6 +36,7 @@ from steerlens.rl.report import RunSummary, Scored, StepMetrics, UpdateResult
 from steerlens.rl.resume import CHANGES, plan_resume
 from steerlens.rl.signal import SignalMonitor
 from steerlens.rl.step import PhaseClock, Rollouts, StepPrompts, batch_indices, due
+from steerlens.rl.tracking import Trackers, make_trackers
 from steerlens.rl.update import layer_checkpointing, micro_batch_loss, micro_batches
 from steerlens.rollout import Completion, HFRollout, Rollout, VLLMRollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import Task, is_success
@@ -103,6 +104,7 @@ class Trainer:
         self.nan_streak = 0  # steps skipped in a row for a non-finite loss or gradient
         self.heldout_before: float | None = None
         self.bar: tqdm | None = None
+        self.trackers = Trackers([])  # TensorBoard / W&B (`report_to`), opened by `begin`
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -285,10 +287,12 @@ class Trainer:
         return Scored.merge(D.gather(self.ctx, local))
 
     def log(self, metrics: StepMetrics) -> None:
-        """Append the step's row to metrics.jsonl, show it on the progress bar, warn when the signal is gone."""
+        """Append the step's row to metrics.jsonl and the trackers, show it on the progress bar, warn when the signal
+        is gone."""
         if not self.ctx.is_main:
             return
         append_jsonl(self.metrics_path, metrics.row())
+        self.trackers.log_step(metrics.step, metrics.row())
         assert self.bar is not None
         self.bar.set_postfix(
             reward=f"{metrics.reward_mean:+.3f}",
@@ -329,6 +333,7 @@ class Trainer:
         """Start or resume; returns the first step to run. The engine is synced and verified, and on a fresh
         start the held-out accuracy is measured."""
         start_step = self._resume()
+        self.trackers = make_trackers(self.cfg.report_to, self.out, asdict(self.cfg), self.ctx.rank, start_step)
         self.push(verify=True)
         if start_step == 0 and self.ctx.is_main:
             self.heldout_before = self.accuracy(self.eval_set)
@@ -366,6 +371,8 @@ class Trainer:
                 config=asdict(self.cfg),
             ).as_dict()
             write_json(self.out / "summary.json", summary)
+            self.trackers.log_summary(summary)
+        self.trackers.close()
         close = getattr(self.reward, "close", None)
         if callable(close):
             close()
