@@ -356,12 +356,11 @@ class SteeredLLM:
             from vllm import LLM
 
             settings = {**engine_defaults(), **llm_kwargs}
+            refusal: SteerlensError | None = None
             try:
                 self.llm = LLM(model=source, hf_overrides=overrides, worker_extension_cls=WORKER_EXTENSION, **settings)
             except (ValueError, RuntimeError) as err:  # vLLM's config validation, or its engine process, refused
                 refusal = engine_refusal(source, err, output)
-            else:
-                refusal = None
         if refusal is not None:
             raise refusal from None
         output.release()

@@ -19,6 +19,7 @@ NON_RESULT_FIELDS = (
     "chunk_problems",
     "label",
     "model_label",
+    "too_long",  # an `error` run wrote nothing to mix with; `skip` rows are marked `skipped` in the samples
 )
 
 
