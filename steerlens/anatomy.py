@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from steerlens.errors import ModelError
-from steerlens.vectors import ModelShape
+from steerlens.vectors import BaseModel, ModelShape
 
 # Architectures whose decoder layers are not found by name (or to pin a path); one line per exception.
 LAYER_PATHS: dict[str, str] = {
@@ -89,6 +89,7 @@ def model_shape(model: nn.Module, name: str = "") -> ModelShape:
         hidden_size=int(text_config.hidden_size),
         name=name or str(getattr(config, "_name_or_path", "")),
         architecture=architecture(model),
+        base=BaseModel.of_config(config),
     )
 
 

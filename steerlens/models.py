@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from steerlens.errors import ModelError
-from steerlens.vectors import ModelShape
+from steerlens.vectors import BaseModel, ModelShape
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -121,8 +121,14 @@ def config_shape(model: str) -> ModelShape:
     """Layer count and hidden size from the model's config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
-    return ModelShape(num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size), name=model)
+    full = AutoConfig.from_pretrained(resolve_model(model))
+    config = full.get_text_config()
+    return ModelShape(
+        num_layers=int(config.num_hidden_layers),
+        hidden_size=int(config.hidden_size),
+        name=model,
+        base=BaseModel.of_config(full),
+    )
 
 
 def load_model(

@@ -64,11 +64,13 @@ def swap_matrix(runs: Mapping[str, tuple[str, SteeringVectors]], eval_cfg: EvalC
     """Every run's vectors applied to every run's model (runs: name -> (model, its trained vectors)).
 
     Rows: donor, recipient, accuracy, base (recipient unsteered), own (recipient with its own vectors),
-    normalised. Donors and recipients must have the same shape (layer count and hidden size).
+    normalised. Donors and recipients must have the same shape (layer count and hidden size); steering
+    another base model is the point here, so the base-model check is waived.
     """
     rows = []
+    donors = {donor: replace(vectors, allow_other_base=True) for donor, (_, vectors) in runs.items()}
     for recipient, (model, _) in runs.items():
-        sets = {BASE: None, **{donor: vectors for donor, (_, vectors) in runs.items()}}
+        sets = {BASE: None, **donors}
         scores = accuracy_of_sets(model, sets, eval_cfg, Path(out_dir) / recipient)
         for donor in runs:
             rows.append(

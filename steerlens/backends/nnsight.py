@@ -23,7 +23,7 @@ import torch
 
 from steerlens.anatomy import add_to_output, architecture, layers_path
 from steerlens.backends.base import Hook, SteeringHandle
-from steerlens.vectors import ModelShape, SteeringVectors
+from steerlens.vectors import BaseModel, ModelShape, SteeringVectors
 
 
 def envoy_layers_path(lm: Any) -> str:
@@ -42,6 +42,7 @@ def nnsight_model_shape(lm: Any) -> ModelShape:
         hidden_size=int(text_config.hidden_size),
         name=str(getattr(config, "_name_or_path", "")),
         architecture=architecture(lm),
+        base=BaseModel.of_config(config),
     )
 
 

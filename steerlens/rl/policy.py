@@ -2,7 +2,8 @@
 
 A `Policy` gives the loop one surface for all three: the trainable parameters, their state for
 checkpoints, a context in which the base policy is restored (for the KL reference), and the final
-artefact written at the end of a run.
+artefact written at the end of a run (steering: `vectors.safetensors` and the folder `vectors/` with its
+model card).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Policy:
     """The model being trained and its trainable parameters."""
 
     final_dir = "model"  # where save_final writes the trained weights in the run directory
+    card_dir = "vectors"  # steering: where save_final writes the vectors folder (save_pretrained)
 
     def __init__(self, model: nn.Module) -> None:
         self.model: Any = model  # an HF causal LM, or its peft wrapper
@@ -57,8 +59,16 @@ class Policy:
             freeze(self._reference)
         yield self._reference
 
-    def save_final(self, out_dir: Path, tokenizer: Any) -> Path:
-        """Write the trained weights with the tokenizer, so the folder loads on its own (`steerlens eval --model`)."""
+    def save_final(
+        self,
+        out_dir: Path,
+        tokenizer: Any,
+        training: dict[str, Any] | None = None,
+        results: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write the trained weights with the tokenizer, so the folder loads on its own (`steerlens eval --model`).
+
+        `training` (the run's settings) and `results` (held-out accuracy) go into a steering run's card."""
         target = out_dir / self.final_dir
         with atomic_dir(target) as tmp:
             self.model.save_pretrained(tmp)
@@ -97,8 +107,19 @@ class SteeringPolicy(Policy):
             if attached:
                 self.handle.attach()
 
-    def save_final(self, out_dir: Path, tokenizer: Any) -> Path:
-        return self.handle.vectors().save(out_dir / "vectors.safetensors")
+    def save_final(
+        self,
+        out_dir: Path,
+        tokenizer: Any,
+        training: dict[str, Any] | None = None,
+        results: dict[str, Any] | None = None,
+    ) -> Path:
+        """`vectors.safetensors` (the artefact every reader knows) and the same vectors as a self-describing
+        folder `vectors/` (`vectors.safetensors` + `README.md`), both recording `training` and `results`."""
+        told = {"training": training, "results": results}
+        vectors = self.handle.vectors(**{key: value for key, value in told.items() if value})
+        vectors.save_pretrained(out_dir / self.card_dir)
+        return vectors.save(out_dir / "vectors.safetensors")
 
 
 class LoraPolicy(Policy):

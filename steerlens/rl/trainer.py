@@ -360,14 +360,16 @@ class Trainer:
                 for t in s.values()
                 if isinstance(t, torch.Tensor)
             )
+            after = self.accuracy(self.eval_set)
+            heldout = {"heldout_accuracy_before": self.heldout_before, "heldout_accuracy_after": after}
+            measured = {key: value for key, value in heldout.items() if value is not None and not math.isnan(value)}
             summary = RunSummary.of(
                 rows,
                 trainable=self.cfg.trainable,
                 trainable_parameters=sum(p.numel() for p in self.policy.parameters()),
                 optimizer_state_bytes=opt_bytes,
-                heldout_accuracy_before=self.heldout_before,
-                heldout_accuracy_after=self.accuracy(self.eval_set),
-                artefact=str(self.policy.save_final(self.out, self.tokenizer)),
+                **heldout,
+                artefact=str(self.policy.save_final(self.out, self.tokenizer, asdict(self.cfg), measured)),
                 config=asdict(self.cfg),
             ).as_dict()
             write_json(self.out / "summary.json", summary)
