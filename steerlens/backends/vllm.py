@@ -69,7 +69,7 @@ from steerlens.backends.vllm_requests import with_extra_args, with_salt
 from steerlens.backends.vllm_runners import V2_RUNNER_SETTING as V2_RUNNER_SETTING
 from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import check_weight_files, resolve_model
-from steerlens.vectors import ModelShape, SteeringVectors
+from steerlens.vectors import BaseModel, ModelShape, SteeringVectors
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
 
@@ -371,6 +371,7 @@ class SteeredLLM:
             hidden_size=int(text_config.hidden_size),
             name=str(model),
             architecture=model_config.architectures[0].removeprefix(PREFIX),
+            base=BaseModel.of_config(model_config.hf_config),
         )
         self.adapter: Any = None  # the LoRARequest every request carries (`load_adapter`), or None
         self._adapter_version = 0
