@@ -18,6 +18,7 @@ from steerlens.analysis.llm_client import ChatConfig
 from steerlens.cli_common import CONFIG_FILE, EVAL_COMMAND, JOB, PRINT_CONFIG, TRAIN_COMMAND, friendly, job_config
 from steerlens.cli_study import study
 from steerlens.errors import SteerlensError
+from steerlens.redact import RedactingFilter, remember
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -49,14 +50,19 @@ def main(
 
 def show_messages() -> None:
     """steerlens's own messages (a checkpoint skipped, a torn log repaired, answers dropped) on stderr,
-    one plain line each; replaces the handler of an earlier command in the same process."""
+    one plain line each; replaces the handler of an earlier command in the same process. Every record is
+    redacted (`steerlens.redact`), and so are other libraries' warnings that reach Python's last-resort handler."""
     logger = logging.getLogger("steerlens")
     logger.handlers = [h for h in logger.handlers if h.get_name() != "steerlens-cli"]
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name("steerlens-cli")
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(RedactingFilter())
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    last_resort = logging.lastResort
+    if last_resort is not None and not any(isinstance(f, RedactingFilter) for f in last_resort.filters):
+        last_resort.addFilter(RedactingFilter())
 
 
 def quiet_libraries() -> None:
@@ -140,7 +146,7 @@ def analyze(
         ChatConfig.deadline_s,
         "--llm-timeout",
         metavar="SECONDS",
-        help="most seconds one clustering request may take, retries included",
+        help="most seconds one clustering request may take, retries and the whole answer included",
     ),
     compare: list[Path] = typer.Option(
         [], "--compare", metavar="PATH", help="another run's vectors (e.g. a seed) to compare per layer; repeatable"
@@ -210,6 +216,7 @@ def serve(
 
     from steerlens.serving import server_command, server_environment, steering_settings
 
+    remember(api_key)
     files = dict(entry.split("=", 1) for item in vectors for entry in item.split(",") if "=" in entry)
     if len(files) != sum(len(item.split(",")) for item in vectors):
         raise SteerlensError(f"--vectors takes NAME=FILE with distinct names, got {', '.join(vectors)}")

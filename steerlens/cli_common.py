@@ -1,10 +1,11 @@
-"""What the command line's jobs share: one-line errors (`friendly`), config-described help
+"""What the command line's jobs share: one-line, redacted errors (`friendly`), config-described help
 (`ConfigCommand`), a job's config from YAML and flags, and the options every job takes."""
 
 from __future__ import annotations
 
 import functools
 import pkgutil
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,32 @@ import typer
 from typer.core import TyperCommand
 
 from steerlens.errors import SteerlensError
+from steerlens.redact import redact
 
 JOB = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn steerlens' input errors into one clear line on stderr and exit code 2."""
+    """Turn steerlens' input errors into one clear line on stderr and exit code 2, redacted (`redact`).
+
+    Any other exception goes on as a traceback, unless a key is in it: then its traceback is printed redacted
+    and the exit code is 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except SteerlensError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {redact(str(err))}", err=True)
             raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as err:
+            text = "".join(traceback.format_exception(err))
+            if redact(text) == text:
+                raise
+            typer.echo(redact(text).rstrip("\n"), err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

@@ -9,7 +9,8 @@ clustering (average-linkage on the tokens' unembedding rows) produces the same t
 The output table has one row per (layer, topic): columns `layer, topic, tokens, translation, language,
 method, model, status, error`; `tokens`, `translation` and `language` are aligned lists (translation ""
 for English or unknown). A layer whose answer stays malformed after one reminder gets a single row with
-`status="failed"` and the reason in `error`.
+`status="failed"` and the reason in `error` (redacted: `steerlens.redact`). When one layer's request fails
+for good, the others in flight are stopped and the first failure is raised.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from steerlens.analysis.llm_client import ChatClient, ChatConfig, LLMError
 from steerlens.config import option
 from steerlens.errors import SteerlensError
+from steerlens.redact import redact
 
 UNCLASSIFIED = "Unclassified"
 FAILED = "(clustering failed)"
@@ -149,6 +151,7 @@ def _llm_clusters(
             except BaseException:
                 for future in futures:
                     future.cancel()
+                client.stop()  # the requests in flight end now, not at their deadlines
                 raise
     return pd.DataFrame([row for layer in sorted(rows) for row in rows[layer]], columns=COLUMNS)
 
@@ -289,7 +292,7 @@ def _failed_row(layer: int, tokens: list[str], model: str, reason: str) -> dict[
         "method": "llm",
         "model": model,
         "status": "failed",
-        "error": f"malformed answer after one reminder: {reason}",
+        "error": redact(f"malformed answer after one reminder: {reason}"),
     }
 
 
