@@ -116,7 +116,15 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Every `step_*` directory of a run, newest first (valid or not)."""
     root = out_dir / "checkpoints"
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name)[1]), reverse=True)  # type: ignore[index]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def checkpoint_step(directory: Path) -> int:
+    """How many steps the run had taken when the checkpoint `directory` (`step_NNNNNN`) was written."""
+    match = STEP_DIR.match(directory.name)
+    if match is None:
+        raise CheckpointError(f"{directory}: not a checkpoint directory (step_NNNNNN)")
+    return int(match[1])
 
 
 def problem(directory: Path) -> str | None:

@@ -33,7 +33,7 @@ from steerlens.rl.config import TrainConfig
 from steerlens.rl.objective import advantages
 from steerlens.rl.policy import Policy, SteeringPolicy, make_policy
 from steerlens.rl.report import RunSummary, Scored, StepMetrics, UpdateResult
-from steerlens.rl.resume import CHANGES, plan_resume
+from steerlens.rl.resume import CHANGES, lr_factor, plan_resume, warmup_steps
 from steerlens.rl.signal import SignalMonitor
 from steerlens.rl.step import PhaseClock, Rollouts, StepPrompts, batch_indices, due
 from steerlens.rl.tracking import Trackers, make_trackers
@@ -94,8 +94,8 @@ class Trainer:
         self.policy: Policy = make_policy(model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha)
         self.own_hooks = self._detached_hooks() if vector_set is not None else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = max(1, math.ceil(cfg.warmup_ratio * cfg.steps))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        warmup = warmup_steps(cfg.steps, cfg.warmup_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup))
         self.owns_rollout = rollout is None
         self.rollout = rollout if rollout is not None else self._make_rollout()
         if self.own_hooks is not None and vector_set is not None:
@@ -409,7 +409,8 @@ class Trainer:
             if plan.changes:
                 append_jsonl(self.out / CHANGES, {"step": step, "changes": plan.changes})
                 write_text(self.out / "config.yaml", to_yaml(self.cfg))
-                LOG.warning("continuing with changed settings: %s (recorded in %s)", ", ".join(plan.changes), CHANGES)
+                listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in plan.changes.items())
+                LOG.warning("continuing with changed settings: %s (recorded in %s)", listed, CHANGES)
             rows, torn = read_jsonl(self.metrics_path)
             if torn:
                 LOG.warning("%s: dropped a torn last line (the write was interrupted)", self.metrics_path)
