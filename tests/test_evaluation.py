@@ -299,3 +299,21 @@ def test_several_named_vector_files_are_evaluated_in_one_pass(tmp_path: Path) ->
         timeout=300,
     )
     assert bad.returncode == 2 and "distinct names" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_one_named_set_is_reported_beside_the_base_model_unless_no_base(tmp_path: Path) -> None:
+    """One rule for named sets: the base model is evaluated beside them, one named set or several."""
+    import torch
+
+    from steerlens.models import config_shape
+    from steerlens.vectors import SteeringVectors
+
+    shape = config_shape("toy-arith")
+    values = torch.randn(shape.num_layers, shape.hidden_size, generator=torch.Generator().manual_seed(3))
+    path = SteeringVectors(values, tuple(range(shape.num_layers)), shape.num_layers).save(tmp_path / "v.safetensors")
+    common = ["--decoding", "greedy", "--limit", "4", "--max-new-tokens", "8", "--vectors", f"up={path}"]
+    with_base = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "one", *common)))
+    assert list(with_base["summary"]["setup"]) == ["base", "up"]
+    alone = evaluate(build_config(EvalConfig, None, eval_args(tmp_path / "one", *common, "--no-base")))
+    assert list(alone["summary"]["setup"]) == ["up"]  # the same folder: the set's samples are reused
+    assert (tmp_path / "one" / "base" / "scores.csv").is_file()

@@ -19,6 +19,7 @@ NON_RESULT_FIELDS = (
     "chunk_problems",
     "label",
     "model_label",
+    "base",  # which folders a named-set pass makes, not what any folder holds
     "too_long",  # an `error` run wrote nothing to mix with; `skip` rows are marked `skipped` in the samples
 )
 
@@ -32,9 +33,10 @@ class EvalConfig(SharedOptions):
 
     **What is evaluated**
 
-    - `vectors`: steering vectors (`.safetensors`) applied in the engine, or several named sets
-      `NAME=FILE,NAME=FILE` evaluated in one pass with the base model (one folder each under `out_dir`);
-      none: the unsteered model.
+    - `vectors`: steering vectors (`.safetensors`) applied in the engine, or named sets `NAME=FILE[,NAME=FILE]`
+      (one or more) evaluated in one pass beside the base model (one folder each under `out_dir`, and a
+      combined table); none: the unsteered model.
+    - `base`: with named sets, also evaluate the unsteered model in that pass (`--no-base`: only the sets).
     - `adapter`: a LoRA adapter directory from a `trainable=lora` run, merged into the model before evaluating.
     - `label`: the setup's name in the tables (default: `steering`, `lora` or `base`).
     - `model_label`: the model's name in the tables (default: `model` as given); name a fine-tuned
@@ -61,6 +63,7 @@ class EvalConfig(SharedOptions):
     vectors: str | None = option(
         None, "steering vectors (.safetensors), or named sets NAME=FILE,NAME=FILE in one pass (none: unsteered)"
     )
+    base: bool = option(True, "with named sets NAME=FILE, also evaluate the base model in the same pass")
     adapter: str | None = option(None, "LoRA adapter directory (trainable=lora run), merged into the model")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     model_label: str | None = option(None, "model name in the tables (default: --model as given)")
@@ -89,6 +92,10 @@ class EvalConfig(SharedOptions):
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:
             raise ConfigError("EvalConfig: " + "; ".join(problems))
+
+    def named_sets(self) -> bool:
+        """Whether `vectors` names sets (`NAME=FILE`, one or more), evaluated beside the base model."""
+        return bool(self.vectors) and "=" in str(self.vectors)
 
     def vector_files(self) -> dict[str, str]:
         """The vector files `vectors` names, by set name: `a=FILE,b=FILE`, or one FILE (named by its stem)."""

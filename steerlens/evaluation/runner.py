@@ -305,10 +305,11 @@ def evaluate(
     `vectors` steer the model (default: the file `cfg.vectors` names, if any); vectors given without
     a file are recorded in the run by their fingerprint. `engine` reuses a running engine of
     `cfg.model`: the vectors are pushed into it and it is left open. Without it, one is started and
-    closed here. A `cfg.vectors` naming several sets (`a=FILE,b=FILE`) evaluates them all with
-    `evaluate_sets`, plus the base model, and returns their combined table (as `"summary"`).
+    closed here. A `cfg.vectors` naming sets (`a=FILE` or `a=FILE,b=FILE`) evaluates them all with
+    `evaluate_sets`, beside the base model unless `cfg.base` is off, and returns their combined table (as
+    `"summary"`).
     """
-    if vectors is None and len(cfg.vector_files()) > 1:
+    if vectors is None and cfg.named_sets():
         return evaluate_named_files(cfg, engine)
     if vectors is None and cfg.vectors:
         vectors = SteeringVectors.load(next(iter(cfg.vector_files().values())))
@@ -378,15 +379,13 @@ def evaluate_sets(
 
 
 def evaluate_named_files(cfg: EvalConfig, engine: Rollout | None = None) -> dict[str, pd.DataFrame]:
-    """`steerlens eval --vectors a=FILE,b=FILE`: the base model and every named file in one pass, each in
-    `out_dir/<name>/`, and their combined table in `out_dir/table.{csv,md,html}`."""
+    """`steerlens eval --vectors a=FILE,b=FILE`: the base model (unless `--no-base`) and every named file in one
+    pass, each in `out_dir/<name>/`, and their combined table in `out_dir/table.{csv,md,html}`."""
     files = cfg.vector_files()
     if BASE in files:
         raise EvalError(f"--vectors: {BASE!r} is the unsteered model's folder; give the vector set another name")
-    sets: dict[str, SteeringVectors | None] = {
-        BASE: None,
-        **{name: SteeringVectors.load(path) for name, path in files.items()},
-    }
+    sets: dict[str, SteeringVectors | None] = {BASE: None} if cfg.base else {}
+    sets.update({name: SteeringVectors.load(path) for name, path in files.items()})
     evaluate_sets(cfg, sets, engine)
     table = combine_runs([Path(cfg.out_dir) / name for name in sets], Path(cfg.out_dir) / "table")
     return {"summary": table.reset_index()}
