@@ -29,6 +29,7 @@ app = typer.Typer(
 
 
 QUIET_ENV = "VLLM_LOGGING_LEVEL"
+LOG_STREAM_ENV = "VLLM_LOGGING_STREAM"  # vLLM logs to stdout unless told; its processes inherit the setting
 
 
 @app.callback()
@@ -45,6 +46,7 @@ def main(
     """steerlens: train and study steering vectors (one vector per layer, base weights frozen)."""
     if not verbose:
         quiet_libraries()
+    os.environ.setdefault(LOG_STREAM_ENV, "ext://sys.stderr")  # stdout is the results (tables, summaries, paths)
     show_messages()
 
 
