@@ -11,6 +11,7 @@ from typing import Literal
 
 from steerlens.config import ConfigError, option
 from steerlens.options import SharedOptions, option_checks
+from steerlens.rl.parametrisations import Form
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = (
@@ -46,6 +47,16 @@ class TrainConfig(SharedOptions):
     - `trainable`: steering vectors (the default), rank-r LoRA on the MLP's `down_proj`, or every weight.
     - `layers`: the steered layers (default: all); one index trains a single-layer vector.
     - `lora_rank`, `lora_alpha`: LoRA's rank r and alpha (with `trainable=lora`).
+    - `parametrisation`: how the steered layers' vectors are trained (`steerlens.rl.parametrisations`): one
+      free vector per layer (`dense`, k d parameters), a low-rank stack `A[k x r] @ B[r x d]` (`low_rank`,
+      r (k + d)), or `shared` directions with per-layer coefficients (n (k + d) trained, n k fixed).
+    - `rank`: `low_rank`'s rank r, or `shared`'s number of directions n.
+    - `direction`: `shared`'s directions: `trained` (from random), fixed `random`, or the fixed logit-lens
+      direction of `lens_token` (`lens`, one direction: k parameters).
+    - `lens_token`: the token whose logit-lens direction `direction=lens` steers along.
+    - `param_budget`: pick the parametrisation by a parameter count instead: the largest of one fixed random
+      direction (k), low rank r = 1, 2, ... (r (k + d), while below dense) and dense (k d) that does not
+      exceed the budget (`Form.within_budget`).
 
     **Data**
 
@@ -115,6 +126,17 @@ class TrainConfig(SharedOptions):
     layers: list[int] | None = option(None, "steered layers (default: all); one index trains a single-layer vector")
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
     lora_alpha: float = option(2.0, "LoRA alpha (trainable=lora)")
+    parametrisation: Literal["dense", "low_rank", "shared"] = option(
+        "dense", "steering's form: a vector per layer, a low-rank stack, or shared directions"
+    )
+    rank: int = option(1, "low_rank's rank r, or shared's number of directions")
+    direction: Literal["trained", "random", "lens"] = option(
+        "trained", "shared's directions: trained, fixed random, or the fixed logit-lens direction of lens_token"
+    )
+    lens_token: str | None = option(None, "the token whose logit-lens direction direction=lens uses")
+    param_budget: int | None = option(
+        None, "pick the parametrisation with the most parameters not above this count (see the docs)"
+    )
     # data
     data: str = option(
         "toy-arith", "training problems: a generated set, a JSONL/JSON/parquet/CSV file, or a hub dataset id"
@@ -206,6 +228,23 @@ class TrainConfig(SharedOptions):
             (self.verify_every >= 0, "verify_every must be >= 0"),
             (self.trainable == "steering" or self.layers is None, "layers applies only to trainable=steering"),
             (
+                self.trainable == "steering" or (self.parametrisation == "dense" and self.param_budget is None),
+                "parametrisation and param_budget apply only to trainable=steering",
+            ),
+            (
+                self.rank >= 1 and (self.param_budget is None or self.param_budget >= 1),
+                "rank and param_budget must be >= 1",
+            ),
+            (
+                self.param_budget is None or (self.parametrisation == "dense" and self.rank == 1),
+                "param_budget picks the parametrisation and rank itself: leave them unset",
+            ),
+            (
+                (self.direction == "lens") == (self.lens_token is not None)
+                and (self.direction == "trained" or self.parametrisation == "shared"),
+                "direction applies to parametrisation=shared, and lens_token goes with direction=lens",
+            ),
+            (
                 len(set(self.report_to)) == len(self.report_to)
                 and ("none" not in self.report_to or len(self.report_to) == 1),
                 "report_to lists each tracker once, and none alone",
@@ -214,3 +253,7 @@ class TrainConfig(SharedOptions):
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:
             raise ConfigError("TrainConfig: " + "; ".join(problems))
+
+    def steering_form(self) -> Form:
+        """What `parametrisation`, `rank`, `direction`, `lens_token` and `param_budget` ask for (seeded by `seed`)."""
+        return Form(self.parametrisation, self.rank, self.direction, self.lens_token, self.param_budget, self.seed)

@@ -4,6 +4,11 @@ A `Policy` gives the loop one surface for all three: the trainable parameters, t
 checkpoints, a context in which the base policy is restored (for the KL reference), and the final
 artefact written at the end of a run (steering: `vectors.safetensors` and the folder `vectors/` with its
 model card).
+
+Steering may be trained through a parametrisation (`rl.parametrisations`: low rank, shared directions): the
+hooks still add the handle's dense vectors, whose gradient `chain_gradients` pushes through the map onto the
+parametrisation's parameters after the backward pass; `refresh` recomputes the dense vectors after each
+optimizer step. Dense steering trains the handle's parameter itself, and both calls do nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from steerlens.anatomy import model_shape
 from steerlens.backends.hf import HFSteering, attach, freeze
 from steerlens.errors import SteerlensError
 from steerlens.io import atomic_dir
+from steerlens.rl.parametrisations import Dense, Form, Parametrisation, lens_direction
 from steerlens.vectors import SteeringVectors
+
+FORM_PREFIX = "form."  # a parametrisation's tensors in `named_state`, beside the dense "steering"
 
 
 class Policy:
@@ -51,6 +59,12 @@ class Policy:
         """Current steering vectors (None unless steering is trained)."""
         return None
 
+    def chain_gradients(self) -> None:
+        """After the backward pass: move the gradients onto the trained parameters (parametrised steering)."""
+
+    def refresh(self) -> None:
+        """After an optimizer step: recompute what the model runs from the trained parameters."""
+
     @contextlib.contextmanager
     def base_policy(self) -> Iterator[nn.Module]:
         """A module computing the untrained policy (the KL reference)."""
@@ -77,22 +91,67 @@ class Policy:
 
 
 class SteeringPolicy(Policy):
-    """Steering vectors on a frozen model, via the HF backend's hooks."""
+    """Steering vectors on a frozen model, via the HF backend's hooks, trained directly (`form` dense, the
+    default) or through a parametrisation (`form`; `tokenizer` resolves a lens direction's token)."""
 
-    def __init__(self, model: nn.Module, layers: list[int] | None, model_name: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[int] | None,
+        model_name: str,
+        form: Form | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         super().__init__(model)
         freeze(model)
         shape = model_shape(model, name=model_name)
         self.handle: HFSteering = attach(model, SteeringVectors.zeros(shape, layers), trainable=True)
+        rows, width = self.handle.parameter.shape
+        self.form = (form or Form()).resolve(rows, width)
+        if self.form.kind == "dense":
+            self.map: Parametrisation = Dense(rows, width, self.handle.parameter)
+        else:
+            lens = (
+                lens_direction(model, tokenizer, self.form.lens_token or "") if self.form.direction == "lens" else None
+            )
+            self.map = self.form.build(rows, width, lens).to(self.handle.parameter.device)
+        self.refresh()
+
+    @property
+    def direct(self) -> bool:
+        """Whether the handle's parameter is itself trained (dense steering)."""
+        return isinstance(self.map, Dense) and self.map.values is self.handle.parameter
 
     def parameters(self) -> list[nn.Parameter]:
-        return [self.handle.parameter]
+        return [p for p in self.map.parameters() if p.requires_grad]
 
     def named_state(self) -> dict[str, torch.Tensor]:
-        return {"steering": self.handle.parameter.detach()}
+        """The dense vectors ("steering") and, when parametrised, the parametrisation's tensors ("form.*")."""
+        state = {"steering": self.handle.parameter.detach()}
+        if not self.direct:
+            state.update({FORM_PREFIX + name: value.detach() for name, value in self.map.state_dict().items()})
+        return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.handle.update(state["steering"])
+        if self.direct:
+            self.handle.update(state["steering"])
+            return
+        own = {name.removeprefix(FORM_PREFIX): value for name, value in state.items() if name.startswith(FORM_PREFIX)}
+        self.map.load_state_dict(own)
+        self.refresh()
+
+    def chain_gradients(self) -> None:
+        """The dense vectors' gradient pushed through the map: the parametrisation's gradients are J^T G."""
+        grad = self.handle.parameter.grad
+        if self.direct or grad is None:
+            return
+        self.map().backward(grad)
+        self.handle.parameter.grad = None
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        if not self.direct:
+            self.handle.update(self.map())
 
     def vectors(self) -> SteeringVectors:
         return self.handle.vectors()
@@ -149,10 +208,13 @@ def make_policy(
     model_name: str,
     lora_rank: int = 1,
     lora_alpha: float = 2.0,
+    form: Form | None = None,
+    tokenizer: Any = None,
 ) -> Policy:
-    """Prepare `model` for training `trainable` ("steering", "lora" or "full")."""
+    """Prepare `model` for training `trainable` ("steering", "lora" or "full"); steering through `form`
+    (default: dense), `tokenizer` for a lens direction's token."""
     if trainable == "steering":
-        return SteeringPolicy(model, layers, model_name)
+        return SteeringPolicy(model, layers, model_name, form, tokenizer)
     if trainable == "lora":
         return LoraPolicy(model, lora_rank, lora_alpha)
     if trainable == "full":

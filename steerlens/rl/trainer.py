@@ -91,7 +91,9 @@ class Trainer:
         self.train_set, self.eval_set = list(task.problems), list(task.eval_problems)
         self.prompt, self.reward = task.prompt_fn(tokenizer), task.reward_fn(tokenizer)
         torch.manual_seed(cfg.seed)
-        self.policy: Policy = make_policy(model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha)
+        self.policy: Policy = make_policy(
+            model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.steering_form(), tokenizer
+        )
         self.own_hooks = self._detached_hooks() if vector_set is not None else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = warmup_steps(cfg.steps, cfg.warmup_ratio)
@@ -192,6 +194,7 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0])
         if finite:
             self.optimizer.step()
+            self.policy.refresh()  # parametrised steering: the dense vectors from the stepped parameters
             self.scheduler.step()
             self.nan_streak = 0
             if not all(bool(torch.isfinite(p).all()) for p in params):
@@ -237,6 +240,7 @@ class Trainer:
                 loss.backward()
                 loss_sum += float(loss.detach())
         model.eval()
+        self.policy.chain_gradients()  # parametrised steering: the dense vectors' gradient through the map
         return loss_sum
 
     def push(self, verify: bool) -> float:
