@@ -211,12 +211,15 @@ def serve(
     max_vector_sets: int | None = typer.Option(
         None, "--max-vector-sets", help="named sets the engine can hold (default: 8, or as many as --vectors gives)"
     ),
+    log: Path | None = typer.Option(
+        None, "--log", help="file for the server's output (default: steerlens-serve-PORT.log in the temp folder)"
+    ),
 ) -> None:
     """Serve a model with vLLM's OpenAI-compatible server, e.g. for token clustering; with --vectors, each
-    vector set is its own model name beside the base model."""
-    import os
-
-    from steerlens.serving import server_command, server_environment, steering_settings
+    vector set is its own model name beside the base model. The server's output goes to --log and, once it
+    answers, to stderr (while it starts only with --verbose); a server that cannot start is one line saying why.
+    Ctrl-C stops it; the exit code is the server's."""
+    from steerlens.serving import serve_in_foreground, steering_settings
 
     remember(api_key)
     files = dict(entry.split("=", 1) for item in vectors for entry in item.split(",") if "=" in entry)
@@ -227,13 +230,8 @@ def serve(
         if files or allow_vector_loading or api_key
         else None
     )
-    command = server_command(model, port, host=host, max_model_len=max_model_len, steering=steering)
-    names = ", ".join([model, *files])
-    typer.echo(
-        f"serving {names} at http://{host}:{port}/v1 (export OPENAI_BASE_URL=http://{host}:{port}/v1); Ctrl-C stops it",
-        err=True,
-    )
-    os.execve(command[0], command, server_environment(steering))
+    code = serve_in_foreground(model, port, host=host, max_model_len=max_model_len, steering=steering, log_path=log)
+    raise typer.Exit(code)
 
 
 @app.command()

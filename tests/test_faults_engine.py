@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from steerlens.cli import app
 from steerlens.errors import ModelError
 from steerlens.models import WEIGHTS_INDEX, stray_weight_files
-from steerlens.serving import LocalServer, ServerError
+from steerlens.serving import LocalServer, ServerError, free_port
 from steerlens.tiny import byte_tokenizer, tiny_config
 from steerlens.vectors import SteeringVectors
 
@@ -161,6 +161,27 @@ def test_a_server_that_refuses_the_model_says_why(tmp_path: Path, refused_model:
     message = str(refused.value)
     assert len(message.splitlines()) == 1 and "no module or parameter named 'lm_head' in Gemma2ForCausalLM" in message
     assert message.endswith(f"(log: {tmp_path / 'serve.log'})") and "Traceback" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.slow
+def test_serve_on_a_refused_model_is_one_line_with_the_cause_and_the_log(tmp_path: Path, refused_model: Path) -> None:
+    """`steerlens serve` runs the server as its child: the tracebacks of the server's processes go to the log."""
+    log = tmp_path / "serve.log"
+    args = ["serve", "--model", str(refused_model), "--port", str(free_port()), "--max-model-len", "256"]
+    done = subprocess.run(
+        [sys.executable, "-m", "steerlens.cli", *args, "--log", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    needles = (
+        f"vllm serve {refused_model} did not start",
+        "no module or parameter named 'lm_head' in Gemma2ForCausalLM",
+    )
+    line = one_line(done.returncode, done.stdout + done.stderr, *needles)
+    assert line in done.stderr and line.endswith(f"(log: {log})") and len(line) < 600, line
+    assert "ERROR" not in done.stdout + done.stderr and "Traceback" in log.read_text()
 
 
 def test_analyze_needs_no_engine_for_a_model_vllm_refuses(tmp_path: Path, refused_model: Path) -> None:
