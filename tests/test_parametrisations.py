@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steerlens.config import ConfigError, build_config
-from steerlens.data.generated import write_problems
+from steerlens.config import ConfigError
+from steerlens.data.generated import generate
 from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.job import train
 from steerlens.rl.parametrisations import Dense, Form, LowRank, Parametrisation, ParametrisationError, Shared
 from steerlens.rl.policy import SteeringPolicy
+from steerlens.rl.trainer import Trainer
+from steerlens.task import Task
 from steerlens.vectors import SteeringVectors
 
 SMOLLM2, QWEN7B = (30, 576), (28, 3584)  # (layers, hidden size)
@@ -165,35 +166,32 @@ def test_policy_chains_the_hooks_gradient(tiny_qwen_dir: Path) -> None:
         policy.handle.remove()
 
 
-@pytest.fixture(scope="module")
-def problems_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_problems("toy-arith", tmp_path_factory.mktemp("data") / "train.jsonl", n=64, seed=11)
-
-
-def toy_run(out: Path, data: Path, steps: int, extra: list[str]) -> dict[str, Any]:
-    """A short HF-engine RLOO run on the shipped toy model."""
-    args = ["--data", str(data), "--eval-data", "null", "--engine", "hf", "--steps", str(steps)]
-    args += ["--prompts-per-step", "2", "--generations", "4", "--max-new-tokens", "12", "--lr", "0.1"]
-    args += ["--warmup-ratio", "0", "--save-every", "1", "--no-progress", "--out-dir", str(out), *extra]
-    return train(build_config(TrainConfig, None, args))
+def toy_run(out: Path, steps: int, resume: bool = False, **form: Any) -> dict[str, Any]:
+    """A short HF-engine RLOO run on the shipped toy model, rewarded by a pseudo-random function of the text (so
+    every group has signal from the first step)."""
+    model, tokenizer = load_model("toy-arith")
+    task = Task(generate("toy-arith", 16), reward=lambda texts, _: [float(sum(map(ord, t)) % 2) for t in texts])
+    cfg = TrainConfig(
+        steps=steps, prompts_per_step=2, generations=4, max_new_tokens=8, lr=0.1, warmup_ratio=0.0, save_every=1,
+        engine="hf", eval_data=None, progress=False, out_dir=str(out), resume=resume, **form,
+    )  # fmt: skip
+    return Trainer(model, tokenizer, task, cfg).train()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "extra, parameters, rank",
+    "form, parameters, rank",
     [
-        (["--parametrisation", "low_rank", "--rank", "2"], 2 * (4 + 128), 2),
-        (["--parametrisation", "shared", "--rank", "1"], 4 + 128, 1),
-        (["--param-budget", "10"], 4, 1),  # one fixed random direction: a scalar per layer
+        ({"parametrisation": "low_rank", "rank": 2}, 2 * (4 + 128), 2),
+        ({"parametrisation": "shared", "rank": 1}, 4 + 128, 1),
+        ({"param_budget": 10}, 4, 1),  # one fixed random direction: a scalar per layer
     ],
     ids=["low_rank", "shared", "budget"],
 )
-def test_toy_run_trains_and_resumes_exactly(
-    extra: list[str], parameters: int, rank: int, tmp_path: Path, problems_file: Path
-) -> None:
-    straight = toy_run(tmp_path / "straight", problems_file, 3, extra)
-    toy_run(tmp_path / "resumed", problems_file, 2, extra)
-    resumed = toy_run(tmp_path / "resumed", problems_file, 3, [*extra, "--resume"])
+def test_toy_run_trains_and_resumes_exactly(form: dict[str, Any], parameters: int, rank: int, tmp_path: Path) -> None:
+    straight = toy_run(tmp_path / "straight", 3, **form)
+    toy_run(tmp_path / "resumed", 2, **form)
+    resumed = toy_run(tmp_path / "resumed", 3, resume=True, **form)
     assert straight["trainable_parameters"] == resumed["trainable_parameters"] == parameters
     a = SteeringVectors.load(tmp_path / "straight" / "vectors.safetensors").values
     b = SteeringVectors.load(tmp_path / "resumed" / "vectors.safetensors").values
