@@ -229,7 +229,12 @@ def test_the_docstring_examples_run() -> None:
     assert doctest.testmod(steerlens.redact).failed == 0
 
 
-def test_short_keys_only_where_they_stand_alone() -> None:
+def test_short_keys_only_where_they_stand_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import steerlens.redact
+
+    monkeypatch.setattr(steerlens.redact, "_known", set())  # keys earlier tests' clients remembered ("local", ...)
+    for name in steerlens.redact.KEY_ENV:
+        monkeypatch.delenv(name, raising=False)
     remember("pw42x")
     assert redact("key pw42x, local pw42xyz") == "key ***, local pw42xyz"
     assert redact("Basic arithmetic and Bearer abc.DEF-123") == "Basic arithmetic and Bearer ***"

@@ -82,6 +82,8 @@ def test_a_server_that_cannot_start_says_why(tmp_path: Path) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
-    with pytest.raises(ServerError, match="exited with code") as caught:
+    with pytest.raises(ServerError, match=f"^vllm serve {broken} did not start: ") as caught:
         LocalServer(str(broken), log_path=tmp_path / "log", start_timeout_s=300)
-    assert "no-such-architecture" in str(caught.value)  # the end of the server's log comes with the error
+    message = str(caught.value)
+    assert "no-such-architecture" in message and "\n" not in message  # the cause, from the server's log
+    assert message.endswith(f"(log: {tmp_path / 'log'})")

@@ -142,16 +142,22 @@ def engine_refusal(source: str, err: Exception, output: EngineOutput | None = No
 EXCEPTION_LINE = re.compile(r"^(?:.*?\] )?(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception): (?P<message>.+)$")
 # What vLLM raises on top of a process's failure; the cause is elsewhere.
 WRAPPERS = ("initialization failed", "failed to start", "See root cause", "See stack trace")
+VALIDATION = re.compile(r"^\d+ validation errors? for \w+$")  # pydantic's first line (vLLM's config classes)
 SHORT = 300  # characters of a cause kept in the one line
 
 
 def root_cause(text: str) -> str | None:
     """The own message of the first exception in `text` (tracebacks, with or without vLLM's log prefix) that is
     not vLLM's wrapper of a failed process; None if there is none."""
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         found = EXCEPTION_LINE.match(line.strip())
         if found and not any(wrapper in found["message"] for wrapper in WRAPPERS):
-            return found["message"].strip()
+            message = found["message"].strip()
+            if VALIDATION.match(message):  # pydantic names the config; the reason is on the next line
+                detail = next((later.strip() for later in lines[i + 1 :] if later.strip()), "")
+                message = f"{message}: {detail.split(' [type=', 1)[0]}" if detail else message
+            return message
     return None
 
 
@@ -188,6 +194,7 @@ class EngineOutput:
         sys.stdout.flush()
         sys.stderr.flush()
         self._saved = {fd: os.dup(fd) for fd in self.held}
+        self._targets = dict(self._saved)  # where shown output goes: the real streams, never the pipes themselves
         for fd in self.held:
             read, write = os.pipe()
             os.dup2(write, fd)
@@ -199,15 +206,17 @@ class EngineOutput:
         """Give this process its own stdout and stderr back (the engine processes keep the pipes)."""
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, saved in self._saved.items():
-            os.dup2(saved, fd)
-            os.close(saved)
+        with self._lock:
+            for fd, saved in self._saved.items():
+                os.dup2(saved, fd)
+                self._targets[fd] = fd
+                os.close(saved)
 
     def _pump(self, read: int, fd: int) -> None:
         while chunk := os.read(read, 65536):
             with self._lock:
                 if self.released or self.show:
-                    os.write(fd, chunk)
+                    os.write(self._targets[fd], chunk)
                 if not self.released and len(self.held[fd]) < self.LIMIT:
                     self.held[fd] += chunk
         os.close(read)
