@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from steerlens.errors import ModelError
-from steerlens.vectors import BaseModel, ModelShape
+from steerlens.vectors import LAYER_OUTPUT, BaseModel, ModelShape
 
 # Architectures whose decoder layers are not found by name (or to pin a path); one line per exception.
 LAYER_PATHS: dict[str, str] = {
@@ -25,6 +25,15 @@ LAYER_PATHS: dict[str, str] = {
 }
 LAYER_LIST_NAMES = ("layers", "h", "blocks", "layer")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_norm")
+# The decoder layer's child each placement adds to (the first name the layer has), see `vectors.PLACEMENTS`.
+# Gemma-style layers norm the attention's output with `post_attention_layernorm` and the MLP's input with
+# `pre_feedforward_layernorm`, so that one comes first.
+PLACEMENT_CHILDREN: dict[str, tuple[str, ...]] = {
+    "attn_input": ("input_layernorm", "ln_1", "attention_norm", "ln1"),
+    "attn_output": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp_input": ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "ln2"),
+    "mlp_output": ("mlp", "feed_forward", "ffn"),
+}
 _INDEXED = re.compile(r"^(?P<path>.+)\.(?P<index>\d+)$")
 
 
@@ -78,6 +87,27 @@ def decoder_layers(model: nn.Module, arch: str = "") -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList):
         raise ModelError(f"{type(model).__name__}.{path} is a {type(layers).__name__}, not a list of decoder layers")
     return layers
+
+
+def placement_child(children: Iterable[str], placement: str, layer: str = "decoder layer") -> str:
+    """The name of the child of a decoder layer (`children`: its direct children's names) whose output
+    `placement` adds to; "" for the layer's own output."""
+    if placement == LAYER_OUTPUT:
+        return ""
+    names = set(children)
+    found = next((name for name in PLACEMENT_CHILDREN[placement] if name in names), None)
+    if found is None:
+        raise ModelError(
+            f"placement {placement!r} needs a child named {' or '.join(PLACEMENT_CHILDREN[placement])} "
+            f"in each {layer}, which has {', '.join(sorted(names)) or 'none'}; use placement='{LAYER_OUTPUT}'"
+        )
+    return found
+
+
+def placement_module(layer: nn.Module, placement: str) -> nn.Module:
+    """The module of decoder layer `layer` whose output a vector at `placement` is added to."""
+    child = placement_child((name for name, _ in layer.named_children()), placement, type(layer).__name__)
+    return layer.get_submodule(child) if child else layer
 
 
 def model_shape(model: nn.Module, name: str = "") -> ModelShape:

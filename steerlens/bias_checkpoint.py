@@ -1,10 +1,11 @@
 """Steering vectors as MLP `down_proj` biases: the reference code's checkpoint format.
 
 A constant bias on layer l's `down_proj` adds the same vector to the residual stream after layer l,
-so the two forms are interchangeable. `import_vectors` reads such biases from any checkpoint;
-`export_checkpoint` writes a checkpoint that stock `transformers` loads with the effect preserved:
-architectures with an `mlp_bias` switch (Llama) keep their class; Qwen2, which has no such switch,
-is written as the equivalent Llama layout (Qwen2 = Llama with q/k/v biases).
+so the two forms are interchangeable (and one on `o_proj` adds it at the attention's output).
+`import_vectors` reads `down_proj` biases from any checkpoint; `export_checkpoint` writes a checkpoint
+that stock `transformers` loads with the effect preserved: architectures with an `mlp_bias` switch
+(Llama) keep their class; Qwen2, which has no such switch, is written as the equivalent Llama layout
+(Qwen2 = Llama with q/k/v biases).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 BIAS_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj\.bias$")
 LAYER_INDEX = re.compile(r"layers\.(\d+)\.")
+PROJECTION = re.compile(r"\.(self_attn|mlp)\.[a-z]+_proj\.weight$")
+# The bias a vector at each placement is folded into (in a pre-norm Llama layer, down_proj's bias is added
+# after the MLP, so at the layer's output too).
+BIAS_TARGETS = {"layer_output": "mlp.down_proj", "mlp_output": "mlp.down_proj", "attn_output": "self_attn.o_proj"}
 # Config keys Qwen2 and Llama share with the same meaning.
 SHARED_KEYS = (
     "vocab_size",
@@ -92,35 +97,43 @@ def _llama_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def export_checkpoint(base: str | Path, vectors: SteeringVectors, out_dir: str | Path) -> Path:
-    """Write `base` with `vectors` folded into `down_proj` biases, loadable by stock transformers."""
+    """Write `base` with `vectors` folded into biases, loadable by stock transformers: `down_proj` biases for
+    vectors at the layer's or the MLP's output, `o_proj` biases for vectors at the attention's output."""
     from transformers import AutoModelForCausalLM
 
+    if vectors.placement not in BIAS_TARGETS:
+        raise VectorsError(
+            f"a bias checkpoint holds vectors at {', '.join(BIAS_TARGETS)}, not at {vectors.placement!r} "
+            "(a norm's output has no bias to fold them into); save them with save_pretrained"
+        )
     model, loaded_tokenizer = load_model(base)
     vectors.check_fits(model_shape(model))
     # load_model's annotation is generic (nn.Module, object); what it loads is an HF model and tokenizer.
     tokenizer = cast("PreTrainedTokenizerBase", loaded_tokenizer)
     config = cast("PretrainedConfig", model.config)
     new_config: PretrainedConfig
-    state = model.state_dict()
     if hasattr(config, "mlp_bias"):
         new_config = config
-        new_config.mlp_bias = True
     elif type(model).__name__ == "Qwen2ForCausalLM":
         new_config = _llama_config(config)
-        for key in [k for k in state if k.endswith("self_attn.o_proj.weight")]:
-            state[key.replace(".weight", ".bias")] = torch.zeros(state[key].shape[0], dtype=state[key].dtype)
     else:
-        raise ModelError(f"export to a down_proj-bias checkpoint is not supported for {type(model).__name__}")
+        raise ModelError(f"export to a bias checkpoint is not supported for {type(model).__name__}")
+    target = BIAS_TARGETS[vectors.placement]
+    new_config.mlp_bias = True
+    new_config.attention_bias = new_config.attention_bias or target == "self_attn.o_proj"
+    switched_on = {"mlp": True, "self_attn": new_config.attention_bias}
+    state = model.state_dict()
+    for key in list(state):
+        projection = PROJECTION.search(key)
+        bias_key = key.replace(".weight", ".bias")
+        if projection and switched_on[projection.group(1)] and bias_key not in state:
+            state[bias_key] = torch.zeros(state[key].shape[0], dtype=state[key].dtype)
     dense = vectors.dense()
-    for key in [k for k in list(state) if re.search(r"mlp\.(gate|up|down)_proj\.weight$", k)]:
-        rows = state[key].shape[0]
-        bias = torch.zeros(rows, dtype=state[key].dtype)
-        if ".down_proj." in key:
-            layer = LAYER_INDEX.search(key)
-            if layer is None:
-                raise ModelError(f"export: no layer index in the weight name {key!r}")
-            bias = dense[int(layer.group(1))].to(state[key].dtype)
-        state[key.replace(".weight", ".bias")] = bias
+    for key in [k for k in list(state) if k.endswith(f"{target}.bias")]:
+        layer = LAYER_INDEX.search(key)
+        if layer is None:
+            raise ModelError(f"export: no layer index in the weight name {key!r}")
+        state[key] = state[key] + dense[int(layer.group(1))].to(state[key].dtype)
     exported = AutoModelForCausalLM.from_config(new_config, dtype=next(model.parameters()).dtype)
     missing, unexpected = exported.load_state_dict(state, strict=False)
     if unexpected or [key for key in missing if not key.endswith("rotary_emb.inv_freq")]:

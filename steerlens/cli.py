@@ -214,6 +214,11 @@ def serve(
     log: Path | None = typer.Option(
         None, "--log", help="file for the server's output (default: steerlens-serve-PORT.log in the temp folder)"
     ),
+    placement: str | None = typer.Option(
+        None,
+        "--placement",
+        help="where the engine adds vectors (default: where --vectors' files do, else layer_output)",
+    ),
 ) -> None:
     """Serve a model with vLLM's OpenAI-compatible server, e.g. for token clustering; with --vectors, each
     vector set is its own model name beside the base model. The server's output goes to --log and, once it
@@ -226,8 +231,8 @@ def serve(
     if len(files) != sum(len(item.split(",")) for item in vectors):
         raise SteerlensError(f"--vectors takes NAME=FILE with distinct names, got {', '.join(vectors)}")
     steering = (
-        steering_settings(model, files, api_key, allow_vector_loading, max_vector_sets)
-        if files or allow_vector_loading or api_key
+        steering_settings(model, files, api_key, allow_vector_loading, max_vector_sets, placement)
+        if files or allow_vector_loading or api_key or placement
         else None
     )
     code = serve_in_foreground(model, port, host=host, max_model_len=max_model_len, steering=steering, log_path=log)

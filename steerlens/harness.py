@@ -75,7 +75,11 @@ class SteerlensLM(TemplateLM):
         source = resolve_model(pretrained)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         self.engine = engine or SteeredLLM(
-            source, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization
+            source,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            placement=steering.placement if steering is not None else None,
         )
         if steering is None:
             self.engine.remove()

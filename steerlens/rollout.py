@@ -291,7 +291,7 @@ class VLLMRollout:
     def update(self, vectors: SteeringVectors | None, name: str | None = None) -> None:
         """Copy new values into the engine's default set (None: unsteered), or into the named set `name`."""
         if name is not None:
-            self.engine.update(name, vectors if vectors is not None else SteeringVectors.zeros(self.engine.shape))
+            self.engine.update(name, vectors if vectors is not None else self.engine.zeros())
         elif vectors is None:
             self.engine.remove()
         else:
@@ -378,6 +378,7 @@ def make_rollout(
     lora_rank: int | None = None,
     max_vector_sets: int = DEFAULT_VECTOR_SETS,
     full_weights: bool = False,
+    placement: str | None = None,
 ) -> Rollout:
     """The one engine factory: vLLM or HF `generate` ("auto": vLLM when installed) for `model`.
 
@@ -387,7 +388,8 @@ def make_rollout(
     caps vLLM's context (None: the model's own); `lora_rank` starts vLLM ready to serve a LoRA adapter of
     that rank (`VLLMRollout.update_adapter`); `max_vector_sets` sizes vLLM's bank of named sets (`add`);
     `full_weights` starts vLLM ready to take a fully tuned model's weights (`VLLMRollout.update_weights`; CUDA only,
-    refused in one line elsewhere).
+    refused in one line elsewhere); `placement` is where vLLM adds vectors (None: where `vectors` are added, else
+    the layer's output).
     """
     if isinstance(model, nn.Module):
         config: Any = model.config
@@ -411,6 +413,7 @@ def make_rollout(
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            placement=placement,
             **options,
         )
         return VLLMRollout(llm, tokenizer)

@@ -45,11 +45,11 @@ from steerlens.backends.vllm import (
     shorten,
     use_every_core_on_small_cpus,
 )
-from steerlens.backends.vllm_plugin import VECTOR_SETS, WORKER_EXTENSION
+from steerlens.backends.vllm_plugin import PLACEMENT, VECTOR_SETS, WORKER_EXTENSION
 from steerlens.errors import SteerlensError
 from steerlens.models import check_weight_files, config_shape, resolve_model
 from steerlens.serving_middleware import SERVE_SETTINGS, STARTUP_FAILED, ServeSettings, SteeringMiddleware
-from steerlens.vectors import SteeringVectors
+from steerlens.vectors import LAYER_OUTPUT, SteeringVectors, check_placement
 
 LOG = logging.getLogger("steerlens")
 LOOPBACK = "127.0.0.1"
@@ -85,16 +85,27 @@ def steering_settings(
     api_key: str | None = None,
     allow_loading: bool = False,
     max_vector_sets: int | None = None,
+    placement: str | None = None,
 ) -> ServeSettings:
     """The settings of a steered server for `model`: every vector file is read and checked against the
-    model's shape here, so a bad file fails before a server starts."""
+    model's shape, and against the engine's `placement` (None: where the files add their vectors, else the
+    layer's output), here, so a bad file fails before a server starts."""
     shape = config_shape(model)
     sets: dict[str, dict[str, object]] = {}
     bank = VectorBank(max(max_vector_sets or 0, len(vectors)))
     for name, path in vectors.items():
         bank.add(name)  # the name rules and duplicates
-        SteeringVectors.load(path).check_fits(shape, what=f"model {model!r} (vector set {name!r})")
+        loaded = SteeringVectors.load(path)
+        loaded.check_fits(shape, what=f"model {model!r} (vector set {name!r})")
+        placement = placement or loaded.placement
+        if loaded.placement != placement:
+            raise ServerError(
+                f"vector set {name!r} ({path}) is added at {loaded.placement!r}, the server's engine adds at "
+                f"{placement!r}; one server serves one placement (start another for the other)"
+            )
         sets[name] = {"path": str(Path(path).resolve()), "scale": 1.0}
+    placement = placement or LAYER_OUTPUT
+    check_placement(placement)
     capacity = max_vector_sets if max_vector_sets is not None else max(DEFAULT_VECTOR_SETS, len(vectors))
     if capacity < len(vectors):
         raise ServerError(f"max_vector_sets {capacity} is fewer than the {len(vectors)} vector sets given")
@@ -106,6 +117,7 @@ def steering_settings(
         capacity=capacity,
         api_key=api_key,
         allow_loading=allow_loading,
+        placement=placement,
     )
 
 
@@ -142,7 +154,11 @@ def server_command(
 
         check_plugin_visible()
         config = SteeredArchitecture(None, steering.capacity)(AutoConfig.from_pretrained(source))
-        overrides = {"architectures": config.architectures, VECTOR_SETS: steering.capacity}
+        overrides = {
+            "architectures": config.architectures,
+            VECTOR_SETS: steering.capacity,
+            PLACEMENT: steering.placement,
+        }
         command += [
             "--hf-overrides",
             json.dumps(overrides),

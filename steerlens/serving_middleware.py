@@ -35,7 +35,7 @@ from steerlens.backends.vllm import check_installed
 from steerlens.backends.vllm_checks import SteeringProbe
 from steerlens.backends.vllm_plugin import to_wire
 from steerlens.errors import SteerlensError
-from steerlens.vectors import ModelShape, SteeringVectors
+from steerlens.vectors import LAYER_OUTPUT, ModelShape, SteeringVectors, VectorsError
 
 SERVE_SETTINGS = "STEERLENS_SERVE_SETTINGS"  # the environment variable the launcher writes them to
 STARTUP_FAILED = "steerlens: the server cannot start: "  # begins the one line a failed start prints
@@ -51,7 +51,8 @@ Send = Callable[[Message], Awaitable[None]]
 @dataclass
 class ServeSettings:
     """What the launcher tells the server process: the base model's served name and shape, the sets to
-    load (name -> file and scale), the bank's capacity, the API key, whether runtime loading is on."""
+    load (name -> file and scale), the bank's capacity, the API key, whether runtime loading is on, and
+    where the engine adds the vectors."""
 
     base: str
     num_layers: int
@@ -60,6 +61,7 @@ class ServeSettings:
     capacity: int = 8
     api_key: str | None = None
     allow_loading: bool = False
+    placement: str = LAYER_OUTPUT  # where the engine adds every set
 
     def to_env(self) -> str:
         return json.dumps(self.__dict__)
@@ -161,6 +163,11 @@ class SteeringMiddleware:
         try:
             vectors = SteeringVectors.load(path)
             vectors.check_fits(self.shape, what=f"served model {self.settings.base!r} (vector set {name!r})")
+            if vectors.placement != self.settings.placement:
+                raise VectorsError(
+                    f"vector set {name!r} is added at {vectors.placement!r}, this server adds at "
+                    f"{self.settings.placement!r}; serve it from a server started with --placement {vectors.placement}"
+                )
         except SteerlensError as err:
             raise RequestError(400, str(err)) from None
         engine = scope["app"].state.engine_client

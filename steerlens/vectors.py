@@ -32,8 +32,16 @@ from steerlens.io import atomic_dir, atomic_path
 TENSOR_KEY = "steering"
 FORMAT = "steerlens.vectors/1"
 
-# Where a vector is added, by the name a file records; this steerlens adds every vector at a layer's output.
-PLACEMENTS = {"layer_output": "the residual stream after the decoder layer, at every position"}
+# Where a vector is added (the name a file records): to the output of a decoder layer or of one of its
+# sub-modules, at every position. Backends find the sub-modules with `steerlens.anatomy.placement_module`.
+PLACEMENTS = {
+    "layer_output": "the residual stream after the decoder layer",
+    "attn_input": "the attention's input, after its norm (only the attention sees it)",
+    "attn_output": "the attention's output, before it joins the residual stream",
+    "mlp_input": "the MLP's input, after its norm (only the MLP sees it)",
+    "mlp_output": "the MLP's output, before it joins the residual stream (in a pre-norm layer without a "
+    "post-MLP norm, such as Llama's or Qwen's, the same as layer_output)",
+}
 LAYER_OUTPUT = "layer_output"
 
 # Config fields that tell base models of one shape apart (stable across transformers versions).
@@ -100,6 +108,12 @@ class BaseModel:
         return f"{label!r} (config {self.config})" if self.config else repr(label)
 
 
+def check_placement(placement: str) -> None:
+    """Raise in one line unless `placement` is one of `PLACEMENTS`."""
+    if placement not in PLACEMENTS:
+        raise VectorsError(f"placement {placement!r} is not one steerlens knows; use one of {', '.join(PLACEMENTS)}")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What a set of vectors must agree with: the model's layer count and hidden size (and its base)."""
@@ -116,7 +130,7 @@ class SteeringVectors:
     """Steering vectors for `layers` of a model with `num_layers` layers and width `hidden_size`.
 
     `values[i]` is added to the residual stream after layer `layers[i]`, at every position
-    (`placement="layer_output"`, the only placement this steerlens has).
+    (`placement="layer_output"`), or to the output of one of that layer's sub-modules (`PLACEMENTS`).
 
     >>> import tempfile, torch, steerlens as sl
     >>> vectors = sl.SteeringVectors(torch.ones(2, 128), layers=(0, 1), num_layers=4, model="toy-arith")
@@ -137,11 +151,7 @@ class SteeringVectors:
     allow_other_base: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise VectorsError(
-                f"vectors made for placement {self.placement!r} cannot be used: this steerlens adds vectors only at "
-                f"{', '.join(map(repr, PLACEMENTS))} ({PLACEMENTS[LAYER_OUTPUT]})"
-            )
+        check_placement(self.placement)
         if not isinstance(self.values, torch.Tensor) or not self.values.is_floating_point():
             kind = self.values.dtype if isinstance(self.values, torch.Tensor) else type(self.values).__name__
             raise VectorsError(f"values must be a floating-point tensor, got {kind}")
@@ -170,9 +180,13 @@ class SteeringVectors:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def zeros(
-        cls, shape: ModelShape, layers: Iterable[int] | None = None, dtype: torch.dtype = torch.float32
+        cls,
+        shape: ModelShape,
+        layers: Iterable[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+        placement: str = LAYER_OUTPUT,
     ) -> SteeringVectors:
-        """Zero vectors for `layers` (default: every layer) of a model of `shape`."""
+        """Zero vectors for `layers` (default: every layer) of a model of `shape`, added at `placement`."""
         chosen = tuple(range(shape.num_layers)) if layers is None else tuple(layers)
         return cls(
             values=torch.zeros(len(chosen), shape.hidden_size, dtype=dtype),
@@ -181,6 +195,7 @@ class SteeringVectors:
             model=shape.name,
             architecture=shape.architecture,
             base=shape.base,
+            placement=placement,
         )
 
     @classmethod
@@ -202,6 +217,15 @@ class SteeringVectors:
         out = torch.zeros(self.num_layers, self.hidden_size, dtype=self.values.dtype)
         out[list(self.layers)] = self.values.detach().cpu()
         return out
+
+    def require_layer_output(self, where: str) -> None:
+        """Raise in one line unless these vectors are added at layer outputs, the only place `where` (another
+        tool's format or object) can express."""
+        if self.placement != LAYER_OUTPUT:
+            raise VectorsError(
+                f"{where} adds vectors only at layer outputs; these are added at {self.placement!r}, so they "
+                "cannot be written there (keep them in steerlens's own safetensors: save_pretrained or .save)"
+            )
 
     def fingerprint(self) -> str:
         """`sha256:<hex>` of the layers and fp32 values: names vectors that were never saved to a file."""

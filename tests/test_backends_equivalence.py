@@ -1,7 +1,8 @@
-"""Every backend steers the same way: HF hooks, TransformerLens, nnsight and a down_proj-bias checkpoint.
+"""Every backend steers the same way: HF hooks, TransformerLens, nnsight and a bias checkpoint.
 
-Each adds the vector to the residual stream after its layer, so in fp32 all give the same logits;
-the vectors are large enough that steering moves the logits far beyond the tolerance.
+Each adds the vector at the same place (the residual stream after its layer, or a sub-module's output:
+every placement), so in fp32 all give the same logits; the vectors are large enough that steering moves
+the logits far beyond the tolerance.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from steerlens.anatomy import model_shape
 from steerlens.backends import hf, tlens
 from steerlens.backends import nnsight as nnsight_backend
-from steerlens.bias_checkpoint import export_checkpoint
+from steerlens.bias_checkpoint import BIAS_TARGETS, export_checkpoint
 from steerlens.models import load_model
-from steerlens.vectors import SteeringVectors, VectorsError
+from steerlens.vectors import PLACEMENTS, SteeringVectors, VectorsError
 
 ATOL = 1e-4
 SCALE = 4.0
@@ -51,8 +52,10 @@ def models(request: pytest.FixtureRequest) -> Models:
     return Models(directory, model, bridge, lm, ids)
 
 
-def random_vectors(models: Models, layers: tuple[int, ...] | None, seed: int = 0) -> SteeringVectors:
-    vectors = SteeringVectors.zeros(model_shape(models.hf), layers)
+def random_vectors(
+    models: Models, layers: tuple[int, ...] | None, seed: int = 0, placement: str = "layer_output"
+) -> SteeringVectors:
+    vectors = SteeringVectors.zeros(model_shape(models.hf), layers, placement=placement)
     vectors.values = torch.randn(vectors.values.shape, generator=torch.Generator().manual_seed(seed)) * SCALE
     return vectors
 
@@ -104,14 +107,34 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("layers", LAYER_SETS.values(), ids=LAYER_SETS.keys())
-def test_every_backend_gives_the_hf_logits(models: Models, layers: tuple[int, ...] | None, tmp_path: Path) -> None:
-    vectors = random_vectors(models, layers)
+def test_every_backend_gives_the_hf_logits(
+    models: Models, layers: tuple[int, ...] | None, placement: str, tmp_path: Path
+) -> None:
+    vectors = random_vectors(models, layers, placement=placement)
     base = models.hf(models.ids).logits
     reference = hf_logits(models, vectors)
     assert max_diff(reference, base) > 1000 * ATOL, "steering too weak for the comparison to mean anything"
-    diffs = {name: max_diff(run(models, vectors, tmp_path / name), reference) for name, run in RUNNERS.items()}
+    runners = {name: run for name, run in RUNNERS.items() if name != "bias-checkpoint" or placement in BIAS_TARGETS}
+    diffs = {name: max_diff(run(models, vectors, tmp_path / name), reference) for name, run in runners.items()}
     assert all(diff <= ATOL for diff in diffs.values()), diffs
+
+
+@torch.no_grad()
+def test_placements_add_where_they_say(models: Models) -> None:
+    """In these pre-norm layers the MLP's output joins the stream last, so mlp_output is layer_output (to fp32
+    rounding, ~2e-7); every other placement changes what a later sub-module reads, so it steers differently
+    (attn_output only through the MLP of its own layer, which in a tiny random model moves the logits ~2e-3)."""
+    logits = {p: hf_logits(models, random_vectors(models, None, placement=p)) for p in PLACEMENTS}
+    assert max_diff(logits["mlp_output"], logits["layer_output"]) <= ATOL / 100
+    others = ("attn_input", "attn_output", "mlp_input")
+    assert all(max_diff(logits[p], logits["layer_output"]) > 10 * ATOL for p in others), others
+
+
+def test_bias_checkpoint_refuses_a_norm_placement(models: Models, tmp_path: Path) -> None:
+    with pytest.raises(VectorsError, match="a bias checkpoint holds vectors at .* not at 'mlp_input'"):
+        export_checkpoint(models.directory, random_vectors(models, None, placement="mlp_input"), tmp_path)
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -21,7 +22,7 @@ from steerlens.backends import steer
 from steerlens.formats import FORMATS, convert, read_vectors, write_vectors
 from steerlens.formats.peers import from_repeng, from_steering_vector, to_repeng, to_steering_vector
 from steerlens.models import load_model
-from steerlens.vectors import SteeringVectors, VectorsError
+from steerlens.vectors import PLACEMENTS, SteeringVectors, VectorsError
 
 PEERS = Path(__file__).resolve().parents[1] / ".peers"
 FILE_NAMES = {
@@ -219,11 +220,35 @@ def test_steering_vectors_steers_like_steerlens(tiny: tuple) -> None:
     assert (scaled - steerlens_logits(model, ids, vectors.scale(0.5))).abs().max() <= ATOL
 
 
-def test_steering_vectors_import_refuses_other_layer_types() -> None:
+@pytest.mark.parametrize("placement", sorted(set(PLACEMENTS) - {"layer_output"}))
+def test_steering_vectors_steers_like_steerlens_inside_the_layer(tiny: tuple, placement: str) -> None:
+    """steering-vectors' sub-module layer types add where steerlens's placements do (its own layer guessing)."""
+    peer("steering_vectors")
+    model, ids, vectors = tiny
+    inside = replace(vectors, placement=placement)
+    exported = to_steering_vector(inside)
+    with exported.apply(model), torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert (got - steerlens_logits(model, ids, inside)).abs().max() <= ATOL
+    assert (got - steerlens_logits(model, ids, vectors)).abs().max() > 10 * ATOL or placement == "mlp_output"
+    back = from_steering_vector(exported, vectors.num_layers)
+    assert same(back, inside) and back.placement == placement
+
+
+def test_steering_vectors_import_refuses_unknown_layer_types() -> None:
     steering_vectors = peer("steering_vectors")
-    inside = steering_vectors.SteeringVector({1: torch.ones(16)}, layer_type="mlp")
-    with pytest.raises(VectorsError, match="decoder_block"):
+    inside = steering_vectors.SteeringVector({1: torch.ones(16)}, layer_type="attention_heads")
+    with pytest.raises(VectorsError, match="has no steerlens placement; layer types decoder_block, "):
         from_steering_vector(inside, 4)
+
+
+@pytest.mark.parametrize("fmt", sorted(set(FORMATS) - {"steerlens"}))
+def test_formats_refuse_vectors_added_inside_the_layer(fmt: str, tmp_path: Path) -> None:
+    vectors = replace(random_vectors(4, 16, (1, 2)), placement="attn_output")
+    with pytest.raises(VectorsError, match="adds vectors only at layer outputs; these are added at 'attn_output'"):
+        write_vectors(vectors, tmp_path / "v", fmt)
+    with pytest.raises(VectorsError, match="a repeng ControlVector adds vectors only at layer outputs"):
+        to_repeng(vectors)
 
 
 # ---- the command line ---------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Vectors as self-describing folders: `save_pretrained` (vectors + a Hub model card), `from_pretrained` by
 folder, file or hub id (the real huggingface_hub, offline, against a cache this test fills), `push_to_hub`,
-and the one-line refusals: another placement, another base model unless asked for."""
+and the one-line refusals: an unknown placement, another base model unless asked for."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import huggingface_hub
@@ -116,14 +117,14 @@ def test_files_from_before_folders_keep_loading(tmp_path: Path) -> None:
     assert shipped.num_layers == 30 and shipped.placement == "layer_output"
 
 
-def test_another_placement_is_refused_in_one_line(tmp_path: Path) -> None:
-    header = {**trained_like().header(), "placement": "attn_output"}
+def test_placements_round_trip_and_an_unknown_one_is_refused_in_one_line(tmp_path: Path) -> None:
+    vectors = replace(trained_like(), placement="attn_output")
+    assert SteeringVectors.from_pretrained(vectors.save_pretrained(tmp_path / "attn")).placement == "attn_output"
+    header = {**trained_like().header(), "placement": "pre_norm"}
     save_file({TENSOR_KEY: torch.ones(3, 16)}, str(tmp_path / "v.safetensors"), metadata=header)
-    with pytest.raises(VectorsError, match="made for placement 'attn_output' cannot be used") as err:
+    with pytest.raises(VectorsError, match="placement 'pre_norm' is not one steerlens knows") as err:
         SteeringVectors.from_pretrained(tmp_path / "v.safetensors")
-    assert "only at 'layer_output'" in one_line(err)
-    with pytest.raises(VectorsError, match="placement 'pre_norm'"):
-        SteeringVectors(torch.ones(1, 4), layers=(0,), num_layers=1, placement="pre_norm")
+    assert "layer_output, attn_input, attn_output, mlp_input, mlp_output" in one_line(err)
 
 
 def test_base_model_identity_from_configs(tmp_path: Path) -> None:

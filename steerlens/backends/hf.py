@@ -1,4 +1,5 @@
-"""HF transformers backend: a forward hook on each steered decoder layer adds its vector."""
+"""HF transformers backend: a forward hook on each steered decoder layer (or the sub-module its placement
+names, `anatomy.placement_module`) adds its vector to the output."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from steerlens.anatomy import add_to_output, decoder_layers, layer_output, model_shape
+from steerlens.anatomy import add_to_output, decoder_layers, layer_output, model_shape, placement_module
 from steerlens.backends.base import Hook, SteeringHandle
 from steerlens.vectors import SteeringVectors
 
@@ -29,7 +30,10 @@ class HFSteering(SteeringHandle):
         """`(module path, forward hook)` per steered layer, for `model.get_submodule(path).register_forward_hook`."""
         layers = decoder_layers(self.model)
         paths = {id(module): name for name, module in self.model.named_modules()}
-        return [(paths[id(layers[layer])], partial(self._hook, layer)) for layer in self.layers]
+        placement = self.template.placement
+        return [
+            (paths[id(placement_module(layers[layer], placement))], partial(self._hook, layer)) for layer in self.layers
+        ]
 
     def _install(self) -> None:
         self._handles = [self.model.get_submodule(path).register_forward_hook(fn) for path, fn in self._hooks()]

@@ -10,8 +10,9 @@ loaded from a local directory without the hub, e.g. `LanguageModel(path, dispatc
   `remove()` clears every edit stored on `lm`.
 - `steer(lm, vectors)` inside a `with lm.trace(...)` block steers that trace only.
 
-The envoy tree mirrors the HF module tree, so the decoder layers are found by `steerlens.anatomy`'s
-rule on the envoys' names. This module does not shadow the `nnsight` package (imports are absolute).
+The envoy tree mirrors the HF module tree, so the decoder layers, and the sub-module a placement adds
+to, are found by `steerlens.anatomy`'s rules on the envoys' names. This module does not shadow the
+`nnsight` package (imports are absolute).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from steerlens.anatomy import add_to_output, architecture, layers_path
+from steerlens.anatomy import add_to_output, architecture, layers_path, placement_child
 from steerlens.backends.base import Hook, SteeringHandle
 from steerlens.vectors import BaseModel, ModelShape, SteeringVectors
 
@@ -31,6 +32,19 @@ def envoy_layers_path(lm: Any) -> str:
     root = type(lm).__name__
     names = [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
     return layers_path(names, architecture(lm), root)
+
+
+def envoy_paths(lm: Any, vectors: SteeringVectors) -> list[tuple[int, str]]:
+    """`(row, envoy path)` of each steered layer's module at the vectors' placement, in forward order."""
+    path = envoy_layers_path(lm)
+    names = [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
+    paths = []
+    for row, layer in sorted(enumerate(vectors.layers), key=lambda pair: pair[1]):
+        prefix = f"{path}.{layer}."
+        children = {name[len(prefix) :] for name in names if name.startswith(prefix) and "." not in name[len(prefix) :]}
+        child = placement_child(children, vectors.placement)
+        paths.append((row, f"{path}.{layer}" + (f".{child}" if child else "")))
+    return paths
 
 
 def nnsight_model_shape(lm: Any) -> ModelShape:
@@ -63,14 +77,12 @@ class NNsightSteering(SteeringHandle):
         vectors.check_fits(nnsight_model_shape(lm))
         super().__init__(vectors, trainable, _device(lm))
         self.lm = lm
-        self.path = envoy_layers_path(lm)
+        self.paths = envoy_paths(lm, vectors)
 
     def _hooks(self) -> list[Hook]:
         """`(envoy path, fn)` per steered layer, in forward order: inside a trace,
         `envoy = lm.get(path); envoy.output = fn(envoy.output)`."""
-        return [
-            (f"{self.path}.{layer}", partial(_add, self.parameter[self.rows[layer]])) for layer in sorted(self.layers)
-        ]
+        return [(path, partial(_add, self.parameter[row])) for row, path in self.paths]
 
     def _install(self) -> None:
         with self.lm.edit(inplace=True):
@@ -88,7 +100,7 @@ def attach(lm: Any, vectors: SteeringVectors, trainable: bool = False) -> NNsigh
 
 
 def steer(lm: Any, vectors: SteeringVectors) -> None:
-    """Add each vector to its decoder layer's output in the enclosing nnsight trace.
+    """Add each vector to its decoder layer's output (or its placement's sub-module's) in the enclosing trace.
 
     Call it inside the `with` block, before reading anything downstream of the first steered layer::
 
@@ -97,8 +109,7 @@ def steer(lm: Any, vectors: SteeringVectors) -> None:
             logits = lm.output.logits.save()
     """
     vectors.check_fits(nnsight_model_shape(lm))
-    path = envoy_layers_path(lm)
     values = vectors.values.to(_device(lm))
-    for row, layer in sorted(enumerate(vectors.layers), key=lambda pair: pair[1]):
-        envoy = lm.get(f"{path}.{layer}")
+    for row, path in envoy_paths(lm, vectors):
+        envoy = lm.get(path)
         envoy.output = add_to_output(envoy.output, values[row])

@@ -1,4 +1,5 @@
-"""TransformerLens backend: a hook on `blocks.{l}.hook_out` (the residual stream after block l) adds its vector.
+"""TransformerLens backend: a hook on `blocks.{l}.hook_out` (the residual stream after block l) adds its vector,
+or on the bridge's hook for another placement (`HOOKS`: `blocks.{l}.attn.hook_out`, ...).
 
 Targets `transformer_lens.model_bridge.TransformerBridge`, the only model class TransformerLens 4
 has, e.g. booted from a local checkpoint directory without the hub::
@@ -28,7 +29,8 @@ from typing import Any
 import torch
 
 from steerlens.backends.base import Hook, SteeringHandle
-from steerlens.vectors import ModelShape, SteeringVectors
+from steerlens.errors import ModelError
+from steerlens.vectors import LAYER_OUTPUT, ModelShape, SteeringVectors
 
 
 def tl_model_shape(model: Any) -> ModelShape:
@@ -42,9 +44,19 @@ def tl_model_shape(model: Any) -> ModelShape:
     )
 
 
-def hook_name(layer: int) -> str:
-    """The hook point carrying the residual stream after block `layer`."""
-    return f"blocks.{layer}.hook_out"
+# The bridge's hook point below `blocks.{l}` for each placement (its component names: ln1, attn, ln2, mlp).
+HOOKS = {
+    "layer_output": "hook_out",
+    "attn_input": "ln1.hook_out",
+    "attn_output": "attn.hook_out",
+    "mlp_input": "ln2.hook_out",
+    "mlp_output": "mlp.hook_out",
+}
+
+
+def hook_name(layer: int, placement: str = LAYER_OUTPUT) -> str:
+    """The hook point whose activation a vector at `placement` of block `layer` is added to."""
+    return f"blocks.{layer}.{HOOKS[placement]}"
 
 
 class TLensSteering(SteeringHandle):
@@ -62,7 +74,14 @@ class TLensSteering(SteeringHandle):
 
     def _hooks(self) -> list[Hook]:
         """`(hook name, hook function)` for each steered layer."""
-        return [(hook_name(layer), partial(self._hook, layer)) for layer in self.layers]
+        names = {layer: hook_name(layer, self.template.placement) for layer in self.layers}
+        missing = [name for name in names.values() if name not in self.model.hook_dict]
+        if missing:
+            raise ModelError(
+                f"this TransformerLens bridge has no hook point {missing[0]} for placement "
+                f"{self.template.placement!r}; use placement='{LAYER_OUTPUT}'"
+            )
+        return [(names[layer], partial(self._hook, layer)) for layer in self.layers]
 
     def _install(self) -> None:
         for name, fn in self._hooks():

@@ -57,6 +57,7 @@ from steerlens.backends.vllm_checks import engine_logprobs as engine_logprobs
 from steerlens.backends.vllm_checks import hf_sequence_logprobs as hf_sequence_logprobs
 from steerlens.backends.vllm_checks import verify_push as verify_push
 from steerlens.backends.vllm_plugin import (
+    PLACEMENT,
     PREFIX,
     VECTOR_SETS,
     WORKER_EXTENSION,
@@ -69,7 +70,7 @@ from steerlens.backends.vllm_requests import with_extra_args, with_salt
 from steerlens.backends.vllm_runners import V2_RUNNER_SETTING as V2_RUNNER_SETTING
 from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import check_weight_files, resolve_model
-from steerlens.vectors import BaseModel, ModelShape, SteeringVectors
+from steerlens.vectors import LAYER_OUTPUT, BaseModel, ModelShape, SteeringVectors, VectorsError, check_placement
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
 
@@ -86,6 +87,7 @@ class SteeredArchitecture:
 
     overrides: dict[str, Any] | Callable[[Any], Any] | None = None
     vector_sets: int = 0  # named sets the model's bank holds besides the base model and the default set
+    placement: str = LAYER_OUTPUT  # where the model adds its vectors (`vectors.PLACEMENTS`)
 
     def __call__(self, config: Any) -> Any:
         if callable(self.overrides):
@@ -93,6 +95,7 @@ class SteeredArchitecture:
         elif self.overrides:
             config.update(self.overrides)
         setattr(config, VECTOR_SETS, self.vector_sets)
+        setattr(config, PLACEMENT, self.placement)
         architectures = [name for name in getattr(config, "architectures", None) or [] if name]
         if not architectures:  # vLLM first probes the callable with a placeholder config
             return config
@@ -330,7 +333,9 @@ DEFAULT_VECTOR_SETS = 8
 class SteeredLLM:
     """A `vllm.LLM` (`.llm`) running a steered model: a default vector set with the verbs of every steering
     handle, and up to `max_vector_sets` named sets chosen per request (`generate(..., vectors=)`). It proves at
-    construction that steering is applied (`prove_steering`; `startup_probe=False` skips that).
+    construction that steering is applied (`prove_steering`; `startup_probe=False` skips that). Every set is
+    added at one `placement` (default: that of `vectors`, else the layer's output); sets made for another
+    placement are refused in one line.
 
     >>> import torch, steerlens as sl
     >>> from vllm import SamplingParams
@@ -351,14 +356,17 @@ class SteeredLLM:
         vectors: SteeringVectors | None = None,
         max_vector_sets: int = DEFAULT_VECTOR_SETS,
         startup_probe: bool = True,
+        placement: str | None = None,
         **llm_kwargs: Any,
     ) -> None:
         require_vllm()
         check_plugin_visible()
         if llm_kwargs.get("worker_extension_cls"):
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
+        self.placement = placement or (vectors.placement if vectors is not None else LAYER_OUTPUT)
+        check_placement(self.placement)
         self.bank = VectorBank(max_vector_sets)
-        overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets)
+        overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets, self.placement)
         source = resolve_model(model)
         check_weight_files(source)
         with EngineOutput() as output:  # vLLM's import notices included
@@ -424,7 +432,7 @@ class SteeredLLM:
 
     def add(self, name: str, vectors: SteeringVectors, scale: float = 1.0) -> VectorSet:
         """Load `vectors` as the named set `name`, applied times `scale` (0: the base model's outputs)."""
-        vectors.check_fits(self.shape, what=f"vLLM engine (vector set {name!r})")
+        self._check(vectors, f"vLLM engine (vector set {name!r})")
         entry = self.bank.add(name, scale)
         try:
             self._write(entry.slot, vectors)
@@ -443,7 +451,7 @@ class SteeredLLM:
         named set, in place, at the scale it was added with (how a trainer pushes; later requests get a new
         prefix-cache key, so no KV computed under the old values is reused)."""
         if isinstance(name, SteeringVectors):
-            name.check_fits(self.shape, what="vLLM engine")
+            self._check(name, "vLLM engine")
             self._write(DEFAULT_SLOT, name)
             if not self.llm.reset_prefix_cache():
                 raise SyncError(
@@ -453,9 +461,22 @@ class SteeredLLM:
             return
         if vectors is None:
             raise VectorSetError(f"update({name!r}) needs the set's new vectors: update(name, vectors)")
-        vectors.check_fits(self.shape, what=f"vLLM engine (vector set {name!r})")
+        self._check(vectors, f"vLLM engine (vector set {name!r})")
         self._write(self.bank.get(name).slot, vectors)
         self.bank.bump(name)
+
+    def _check(self, vectors: SteeringVectors, what: str) -> None:
+        """Raise in one line unless `vectors` fit the model and are added where this engine adds them."""
+        vectors.check_fits(self.shape, what=what)
+        if vectors.placement != self.placement:
+            raise VectorsError(
+                f"{what}: the vectors are added at {vectors.placement!r}, this engine adds at {self.placement!r}; "
+                f"start another engine with placement={vectors.placement!r}"
+            )
+
+    def zeros(self) -> SteeringVectors:
+        """No steering, as vectors this engine takes: every layer, zero, at its placement."""
+        return SteeringVectors.zeros(self.shape, placement=self.placement)
 
     def _write(self, slot: int, vectors: SteeringVectors) -> None:
         self.llm.collective_rpc("steerlens_write", args=(slot, *to_wire(vectors.dense())))
@@ -478,16 +499,17 @@ class SteeredLLM:
             self.shape.num_layers,
             model=self.shape.name,
             architecture=self.shape.architecture,
+            placement=self.placement,
         )
 
     def remove(self, name: str | None = None) -> None:
         """`remove()`: run unsteered by default (zero the default set; the engine stays up).
         `remove(name)`: drop the named set, refused while requests use it."""
         if name is None:
-            self.update(SteeringVectors.zeros(self.shape))
+            self.update(self.zeros())
             return
         entry = self.bank.remove(name)
-        self._write(entry.slot, SteeringVectors.zeros(self.shape))
+        self._write(entry.slot, self.zeros())
 
     def generate(
         self, prompts: Sequence[Any], sampling: Any = None, vectors: SetChoice = None, **generate_kwargs: Any

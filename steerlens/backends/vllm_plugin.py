@@ -16,8 +16,11 @@ Each decoder layer on this pipeline rank adds `scales[t] * bank[layer, slots[t]]
 it returns (a gather and one fused multiply-add), which lands the vector in the residual stream exactly once in
 both layer styles vLLM has: a layer returning the full hidden state (the Transformers backend's HF layers), and
 one returning `(hidden, residual)` whose sum the next layer's fused norm (or the final norm) forms, so adding to
-`hidden` adds to the stream, last layer included. The decoder layers are found by
-`steerlens.anatomy.decoder_layers`, the rule the HF backends use, on the vLLM model's module names.
+`hidden` adds to the stream, last layer included. An engine built for another placement (`hf_config.
+steerlens_placement`) adds the same way to the output of the layer's sub-module instead: the attention or MLP
+(a tensor), or the norm before either (the normed tensor, or the first of vLLM's fused `(normed, residual)`).
+The decoder layers and their sub-modules are found by `steerlens.anatomy`'s rules, the ones the HF backends
+use, on the vLLM model's module names.
 
 The slot buffer is filled outside the model: `SteeringWorkerExtension.steerlens_install` wraps the model runner
 (V1's or V2's, `vllm_runners`) so that, once the scheduled batch is laid out, each token gets the slot and scale of
@@ -37,21 +40,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from steerlens.anatomy import decoder_layers
+from steerlens.anatomy import decoder_layers, placement_module
 from steerlens.backends.vector_bank import DEFAULT_SLOT, bank_slots
 from steerlens.backends.vllm_runners import install_slot_fill
 from steerlens.errors import ModelError
-from steerlens.vectors import VectorsError
+from steerlens.vectors import LAYER_OUTPUT, VectorsError
 
 PREFIX = "Steered"
 BANK = "steerlens_bank"
 SLOTS = "steerlens_slots"
 SCALES = "steerlens_scales"
 VECTOR_SETS = "steerlens_vector_sets"  # the config attribute that sizes the bank (set by SteeredArchitecture)
+PLACEMENT = "steerlens_placement"  # the config attribute naming where the model adds its vectors
 WORKER_EXTENSION = f"{__name__}.SteeringWorkerExtension"
 SKIP_FILL = "STEERLENS_TEST_SKIP_SLOT_FILL"  # "1": install nothing, as on a runner whose batches go unseen (tests)
 
-_layer_classes: dict[type, type] = {}
+_steered_classes: dict[type, type] = {}
 
 
 def steered_name(architecture: str) -> str:
@@ -102,8 +106,8 @@ def _steered_model_class(architecture: str, base: type[nn.Module]) -> type[nn.Mo
 
 
 def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> None:
-    """Give `model` its zero steering bank and slot buffer, and make its decoder layers on this rank add
-    their rows.
+    """Give `model` its zero steering bank and slot buffer, and make its decoder layers on this rank (or their
+    sub-modules at the engine's placement) add their rows.
 
     Runs inside the model's constructor, under vLLM's default device and dtype, so the buffers are
     created where and how the weights are.
@@ -112,7 +116,9 @@ def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> N
 
     layers = decoder_layers(model, architecture)
     text_config = vllm_config.model_config.hf_text_config
-    named = int(getattr(vllm_config.model_config.hf_config, VECTOR_SETS, 0) or 0)
+    hf_config = vllm_config.model_config.hf_config
+    named = int(getattr(hf_config, VECTOR_SETS, 0) or 0)
+    placement = str(getattr(hf_config, PLACEMENT, LAYER_OUTPUT) or LAYER_OUTPUT)
     bank = torch.zeros(len(layers), bank_slots(named), int(text_config.hidden_size))
     tokens = max(
         int(vllm_config.scheduler_config.max_num_batched_tokens),
@@ -124,18 +130,20 @@ def install_steering(model: nn.Module, architecture: str, vllm_config: Any) -> N
     for index, layer in enumerate(layers):
         if isinstance(layer, PPMissingLayer):  # held by another pipeline-parallel rank
             continue
-        layer.__class__ = _steered_layer_class(type(layer))
+        target = placement_module(layer, placement)
+        target.__class__ = _steered_class(type(target))
         for name, buffer in buffers.items():
-            layer.register_buffer(name, buffer, persistent=False)
-        layer.steerlens_index = index
+            target.register_buffer(name, buffer, persistent=False)
+        target.steerlens_index = index
 
 
-def _steered_layer_class(base: type) -> type:
-    """A subclass of the decoder layer class `base` whose output gets each token's steering row added.
+def _steered_class(base: type) -> type:
+    """A subclass of the module class `base` (a decoder layer, or the sub-module a placement names) whose
+    output gets each token's steering row added.
 
-    Swapping the class of an existing layer keeps its parameter names, so weight loading is unchanged.
+    Swapping the class of an existing module keeps its parameter names, so weight loading is unchanged.
     """
-    if base not in _layer_classes:
+    if base not in _steered_classes:
 
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             output = base.forward(self, *args, **kwargs)
@@ -145,8 +153,8 @@ def _steered_layer_class(base: type) -> type:
             steered = torch.addcmul(hidden, getattr(self, SCALES)[:tokens], rows)
             return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
 
-        _layer_classes[base] = type(f"{PREFIX}{base.__name__}", (base,), {"forward": forward})
-    return _layer_classes[base]
+        _steered_classes[base] = type(f"{PREFIX}{base.__name__}", (base,), {"forward": forward})
+    return _steered_classes[base]
 
 
 def steering_buffers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -92,7 +92,8 @@ def check_resumable(cfg: EvalConfig, out_dir: Path) -> None:
 
 
 def model_path(cfg: EvalConfig, out_dir: Path) -> str:
-    """The model to load: the base, or the base with the LoRA adapter merged in (saved once in out_dir)."""
+    """The model to load: the base, or the base with the peft adapter (LoRA, TinyLoRA) merged in (saved once in
+    out_dir)."""
     if not cfg.adapter:
         return cfg.model
     merged = out_dir / "merged-model"
@@ -103,7 +104,8 @@ def model_path(cfg: EvalConfig, out_dir: Path) -> str:
 
         if not (Path(cfg.adapter) / "adapter_config.json").is_file():
             raise EvalError(
-                f"adapter {cfg.adapter}: no adapter_config.json (expected the lora/ folder of a trainable=lora run)"
+                f"adapter {cfg.adapter}: no adapter_config.json (expected the lora/ or tinylora/ folder of a "
+                "trainable=lora or tinylora run)"
             )
         base, tokenizer = load_model(resolve_model(cfg.model), dtype=cfg.dtype)
         model = PeftModel.from_pretrained(base, cfg.adapter).merge_and_unload()
@@ -357,7 +359,9 @@ def evaluate_sets(
     problems, skipped = load_runs(list(runs.values()))
     own_engine = engine is None
     if engine is None:
-        engine = start_engine(cfg, out_dir, max_vector_sets=sum(vectors is not None for vectors in sets.values()))
+        steered = [vectors for vectors in sets.values() if vectors is not None]
+        placement = steered[0].placement if steered else None  # one vLLM engine adds every set at one placement
+        engine = start_engine(cfg, out_dir, max_vector_sets=len(steered), placement=placement)
     loaded = []
     try:
         for name, vectors in sets.items():
@@ -392,10 +396,14 @@ def evaluate_named_files(cfg: EvalConfig, engine: Rollout | None = None) -> dict
 
 
 def start_engine(
-    cfg: EvalConfig, out_dir: Path, vectors: SteeringVectors | None = None, max_vector_sets: int = 0
+    cfg: EvalConfig,
+    out_dir: Path,
+    vectors: SteeringVectors | None = None,
+    max_vector_sets: int = 0,
+    placement: str | None = None,
 ) -> Rollout:
     """An engine for `cfg.model` (with the adapter merged, if any) steered by `vectors`, with room for
-    `max_vector_sets` named sets."""
+    `max_vector_sets` named sets added at `placement` (None: where `vectors` are added, else layer outputs)."""
     return make_rollout(
         model_path(cfg, out_dir),
         engine=cfg.engine,
@@ -404,4 +412,5 @@ def start_engine(
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         max_model_len=cfg.max_model_len,
         max_vector_sets=max_vector_sets,
+        placement=placement,
     )

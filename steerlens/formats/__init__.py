@@ -1,8 +1,9 @@
 """Steering vectors in other tools' files: read any known format, write any, convert between them.
 
 Every format here adds layer n's vector to the output of decoder block n, as steerlens does, so layer
-numbers carry over unchanged; what each cannot express (llama.cpp has no slot for layer 0) is refused
-with a message rather than shifted. `docs/formats.md` lists each format's layout and convention.
+numbers carry over unchanged; what each cannot express (llama.cpp has no slot for layer 0, no format
+has a place for vectors added inside a layer) is refused with a message rather than shifted.
+`docs/formats.md` lists each format's layout and convention.
 """
 
 from __future__ import annotations

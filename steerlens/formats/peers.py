@@ -3,6 +3,8 @@ steering-vectors' `SteeringVector`.
 
 Both add layer k's vector to the output of decoder block k, as steerlens does, so layer numbers carry
 over unchanged (repeng wraps `model.layers[k]`; steering-vectors hooks the `decoder_block` module k).
+steering-vectors also adds inside the block, at the output of its attention, MLP or either's input
+norm: those layer types carry steerlens's other placements (`LAYER_TYPES`); repeng has no such place.
 Neither object knows the model's layer count, so reading one needs `num_layers`. Files: repeng saves
 and loads a llama.cpp control vector (see `steerlens.formats.llama_cpp`); steering-vectors has no file
 format of its own.
@@ -11,6 +13,7 @@ format of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -18,9 +21,19 @@ import torch
 
 from steerlens.vectors import SteeringVectors, VectorsError
 
+# steering-vectors' layer type for each placement: it adds to the output of the module of that name.
+LAYER_TYPES = {
+    "layer_output": "decoder_block",
+    "attn_input": "input_layernorm",
+    "attn_output": "self_attn",
+    "mlp_input": "post_attention_layernorm",
+    "mlp_output": "mlp",
+}
+
 
 def to_repeng(vectors: SteeringVectors, model_type: str = "") -> Any:
     """A `repeng.ControlVector` with one fp32 direction per steered layer."""
+    vectors.require_layer_output("a repeng ControlVector")
     from repeng import ControlVector
 
     directions = {layer: row.detach().float().cpu().numpy() for layer, row in zip(vectors.layers, vectors.values)}
@@ -38,18 +51,20 @@ def to_steering_vector(vectors: SteeringVectors) -> Any:
     from steering_vectors import SteeringVector
 
     rows = {layer: row.detach().clone() for layer, row in zip(vectors.layers, vectors.values)}
-    return SteeringVector(layer_activations=rows, layer_type="decoder_block")
+    return SteeringVector(layer_activations=rows, layer_type=LAYER_TYPES[vectors.placement])
 
 
 def from_steering_vector(vector: Any, num_layers: int, model: str = "") -> SteeringVectors:
-    """Steering vectors from a `steering_vectors.SteeringVector` whose layer type is `decoder_block`."""
-    if vector.layer_type != "decoder_block":
+    """Steering vectors from a `steering_vectors.SteeringVector`, at the placement its layer type names."""
+    placements = {layer_type: placement for placement, layer_type in LAYER_TYPES.items()}
+    if vector.layer_type not in placements:
         raise VectorsError(
-            f"a SteeringVector on {vector.layer_type!r} layers adds inside the block, not after it; "
-            "only layer_type='decoder_block' converts to steering vectors"
+            f"a SteeringVector on {vector.layer_type!r} layers has no steerlens placement; "
+            f"layer types {', '.join(placements)} convert"
         )
     rows = {int(layer): torch.as_tensor(act).detach().float().cpu() for layer, act in vector.layer_activations.items()}
-    return _from_rows(rows, num_layers, model, {"format": "steering-vectors"})
+    vectors = _from_rows(rows, num_layers, model, {"format": "steering-vectors"})
+    return replace(vectors, placement=placements[vector.layer_type])
 
 
 def _from_rows(

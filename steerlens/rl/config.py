@@ -7,11 +7,12 @@ is latent, trained for a few minutes on this CPU. The paper's setups live in `an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from steerlens.config import ConfigError, option
 from steerlens.options import SharedOptions, option_checks
 from steerlens.rl.parametrisations import Form
+from steerlens.rl.policy import lora_config, tinylora_config
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = (
@@ -46,7 +47,12 @@ class TrainConfig(SharedOptions):
 
     - `trainable`: steering vectors (the default), rank-r LoRA on the MLP's `down_proj`, or every weight.
     - `layers`: the steered layers (default: all); one index trains a single-layer vector.
+    - `placement`: where each vector is added (`steerlens.vectors.PLACEMENTS`): the residual stream after the
+      layer (the papers'), or the output of the layer's attention, its MLP, or the norm before either.
     - `lora_rank`, `lora_alpha`: LoRA's rank r and alpha (with `trainable=lora`).
+    - `tinylora_u`, `tinylora_rank`, `tinylora_tying`: TinyLoRA (`trainable=tinylora`, peft's own tuner on every
+      linear layer, arXiv 2602.04118): the trained vector's size, the frozen SVD rank, and the share of layers
+      that share one vector (1.0, the default: `u` parameters in all, 13 as in the paper). Generated with HF.
     - `parametrisation`: how the steered layers' vectors are trained (`steerlens.rl.parametrisations`): one
       free vector per layer (`dense`, k d parameters), a low-rank stack `A[k x r] @ B[r x d]` (`low_rank`,
       r (k + d)), or `shared` directions with per-layer coefficients (n (k + d) trained, n k fixed).
@@ -120,12 +126,18 @@ class TrainConfig(SharedOptions):
     """
 
     # what is trained
-    trainable: Literal["steering", "lora", "full"] = option(
-        "steering", "what is trained: steering vectors, rank-r LoRA on MLP down_proj, or every weight"
+    trainable: Literal["steering", "lora", "tinylora", "full"] = option(
+        "steering", "what is trained: steering vectors, rank-r LoRA on MLP down_proj, TinyLoRA, or every weight"
     )
     layers: list[int] | None = option(None, "steered layers (default: all); one index trains a single-layer vector")
+    placement: Literal["layer_output", "attn_input", "attn_output", "mlp_input", "mlp_output"] = option(
+        "layer_output", "where each vector is added: the layer's output, or its attention's or MLP's input or output"
+    )
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
     lora_alpha: float = option(2.0, "LoRA alpha (trainable=lora)")
+    tinylora_u: int = option(13, "TinyLoRA's trained vector size u per tied group (trainable=tinylora)")
+    tinylora_rank: int = option(2, "TinyLoRA's frozen SVD rank (trainable=tinylora)")
+    tinylora_tying: float = option(1.0, "share of TinyLoRA's layers tied to one vector (1.0: all: u parameters)")
     parametrisation: Literal["dense", "low_rank", "shared"] = option(
         "dense", "steering's form: a vector per layer, a low-rank stack, or shared directions"
     )
@@ -222,11 +234,18 @@ class TrainConfig(SharedOptions):
             (self.save_every >= 1, "save_every must be >= 1"),
             (self.keep_last >= 0, "keep_last must be >= 0"),
             (self.lora_rank >= 1 and self.lora_alpha > 0, "lora_rank must be >= 1 and lora_alpha > 0"),
+            (
+                self.tinylora_u >= 1 and self.tinylora_rank >= 1 and 0 <= self.tinylora_tying <= 1,
+                "tinylora_u and tinylora_rank must be >= 1 and tinylora_tying in [0, 1]",
+            ),
             (self.eval_problems >= 1, "eval_problems must be >= 1 (use --eval-data null for none)"),
             (self.kl_coef >= 0 and self.weight_decay >= 0, "kl_coef and weight_decay must be >= 0"),
             (self.max_grad_norm > 0 and self.verify_atol > 0, "max_grad_norm and verify_atol must be > 0"),
             (self.verify_every >= 0, "verify_every must be >= 0"),
-            (self.trainable == "steering" or self.layers is None, "layers applies only to trainable=steering"),
+            (
+                self.trainable == "steering" or (self.layers is None and self.placement == "layer_output"),
+                "layers and placement apply only to trainable=steering",
+            ),
             (
                 self.trainable == "steering" or (self.parametrisation == "dense" and self.param_budget is None),
                 "parametrisation and param_budget apply only to trainable=steering",
@@ -253,6 +272,14 @@ class TrainConfig(SharedOptions):
         problems = [message for ok, message in checks + option_checks(self) if not ok]
         if problems:
             raise ConfigError("TrainConfig: " + "; ".join(problems))
+
+    def adapter(self) -> Any:
+        """The peft config of trainable=lora or tinylora (seeded by `seed`), else None."""
+        if self.trainable == "lora":
+            return lora_config(self.lora_rank, self.lora_alpha)
+        if self.trainable == "tinylora":
+            return tinylora_config(self.tinylora_u, self.tinylora_rank, self.tinylora_tying, self.seed)
+        return None
 
     def steering_form(self) -> Form:
         """What `parametrisation`, `rank`, `direction`, `lens_token` and `param_budget` ask for (seeded by `seed`)."""

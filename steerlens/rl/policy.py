@@ -1,6 +1,7 @@
-"""What the RL loop trains: steering vectors (default), LoRA on MLP down_proj, or every weight.
+"""What the RL loop trains: steering vectors (default), a peft adapter (LoRA on MLP down_proj, or TinyLoRA), or
+every weight.
 
-A `Policy` gives the loop one surface for all three: the trainable parameters, their state for
+A `Policy` gives the loop one surface for all of them: the trainable parameters, their state for
 checkpoints, a context in which the base policy is restored (for the KL reference), and the final
 artefact written at the end of a run (steering: `vectors.safetensors` and the folder `vectors/` with its
 model card).
@@ -27,7 +28,7 @@ from steerlens.backends.hf import HFSteering, attach, freeze
 from steerlens.errors import SteerlensError
 from steerlens.io import atomic_dir
 from steerlens.rl.parametrisations import Dense, Form, Parametrisation, lens_direction
-from steerlens.vectors import SteeringVectors
+from steerlens.vectors import LAYER_OUTPUT, SteeringVectors
 
 FORM_PREFIX = "form."  # a parametrisation's tensors in `named_state`, beside the dense "steering"
 
@@ -92,7 +93,8 @@ class Policy:
 
 class SteeringPolicy(Policy):
     """Steering vectors on a frozen model, via the HF backend's hooks, trained directly (`form` dense, the
-    default) or through a parametrisation (`form`; `tokenizer` resolves a lens direction's token)."""
+    default) or through a parametrisation (`form`; `tokenizer` resolves a lens direction's token), added at
+    `placement`."""
 
     def __init__(
         self,
@@ -101,11 +103,13 @@ class SteeringPolicy(Policy):
         model_name: str,
         form: Form | None = None,
         tokenizer: Any = None,
+        placement: str = LAYER_OUTPUT,
     ) -> None:
         super().__init__(model)
         freeze(model)
         shape = model_shape(model, name=model_name)
-        self.handle: HFSteering = attach(model, SteeringVectors.zeros(shape, layers), trainable=True)
+        zeros = SteeringVectors.zeros(shape, layers, placement=placement)
+        self.handle: HFSteering = attach(model, zeros, trainable=True)
         rows, width = self.handle.parameter.shape
         self.form = (form or Form()).resolve(rows, width)
         if self.form.kind == "dense":
@@ -181,19 +185,16 @@ class SteeringPolicy(Policy):
         return vectors.save(out_dir / "vectors.safetensors")
 
 
-class LoraPolicy(Policy):
-    """Rank-r LoRA on every MLP down_proj (the paper's LoRA baseline), via peft."""
+class AdapterPolicy(Policy):
+    """A peft adapter on the frozen model (`lora_config`, `tinylora_config`); saved to `final_dir` as peft saves
+    adapters, which `steerlens eval --adapter` merges."""
 
-    final_dir = "lora"
-
-    def __init__(self, model: nn.Module, rank: int, alpha: float) -> None:
-        from peft import LoraConfig, get_peft_model
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        from peft import get_peft_model
 
         freeze(model)
-        peft_model = get_peft_model(
-            model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["down_proj"], lora_dropout=0.0, bias="none")
-        )
-        super().__init__(peft_model)
+        super().__init__(get_peft_model(model, config))
+        self.final_dir = str(config.peft_type.value).lower()  # lora/, tinylora/
 
     @contextlib.contextmanager
     def base_policy(self) -> Iterator[nn.Module]:
@@ -201,24 +202,42 @@ class LoraPolicy(Policy):
             yield self.model
 
 
+def lora_config(rank: int = 1, alpha: float = 2.0) -> Any:
+    """Rank-r LoRA on every MLP down_proj: the paper's LoRA baseline."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=["down_proj"], lora_dropout=0.0, bias="none")
+
+
+def tinylora_config(u: int = 13, rank: int = 2, tying: float = 1.0, seed: int = 0) -> Any:
+    """TinyLoRA ("Learning to Reason in 13 Parameters", arXiv 2602.04118) through peft's own `tinylora` tuner, on
+    every linear layer: each weight moves along its top-`rank` singular directions by a fixed random projection of
+    a trained `u`-vector, shared by a `tying` share of the layers (1.0: all share one: `u` parameters in all). It
+    starts as a no-op (v = 0), like the steering vectors; `seed` draws the projections."""
+    from peft import TinyLoraConfig
+
+    return TinyLoraConfig(r=rank, u=u, weight_tying=tying, projection_seed=seed, target_modules="all-linear")
+
+
 def make_policy(
     model: nn.Module,
     trainable: str,
     layers: list[int] | None,
     model_name: str,
-    lora_rank: int = 1,
-    lora_alpha: float = 2.0,
     form: Form | None = None,
     tokenizer: Any = None,
+    placement: str = LAYER_OUTPUT,
+    adapter: Any = None,
 ) -> Policy:
-    """Prepare `model` for training `trainable` ("steering", "lora" or "full"); steering through `form`
-    (default: dense), `tokenizer` for a lens direction's token."""
+    """Prepare `model` for training `trainable` ("steering", "lora", "tinylora" or "full"); steering through
+    `form` (default: dense) at `placement`, `tokenizer` for a lens direction's token; an adapter as the peft
+    config `adapter` says (default: `lora_config()` or `tinylora_config()`)."""
     if trainable == "steering":
-        return SteeringPolicy(model, layers, model_name, form, tokenizer)
-    if trainable == "lora":
-        return LoraPolicy(model, lora_rank, lora_alpha)
+        return SteeringPolicy(model, layers, model_name, form, tokenizer, placement)
+    if trainable in ("lora", "tinylora"):
+        return AdapterPolicy(model, adapter or (lora_config() if trainable == "lora" else tinylora_config()))
     if trainable == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return Policy(model)
-    raise SteerlensError(f"trainable must be steering, lora or full, got {trainable!r}")
+    raise SteerlensError(f"trainable must be steering, lora, tinylora or full, got {trainable!r}")

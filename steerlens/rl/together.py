@@ -26,9 +26,11 @@ def train_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
     reaches them.
     """
     first = trainers[0]
-    shared = {(t.cfg.steps, t.cfg.generations, t.cfg.sampling(), id(t.rollout)) for t in trainers}
+    shared = {(t.cfg.steps, t.cfg.generations, t.cfg.sampling(), t.cfg.placement, id(t.rollout)) for t in trainers}
     if len(shared) > 1:
-        raise TrainingError("runs trained together share one engine, their step count, generations and sampling")
+        raise TrainingError(
+            "runs trained together share one engine, their step count, generations, sampling and placement"
+        )
     if len(trainers) > 1 and any(t.vector_set is None for t in trainers):
         raise TrainingError("runs trained together each need their own vector set in the engine (vector_set=)")
     starts = [t.begin() for t in trainers]
@@ -60,7 +62,9 @@ def train_runs_together(runs: list[TrainConfig], names: list[str]) -> list[dict[
     ctx = job_context(first)
     try:
         model, tokenizer = job_model(first, ctx)
-        rollout = training_rollout(model, tokenizer, first, first.engine, max_vector_sets=len(runs))
+        rollout = training_rollout(
+            model, tokenizer, first, first.engine, max_vector_sets=len(runs), placement=first.placement
+        )
         try:
             return train_together(
                 [

