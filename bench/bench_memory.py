@@ -188,7 +188,7 @@ def layer_saved_bytes(shape: str, kind: str, tokens: int = 128) -> float:
     from steerlens.rl.update import completion_logprobs
 
     model = build(2, 512, shape)
-    policy = make_policy(model, kind, None, shape, lora_rank=1)
+    policy = make_policy(model, kind, None, shape)  # LoRA: rank 1, the default
     model = policy.model
     model.train()
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}

@@ -60,8 +60,8 @@ class Contender:
         torch.manual_seed(0)
         self.args, self.kind = args, kind
         self.policy = make_policy(
-            build(args.shape, getattr(torch, args.dtype), args.device), kind, None, args.shape, lora_rank=1
-        )
+            build(args.shape, getattr(torch, args.dtype), args.device), kind, None, args.shape
+        )  # LoRA: rank 1, the default
         self.params = self.policy.parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.policy.model.train()

@@ -769,7 +769,7 @@ def _preset_update(check: Check, bm: Any, path: Path) -> dict[str, Any]:
     family = "llama" if "llama" in cfg.model.lower() else "qwen2"
     with check.timed(part, "build_s"):
         model = build_update_model(shape, longest, check.dtype, check.device, family, tied)
-    policy = make_policy(model, cfg.trainable, steered, cfg.model, cfg.lora_rank, cfg.lora_alpha)
+    policy = make_policy(model, cfg.trainable, steered, cfg.model, adapter=cfg.adapter())
     try:
         params = policy.parameters()
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -34,6 +34,17 @@ PLACEMENT_CHILDREN: dict[str, tuple[str, ...]] = {
     "mlp_input": ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm", "ln2"),
     "mlp_output": ("mlp", "feed_forward", "ffn"),
 }
+# A layer with a norm after its MLP but none before it (OLMo2) norms the attention's output with
+# `post_attention_layernorm`: that norm feeds the residual stream, not the MLP alone.
+POST_MLP_NORM, PRE_MLP_NORM = "post_feedforward_layernorm", "pre_feedforward_layernorm"
+# What each placement needs, for the refusal.
+PLACEMENT_NEEDS = {
+    "attn_input": "norm that feeds only the attention (input_layernorm, ln_1, ...) and another for the MLP",
+    "attn_output": "attention module (self_attn, attn, attention, self_attention)",
+    "mlp_input": "norm that feeds only the MLP (pre_feedforward_layernorm, post_attention_layernorm before it, ln_2, "
+    "...) and another for the attention",
+    "mlp_output": "MLP module (mlp, feed_forward, ffn)",
+}
 _INDEXED = re.compile(r"^(?P<path>.+)\.(?P<index>\d+)$")
 
 
@@ -95,13 +106,18 @@ def placement_child(children: Iterable[str], placement: str, layer: str = "decod
     if placement == LAYER_OUTPUT:
         return ""
     names = set(children)
-    found = next((name for name in PLACEMENT_CHILDREN[placement] if name in names), None)
-    if found is None:
+    found = {p: next((n for n in PLACEMENT_CHILDREN[p] if n in names), None) for p in PLACEMENT_CHILDREN}
+    if POST_MLP_NORM in names and PRE_MLP_NORM not in names:
+        found["mlp_input"] = None
+    # a norm feeds only its own sub-module when the attention and the MLP each have their own (not one shared
+    # norm of a parallel-residual layer, as GPT-J's or Phi-2's)
+    separate = found["attn_input"] is not None and found["mlp_input"] is not None
+    if found[placement] is None or (placement in ("attn_input", "mlp_input") and not separate):
         raise ModelError(
-            f"placement {placement!r} needs a child named {' or '.join(PLACEMENT_CHILDREN[placement])} "
-            f"in each {layer}, which has {', '.join(sorted(names)) or 'none'}; use placement='{LAYER_OUTPUT}'"
+            f"placement {placement!r} needs a {PLACEMENT_NEEDS[placement]} in each {layer}, whose children are "
+            f"{', '.join(sorted(names)) or 'none'}; use placement='{LAYER_OUTPUT}'"
         )
-    return found
+    return str(found[placement])
 
 
 def placement_module(layer: nn.Module, placement: str) -> nn.Module:

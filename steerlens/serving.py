@@ -91,6 +91,8 @@ def steering_settings(
     model's shape, and against the engine's `placement` (None: where the files add their vectors, else the
     layer's output), here, so a bad file fails before a server starts."""
     shape = config_shape(model)
+    if placement is not None:
+        check_placement(placement)
     sets: dict[str, dict[str, object]] = {}
     bank = VectorBank(max(max_vector_sets or 0, len(vectors)))
     for name, path in vectors.items():
@@ -105,7 +107,6 @@ def steering_settings(
             )
         sets[name] = {"path": str(Path(path).resolve()), "scale": 1.0}
     placement = placement or LAYER_OUTPUT
-    check_placement(placement)
     capacity = max_vector_sets if max_vector_sets is not None else max(DEFAULT_VECTOR_SETS, len(vectors))
     if capacity < len(vectors):
         raise ServerError(f"max_vector_sets {capacity} is fewer than the {len(vectors)} vector sets given")

@@ -218,18 +218,20 @@ class SteeringVectors:
         out[list(self.layers)] = self.values.detach().cpu()
         return out
 
-    def require_layer_output(self, where: str) -> None:
+    def require_layer_output(self, where: str, instead: str = "") -> None:
         """Raise in one line unless these vectors are added at layer outputs, the only place `where` (another
-        tool's format or object) can express."""
+        tool's format, an analysis) knows; `instead` says what to do otherwise."""
         if self.placement != LAYER_OUTPUT:
             raise VectorsError(
-                f"{where} adds vectors only at layer outputs; these are added at {self.placement!r}, so they "
-                "cannot be written there (keep them in steerlens's own safetensors: save_pretrained or .save)"
+                f"{where} takes only vectors added at layer outputs; these are added at {self.placement!r}"
+                + (f"; {instead}" if instead else "")
             )
 
     def fingerprint(self) -> str:
-        """`sha256:<hex>` of the layers and fp32 values: names vectors that were never saved to a file."""
-        digest = hashlib.sha256(json.dumps([list(self.layers), self.num_layers]).encode())
+        """`sha256:<hex>` of the layers, placement and fp32 values: names vectors that were never saved to a file
+        (layer-output vectors keep the digest they had before placements were recorded)."""
+        where = [] if self.placement == LAYER_OUTPUT else [self.placement]
+        digest = hashlib.sha256(json.dumps([list(self.layers), self.num_layers, *where]).encode())
         digest.update(self.values.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
         return f"sha256:{digest.hexdigest()}"
 
@@ -259,6 +261,10 @@ class SteeringVectors:
         first = parts[0]
         for other in parts[1:]:
             first.check_fits(other.shape, what="merged set", allow_other_base=other.allow_other_base)
+            if other.placement != first.placement:
+                raise VectorsError(
+                    f"merged sets are added at different placements ({first.placement!r}, {other.placement!r})"
+                )
         layers = [layer for part in parts for layer in part.layers]
         if len(set(layers)) != len(layers):
             raise VectorsError(f"merged sets steer the same layer twice: {sorted(layers)}")

@@ -17,10 +17,11 @@ import torch
 from nnsight.modeling.transformers import TransformersModel
 from transformer_lens.model_bridge import TransformerBridge
 
-from steerlens.anatomy import model_shape
+from steerlens.anatomy import model_shape, placement_child
 from steerlens.backends import hf, tlens
 from steerlens.backends import nnsight as nnsight_backend
 from steerlens.bias_checkpoint import BIAS_TARGETS, export_checkpoint
+from steerlens.errors import ModelError
 from steerlens.models import load_model
 from steerlens.vectors import PLACEMENTS, SteeringVectors, VectorsError
 
@@ -205,3 +206,40 @@ def test_vectors_that_do_not_fit_are_refused(models: Models) -> None:
         nnsight_backend.attach(models.lm, wrong)
     with pytest.raises(VectorsError, match="hidden size"), models.lm.trace(models.ids):
         nnsight_backend.steer(models.lm, wrong)
+
+
+@pytest.mark.parametrize(
+    "children, found",
+    [
+        (
+            ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"),
+            ("input_layernorm", "post_attention_layernorm"),
+        ),
+        (("ln_1", "attn", "ln_2", "mlp"), ("ln_1", "ln_2")),  # GPT-2
+        (  # Gemma 2/3: post_attention_layernorm norms the attention's output, pre_feedforward_layernorm the MLP's input
+            (
+                "input_layernorm",
+                "self_attn",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "mlp",
+                "post_feedforward_layernorm",
+            ),
+            ("input_layernorm", "pre_feedforward_layernorm"),
+        ),  # fmt: skip
+        (("self_attn", "post_attention_layernorm", "mlp", "post_feedforward_layernorm"), None),  # OLMo2: norms after
+        (("input_layernorm", "self_attn", "mlp", "resid_dropout"), None),  # Phi-2: one norm feeds both
+    ],
+    ids=["llama", "gpt2", "gemma2", "olmo2", "phi2"],
+)
+def test_norm_placements_pick_the_norm_that_feeds_only_their_sub_module(
+    children: tuple[str, ...], found: tuple[str, str] | None
+) -> None:
+    if found is not None:
+        assert (placement_child(children, "attn_input"), placement_child(children, "mlp_input")) == found
+        return
+    for placement in ("attn_input", "mlp_input"):
+        with pytest.raises(ModelError, match=f"placement '{placement}' needs a norm that feeds only the") as err:
+            placement_child(children, placement, "Layer")
+        assert "use placement='layer_output'" in str(err.value) and "\n" not in str(err.value)
+    assert placement_child(children, "attn_output") == "self_attn"

@@ -245,9 +245,11 @@ def test_steering_vectors_import_refuses_unknown_layer_types() -> None:
 @pytest.mark.parametrize("fmt", sorted(set(FORMATS) - {"steerlens"}))
 def test_formats_refuse_vectors_added_inside_the_layer(fmt: str, tmp_path: Path) -> None:
     vectors = replace(random_vectors(4, 16, (1, 2)), placement="attn_output")
-    with pytest.raises(VectorsError, match="adds vectors only at layer outputs; these are added at 'attn_output'"):
+    with pytest.raises(
+        VectorsError, match="takes only vectors added at layer outputs; these are added at 'attn_output'; keep them"
+    ):
         write_vectors(vectors, tmp_path / "v", fmt)
-    with pytest.raises(VectorsError, match="a repeng ControlVector adds vectors only at layer outputs"):
+    with pytest.raises(VectorsError, match="a repeng ControlVector takes only vectors added at layer outputs"):
         to_repeng(vectors)
 
 

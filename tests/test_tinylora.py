@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
 
+from steerlens.config import ConfigError
 from steerlens.data.generated import generate
 from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import model_path
 from steerlens.models import load_model
 from steerlens.rl.config import TrainConfig
-from steerlens.rl.trainer import Trainer, TrainingError
+from steerlens.rl.trainer import Trainer
 from steerlens.task import Task
+
+PeftModel = pytest.importorskip("peft").PeftModel
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 
@@ -49,6 +51,7 @@ def test_tinylora_trains_13_parameters_and_merges_for_evaluation(tmp_path: Path)
 
 
 def test_vllm_is_refused_for_tinylora_in_one_line(tmp_path: Path) -> None:
-    pytest.importorskip("vllm")
-    with pytest.raises(TrainingError, match="vLLM cannot serve a TinyLoRA adapter; train trainable=tinylora with"):
+    with pytest.raises(
+        ConfigError, match="trainable=tinylora generates with HF .vLLM serves no TinyLoRA adapter.: use"
+    ):
         run(tmp_path / "run", engine="vllm", steps=1)

@@ -112,3 +112,15 @@ def test_a_server_serves_one_placement(tiny_qwen_dir: Path, tmp_path: Path) -> N
     with pytest.raises(ServerError, match="is added at 'mlp_input', the server's engine adds at 'attn_output'"):
         steering_settings(str(tiny_qwen_dir), {"a": files["attn_output"], "b": files["mlp_input"]})
     assert steering_settings(str(tiny_qwen_dir), {}, placement="mlp_input").placement == "mlp_input"
+
+
+def test_sets_at_two_placements_are_refused_before_an_engine_starts(tiny_qwen_dir: Path, tmp_path: Path) -> None:
+    from steerlens.anatomy import model_shape
+    from steerlens.evaluation.config import EvalConfig
+    from steerlens.evaluation.runner import EvalError, evaluate_sets
+
+    model, _ = load_model(tiny_qwen_dir)
+    sets = {p: SteeringVectors.zeros(model_shape(model), placement=p) for p in ("attn_output", "layer_output")}
+    cfg = EvalConfig(model=str(tiny_qwen_dir), engine="vllm", out_dir=str(tmp_path), progress=False)
+    with pytest.raises(EvalError, match="added at attn_output, layer_output, and one vLLM engine adds every set at"):
+        evaluate_sets(cfg, sets)

@@ -35,6 +35,7 @@ from steerlens.vectors import SteeringVectors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
 from analyses.runner import heldout_benchmark, runner_settings, training_config
+from scripts.run_notebooks import figure_svg
 
 HERE = Path(__file__).resolve().parent
 TABLE1_METHODS = {"steering": "per-layer vectors", "lora": "LoRA r=1 (down_proj)", "full": "full tuning"}
@@ -209,8 +210,9 @@ def write_results(runs: pd.DataFrame, table: pd.DataFrame, sweep: pd.DataFrame, 
     means = px.line(table, x="parameters", y="mean", log_x=True, markers=True, hover_name="point")
     figure.add_traces(means.update_traces(line={"color": "black"}, name="mean over seeds", showlegend=True).data)
     figure.add_hline(y=base, line_dash="dash", annotation_text=f"base model {base:.3f}")
+    figure.update_layout(width=1000, height=600)
     figure.write_html(out / "budgets.html", include_plotlyjs="cdn")
-    figure.write_image(out / "budgets.svg", width=1000, height=600)
+    write_text(out / "budgets.svg", figure_svg(figure.to_dict()))
     print(table.to_markdown(index=False, floatfmt=".4g"))
 
 

@@ -57,6 +57,7 @@ class LogitLensResult:
 def _rows(vectors: SteeringVectors | torch.Tensor) -> tuple[list[int], torch.Tensor]:
     """Layer labels and `[n, d]` values; a bare tensor's rows are labelled 0..n-1."""
     if isinstance(vectors, SteeringVectors):
+        vectors.require_layer_output("the logit lens (it reads vectors as residual-stream directions)")
         return list(vectors.layers), vectors.values.detach()
     values = vectors.detach()
     if values.ndim == 1:

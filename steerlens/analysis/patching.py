@@ -197,6 +197,7 @@ def study_layer(model: nn.Module, layer: int) -> int:
 def steering_vector(vectors: SteeringVectors | torch.Tensor, layer: int) -> torch.Tensor:
     """The `[d]` vector of `layer` from a set (which must steer it), or a bare `[d]` tensor as given."""
     if isinstance(vectors, SteeringVectors):
+        vectors.require_layer_output("head patching (it adds the vector to the layer's output itself)")
         if layer not in vectors.layers:
             raise PatchingError(f"the vectors do not steer layer {layer} (they steer {list(vectors.layers)})")
         return vectors.values[vectors.layers.index(layer)].detach()

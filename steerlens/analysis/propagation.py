@@ -135,6 +135,7 @@ def _source_rows(
 
 
 def _sources(vectors: SteeringVectors, sources: Sequence[int] | None) -> tuple[int, ...]:
+    vectors.require_layer_output("effect propagation (it compares each layer's output with the next layer's vector)")
     chosen = tuple(vectors.layers if sources is None else sources)
     missing = [i for i in chosen if i not in vectors.layers]
     if missing:

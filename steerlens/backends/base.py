@@ -71,10 +71,13 @@ class SteeringHandle(ABC):
     @torch.no_grad()
     def update(self, vectors: SteeringVectors | torch.Tensor) -> None:
         """Overwrite the values in place (same layers), keeping the parameter object."""
-        if isinstance(vectors, SteeringVectors) and vectors.layers != self.layers:
+        if isinstance(vectors, SteeringVectors) and (vectors.layers, vectors.placement) != (
+            self.layers,
+            self.template.placement,
+        ):
             raise VectorsError(
-                f"update: vectors steer layers {list(vectors.layers)}, the handle steers "
-                f"{list(self.layers)}; steer again to change layers"
+                f"update: vectors steer layers {list(vectors.layers)} at {vectors.placement!r}, the handle steers "
+                f"{list(self.layers)} at {self.template.placement!r}; steer again to change either"
             )
         values = vectors.values if isinstance(vectors, SteeringVectors) else vectors
         if tuple(values.shape) != tuple(self.parameter.shape):

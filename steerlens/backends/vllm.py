@@ -365,6 +365,10 @@ class SteeredLLM:
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
         self.placement = placement or (vectors.placement if vectors is not None else LAYER_OUTPUT)
         check_placement(self.placement)
+        if vectors is not None and vectors.placement != self.placement:
+            raise VectorsError(
+                f"SteeredLLM: the vectors are added at {vectors.placement!r}, but placement={self.placement!r}"
+            )
         self.bank = VectorBank(max_vector_sets)
         overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets, self.placement)
         source = resolve_model(model)

@@ -26,7 +26,7 @@ NON_RESULT_FIELDS = (
 
 @dataclass
 class EvalConfig(SharedOptions):
-    """Evaluate a model, with or without steering vectors or a LoRA adapter, on math benchmarks.
+    """Evaluate a model, with or without steering vectors or a peft adapter (LoRA, TinyLoRA), on math benchmarks.
 
     The model, engine, data, reward-fallback and sampling options come from `steerlens.options`
     (`ModelOptions`, `DataOptions`, `SamplingOptions`); this class adds the rest.
@@ -37,7 +37,8 @@ class EvalConfig(SharedOptions):
       (one or more) evaluated in one pass beside the base model (one folder each under `out_dir`, and a
       combined table); none: the unsteered model.
     - `base`: with named sets, also evaluate the unsteered model in that pass (`--no-base`: only the sets).
-    - `adapter`: a LoRA adapter directory from a `trainable=lora` run, merged into the model before evaluating.
+    - `adapter`: a peft adapter directory from a `trainable=lora` or `tinylora` run (its `lora/` or `tinylora/`),
+      merged into the model before evaluating.
     - `label`: the setup's name in the tables (default: `steering`, `lora` or `base`).
     - `model_label`: the model's name in the tables (default: `model` as given); name a fine-tuned
       checkpoint's base model to put it in that model's rows.
@@ -64,7 +65,7 @@ class EvalConfig(SharedOptions):
         None, "steering vectors (.safetensors), or named sets NAME=FILE,NAME=FILE in one pass (none: unsteered)"
     )
     base: bool = option(True, "with named sets NAME=FILE, also evaluate the base model in the same pass")
-    adapter: str | None = option(None, "LoRA adapter directory (trainable=lora run), merged into the model")
+    adapter: str | None = option(None, "peft adapter directory (trainable=lora or tinylora run), merged into the model")
     label: str | None = option(None, "setup name in the tables (default: steering, lora or base)")
     model_label: str | None = option(None, "model name in the tables (default: --model as given)")
     benchmarks: list[str] = option(
@@ -116,7 +117,7 @@ class EvalConfig(SharedOptions):
     @property
     def setup(self) -> str:
         """The row label of this run in the tables."""
-        return self.label or ("steering" if self.vectors else "lora" if self.adapter else "base")
+        return self.label or ("steering" if self.vectors else Path(self.adapter).name if self.adapter else "base")
 
     @property
     def table_model(self) -> str:

@@ -30,7 +30,7 @@ from steerlens.evaluation.config import NON_RESULT_FIELDS, EvalConfig
 from steerlens.evaluation.tables import combine_runs, write_run_tables
 from steerlens.io import append_jsonl, atomic_dir, read_jsonl, write_json, write_jsonl, write_text
 from steerlens.options import model_tokenizer, too_long_problems
-from steerlens.rollout import Rollout, make_rollout, sample_seed
+from steerlens.rollout import Rollout, make_rollout, sample_seed, use_vllm
 from steerlens.task import MathReward, PromptFn, check_answers, template_prompt
 from steerlens.vectors import SteeringVectors
 
@@ -360,7 +360,13 @@ def evaluate_sets(
     own_engine = engine is None
     if engine is None:
         steered = [vectors for vectors in sets.values() if vectors is not None]
-        placement = steered[0].placement if steered else None  # one vLLM engine adds every set at one placement
+        placements = {vectors.placement for vectors in steered}
+        if len(placements) > 1 and use_vllm(cfg.engine):
+            raise EvalError(
+                f"the vector sets are added at {', '.join(sorted(placements))}, and one vLLM engine adds every set at "
+                "one placement: evaluate each placement's sets in a run of its own (or with --engine hf)"
+            )
+        placement = steered[0].placement if steered else None
         engine = start_engine(cfg, out_dir, max_vector_sets=len(steered), placement=placement)
     loaded = []
     try:

@@ -56,7 +56,9 @@ def _write_directions(vectors: SteeringVectors, path: Path, layers: list[int], m
     """One f32 `direction.N` tensor per layer in `layers`, with llama.cpp's and steerlens's keys."""
     import gguf
 
-    vectors.require_layer_output(f"{path}: a GGUF control vector")
+    vectors.require_layer_output(
+        f"{path}: a GGUF control vector", "keep them in steerlens's own safetensors (save_pretrained or .save)"
+    )
     hint = model_hint or _model_type(vectors.architecture)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)

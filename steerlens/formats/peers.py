@@ -21,7 +21,8 @@ import torch
 
 from steerlens.vectors import SteeringVectors, VectorsError
 
-# steering-vectors' layer type for each placement: it adds to the output of the module of that name.
+# steering-vectors' layer type for each placement: it adds to the output of the module of that name (in Llama- and
+# Qwen-style layers; Gemma 2 and 3 feed their MLP from pre_feedforward_layernorm, which it has no type for).
 LAYER_TYPES = {
     "layer_output": "decoder_block",
     "attn_input": "input_layernorm",
@@ -33,7 +34,9 @@ LAYER_TYPES = {
 
 def to_repeng(vectors: SteeringVectors, model_type: str = "") -> Any:
     """A `repeng.ControlVector` with one fp32 direction per steered layer."""
-    vectors.require_layer_output("a repeng ControlVector")
+    vectors.require_layer_output(
+        "a repeng ControlVector", "keep them in steerlens's own safetensors (save_pretrained or .save)"
+    )
     from repeng import ControlVector
 
     directions = {layer: row.detach().float().cpu().numpy() for layer, row in zip(vectors.layers, vectors.values)}
@@ -48,6 +51,11 @@ def from_repeng(control: Any, num_layers: int, model: str = "") -> SteeringVecto
 
 def to_steering_vector(vectors: SteeringVectors) -> Any:
     """A `steering_vectors.SteeringVector` on decoder blocks (its `multiplier` plays steerlens's scale)."""
+    if vectors.placement == "mlp_input" and vectors.architecture.startswith(("Gemma2", "Gemma3")):
+        raise VectorsError(
+            "a SteeringVector's post_attention_layernorm is the norm of the attention's output in Gemma 2 and 3 "
+            "layers, not the MLP's input norm: mlp_input vectors of this model do not convert"
+        )
     from steering_vectors import SteeringVector
 
     rows = {layer: row.detach().clone() for layer, row in zip(vectors.layers, vectors.values)}

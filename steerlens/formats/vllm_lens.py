@@ -28,7 +28,9 @@ def write_vllm_lens(vectors: SteeringVectors, path: str | Path) -> Path:
     """Write the JSON a vllm-lens request carries: fp32 activations, scale 1, no norm matching."""
     import zstandard
 
-    vectors.require_layer_output(f"{path}: a vllm-lens steering vector")
+    vectors.require_layer_output(
+        f"{path}: a vllm-lens steering vector", "keep them in steerlens's own safetensors (save_pretrained or .save)"
+    )
     array = vectors.values.detach().to(torch.float32).cpu().contiguous().numpy()
     payload = {
         "activations": {

@@ -12,7 +12,6 @@ from typing import Any, Literal
 from steerlens.config import ConfigError, option
 from steerlens.options import SharedOptions, option_checks
 from steerlens.rl.parametrisations import Form
-from steerlens.rl.policy import lora_config, tinylora_config
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = (
@@ -45,7 +44,7 @@ class TrainConfig(SharedOptions):
 
     **What is trained**
 
-    - `trainable`: steering vectors (the default), rank-r LoRA on the MLP's `down_proj`, or every weight.
+    - `trainable`: steering vectors (the default), rank-r LoRA on the MLP's `down_proj`, TinyLoRA, or every weight.
     - `layers`: the steered layers (default: all); one index trains a single-layer vector.
     - `placement`: where each vector is added (`steerlens.vectors.PLACEMENTS`): the residual stream after the
       layer (the papers'), or the output of the layer's attention, its MLP, or the norm before either.
@@ -238,6 +237,10 @@ class TrainConfig(SharedOptions):
                 self.tinylora_u >= 1 and self.tinylora_rank >= 1 and 0 <= self.tinylora_tying <= 1,
                 "tinylora_u and tinylora_rank must be >= 1 and tinylora_tying in [0, 1]",
             ),
+            (
+                self.trainable != "tinylora" or self.engine != "vllm",
+                "trainable=tinylora generates with HF (vLLM serves no TinyLoRA adapter): use engine=hf or auto",
+            ),
             (self.eval_problems >= 1, "eval_problems must be >= 1 (use --eval-data null for none)"),
             (self.kl_coef >= 0 and self.weight_decay >= 0, "kl_coef and weight_decay must be >= 0"),
             (self.max_grad_norm > 0 and self.verify_atol > 0, "max_grad_norm and verify_atol must be > 0"),
@@ -275,6 +278,8 @@ class TrainConfig(SharedOptions):
 
     def adapter(self) -> Any:
         """The peft config of trainable=lora or tinylora (seeded by `seed`), else None."""
+        from steerlens.rl.policy import lora_config, tinylora_config  # torch and peft, only when training
+
         if self.trainable == "lora":
             return lora_config(self.lora_rank, self.lora_alpha)
         if self.trainable == "tinylora":

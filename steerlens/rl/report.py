@@ -138,7 +138,7 @@ class RunSummary:
     accuracy before and after, its cost and its artefact. `*_first_steps` / `*_last_steps` are means over
     the first and the last fifth of the steps."""
 
-    trainable: str  #: what was trained: steering, lora or full
+    trainable: str  #: what was trained: steering, lora, tinylora or full
     trainable_parameters: int
     optimizer_state_bytes: int
     steps: int  #: steps logged in metrics.jsonl

@@ -55,6 +55,8 @@ def train_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
 
 def train_runs_together(runs: list[TrainConfig], names: list[str]) -> list[dict[str, Any]]:
     """Load the model once, start one engine with a vector set per run (`names`), and `train_together`."""
+    if len({run.placement for run in runs}) > 1:
+        raise TrainingError("runs trained together share one engine, which adds every vector set at one placement")
     for run in runs:
         plan_resume(run)
     problems = [math_problems(run) for run in runs]

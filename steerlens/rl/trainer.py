@@ -437,9 +437,7 @@ class Trainer:
         engine, kind = self.cfg.engine, self.cfg.trainable
         if kind == "full" and engine == "auto" and use_vllm(engine) and push_refusal(self.policy.model) is not None:
             engine = "hf"
-        if kind == "tinylora":  # vLLM serves no TinyLoRA adapter: HF generation runs the adapted model itself
-            if engine == "vllm":
-                raise TrainingError("vLLM cannot serve a TinyLoRA adapter; train trainable=tinylora with engine=hf")
+        if kind == "tinylora":  # vLLM serves no TinyLoRA adapter (the config refuses engine=vllm)
             engine = "hf"
         vllm = use_vllm(engine)
         return training_rollout(
