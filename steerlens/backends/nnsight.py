@@ -27,17 +27,20 @@ from steerlens.backends.base import Hook, SteeringHandle
 from steerlens.vectors import BaseModel, ModelShape, SteeringVectors
 
 
+def envoy_names(lm: Any) -> list[str]:
+    """The module names below the nnsight model `lm` (its envoys' names without the root's)."""
+    return [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
+
+
 def envoy_layers_path(lm: Any) -> str:
     """The dotted path of the decoder-layer list below the nnsight model `lm`."""
-    root = type(lm).__name__
-    names = [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
-    return layers_path(names, architecture(lm), root)
+    return layers_path(envoy_names(lm), architecture(lm), type(lm).__name__)
 
 
 def envoy_paths(lm: Any, vectors: SteeringVectors) -> list[tuple[int, str]]:
     """`(row, envoy path)` of each steered layer's module at the vectors' placement, in forward order."""
-    path = envoy_layers_path(lm)
-    names = [name.split(".", 1)[1] for name, _ in lm.named_modules() if "." in name]
+    names = envoy_names(lm)
+    path = layers_path(names, architecture(lm), type(lm).__name__)
     paths = []
     for row, layer in sorted(enumerate(vectors.layers), key=lambda pair: pair[1]):
         prefix = f"{path}.{layer}."
