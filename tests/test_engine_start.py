@@ -16,6 +16,7 @@ from steerlens.backends.vllm import (  # noqa: E402
     V2_RUNNER_SETTING,
     SteeredLLM,
     engine_defaults,
+    lora_engine_options,
 )
 from steerlens.backends.vllm_plugin import SKIP_FILL  # noqa: E402
 from steerlens.errors import ModelError, SteeringNotApplied  # noqa: E402
@@ -61,6 +62,24 @@ def test_the_startup_probe_catches_a_broken_slot_fill(tiny_qwen_dir: Path, monke
     assert one_line(info.value).startswith(
         "steering is not applied in this vLLM engine: a random vector set moved its log-probs by at most 0 nats"
     )
+
+
+def test_a_lora_engine_on_a_llama_model_is_probed_without_the_batch(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LoRA wraps a Llama model's LM head, and vLLM then cannot score several requests' prompts in one step (its
+    # engine died at start in the probe's mixed batch). The probe runs without the batch: it passes, and it still
+    # catches a slot fill that never runs.
+    engine = SteeredLLM(tiny_llama_dir, **ENGINE_ARGS, **lora_engine_options(1))
+    try:
+        assert engine.llm.llm_engine.vllm_config.lora_config is not None
+        assert engine.prove_steering() > 0.01
+    finally:
+        engine.close()
+    monkeypatch.setenv(SKIP_FILL, "1")
+    with pytest.raises(SteeringNotApplied) as info:
+        SteeredLLM(tiny_llama_dir, **ENGINE_ARGS, **lora_engine_options(1))
+    assert one_line(info.value).startswith("steering is not applied in this vLLM engine")
 
 
 @pytest.mark.slow

@@ -409,7 +409,9 @@ class SteeredLLM:
     def prove_steering(self) -> float:
         """Run the start-up probe (`SteeringProbe`): raise `SteeringNotApplied` in one line unless a random set
         steers and every request gets its own set; returns how far it moved the log-probs (nats)."""
-        probe = SteeringProbe.of(self.llm.llm_engine.model_config, self.bank.probe_slot)
+        engine_config = self.llm.llm_engine.vllm_config
+        batched = engine_config.lora_config is None  # see SteeringProbe: vLLM cannot score a batch under LoRA
+        probe = SteeringProbe.of(engine_config.model_config, self.bank.probe_slot, batched)
         self._write(probe.slot, probe.vectors(self.shape))
         try:
             outputs = [self.llm.generate(prompts, params, use_tqdm=False) for prompts, params in probe.calls()]

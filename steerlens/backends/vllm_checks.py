@@ -72,16 +72,23 @@ class SteeringProbe:
     what base gets) to `atol`. A fill that never runs, layers that do not add, scales ignored, or slots given to
     the wrong rows all fail. No reference model is needed: slot 0 adds exact zeros, so base is the stock model
     (the trainer's `verify_push` compares with HF as well).
+
+    An engine started with LoRA enabled skips the mixed batch (`batched=False`): vLLM cannot score the prompts of
+    several requests in one step when LoRA wraps the LM head (Llama-family models; vllm-project/vllm#29955, the
+    engine dies), so only "the probe set moves log-probs" is proven there. Slot selection is the same code with
+    or without LoRA, and is proven by the batch on every other engine.
     """
 
     slot: int
     vocab_size: int
     atol: float
+    batched: bool = True
 
     @classmethod
-    def of(cls, model_config: Any, slot: int) -> SteeringProbe:
-        """The probe of an engine with vLLM model config `model_config`, writing to bank slot `slot`."""
-        return cls(slot, model_config.get_vocab_size(), probe_atol(model_config.dtype))
+    def of(cls, model_config: Any, slot: int, batched: bool = True) -> SteeringProbe:
+        """The probe of an engine with vLLM model config `model_config`, writing to bank slot `slot`
+        (`batched=False`: without the mixed batch, for LoRA engines)."""
+        return cls(slot, model_config.get_vocab_size(), probe_atol(model_config.dtype), batched)
 
     def vectors(self, shape: ModelShape) -> SteeringVectors:
         """The random set written to the probe slot (seeded: the same on every start)."""
@@ -94,7 +101,8 @@ class SteeringProbe:
         return [(11 + 7919 * position) % self.vocab_size for position in range(PROBE_TOKENS)]
 
     def calls(self) -> list[tuple[list[dict[str, Any]], list[Any]]]:
-        """The prompts and sampling parameters of each call: the mixed batch, base alone, the probe set alone."""
+        """The prompts and sampling parameters of each call: the mixed batch (when `batched`), base alone, the probe
+        set alone."""
         tokens = self.tokens()
         base, steered, off = (BASE_SLOT, 0.0), (self.slot, 1.0), (self.slot, 0.0)
         prompt = {"prompt_token_ids": tokens, "cache_salt": PROBE_SALT}
@@ -103,16 +111,14 @@ class SteeringProbe:
             choice: with_extra_args(scoring, {SLOT_ARG: choice[0], SCALE_ARG: choice[1]})
             for choice in (base, steered, off)
         }
-        return [
-            ([prompt] * 3, [params[base], params[steered], params[off]]),
-            ([prompt], [params[base]]),
-            ([prompt], [params[steered]]),
-        ]
+        mixed = ([prompt] * 3, [params[base], params[steered], params[off]])
+        alone = [([prompt], [params[base]]), ([prompt], [params[steered]])]
+        return [mixed, *alone] if self.batched else alone
 
     def judge(self, outputs: Sequence[Sequence[Any]]) -> float:
         """Raise `SteeringNotApplied` unless the calls' outputs show steering applied; returns the shift (nats)."""
         tokens = self.tokens()
-        (mixed_base, mixed_steered, mixed_off), (base,), (steered,) = (
+        *mixed, (base,), (steered,) = (
             [scored_logprobs(output, tokens[:1], tokens[1:]) for output in call] for call in outputs
         )
         shift = float((steered - base).abs().max())
@@ -122,6 +128,9 @@ class SteeringProbe:
                 f"{shift:.3g} nats (expected >= {PROBE_MIN_SHIFT * self.atol:g}), so the slot fill or the steered "
                 "layers never ran; nothing was generated"
             )
+        if not mixed:
+            return shift
+        (mixed_base, mixed_steered, mixed_off), *_ = mixed
         drift = max(
             float((got - alone).abs().max())
             for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base))
