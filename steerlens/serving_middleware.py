@@ -143,7 +143,7 @@ class SteeringMiddleware:
 
     async def _prove_steering(self, engine: Any) -> float:
         """The start-up probe (`SteeringProbe`) through the server's engine client; raises `SteeringNotApplied`."""
-        probe = SteeringProbe.of(engine.model_config, self.bank.probe_slot)
+        probe = SteeringProbe.of(engine.vllm_config, self.bank.probe_slot)
         await engine.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(probe.vectors(self.shape).dense())))
         try:
             outputs = []

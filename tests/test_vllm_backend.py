@@ -170,7 +170,7 @@ def test_startup_probe_passes_and_rejects_mixed_up_outputs(engine: SteeredLLM) -
     start = time.perf_counter()
     shift = engine.prove_steering()
     assert shift >= 0.01 and time.perf_counter() - start < 1.0
-    probe = SteeringProbe.of(engine.llm.llm_engine.model_config, engine.bank.probe_slot)
+    probe = SteeringProbe.of(engine.llm.llm_engine.vllm_config, engine.bank.probe_slot)
     engine.llm.collective_rpc("steerlens_write", args=(probe.slot, *to_wire(probe.vectors(engine.shape).dense())))
     try:
         outputs = [engine.llm.generate(prompts, params, use_tqdm=False) for prompts, params in probe.calls()]

@@ -396,12 +396,17 @@ class SteeredLLM:
         )
         self.adapter: Any = None  # the LoRARequest every request carries (`load_adapter`), or None
         self._adapter_version = 0
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             check_installed(self.llm.collective_rpc("steerlens_install"))
             if startup_probe:
                 self.prove_steering()
             if vectors is not None:
                 self.update(vectors)
+        except EngineDeadError as err:  # its worker's traceback was printed above
+            self.close()
+            raise engine_refusal(source, err) from None
         except BaseException:
             self.close()
             raise
@@ -409,9 +414,7 @@ class SteeredLLM:
     def prove_steering(self) -> float:
         """Run the start-up probe (`SteeringProbe`): raise `SteeringNotApplied` in one line unless a random set
         steers and every request gets its own set; returns how far it moved the log-probs (nats)."""
-        engine_config = self.llm.llm_engine.vllm_config
-        batched = engine_config.lora_config is None  # see SteeringProbe: vLLM cannot score a batch under LoRA
-        probe = SteeringProbe.of(engine_config.model_config, self.bank.probe_slot, batched)
+        probe = SteeringProbe.of(self.llm.llm_engine.vllm_config, self.bank.probe_slot)
         self._write(probe.slot, probe.vectors(self.shape))
         try:
             outputs = [self.llm.generate(prompts, params, use_tqdm=False) for prompts, params in probe.calls()]

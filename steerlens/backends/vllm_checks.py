@@ -85,9 +85,11 @@ class SteeringProbe:
     batched: bool = True
 
     @classmethod
-    def of(cls, model_config: Any, slot: int, batched: bool = True) -> SteeringProbe:
-        """The probe of an engine with vLLM model config `model_config`, writing to bank slot `slot`
-        (`batched=False`: without the mixed batch, for LoRA engines)."""
+    def of(cls, vllm_config: Any, slot: int) -> SteeringProbe:
+        """The probe of an engine with vLLM config `vllm_config`, writing to bank slot `slot` (without the mixed
+        batch where LoRA is enabled)."""
+        model_config = vllm_config.model_config
+        batched = vllm_config.lora_config is None
         return cls(slot, model_config.get_vocab_size(), probe_atol(model_config.dtype), batched)
 
     def vectors(self, shape: ModelShape) -> SteeringVectors:
