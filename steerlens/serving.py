@@ -100,11 +100,9 @@ def steering_settings(
         loaded = SteeringVectors.load(path)
         loaded.check_fits(shape, what=f"model {model!r} (vector set {name!r})")
         placement = placement or loaded.placement
-        if loaded.placement != placement:
-            raise ServerError(
-                f"vector set {name!r} ({path}) is added at {loaded.placement!r}, the server's engine adds at "
-                f"{placement!r}; one server serves one placement (start another for the other)"
-            )
+        loaded.require_placement(
+            placement, f"the server (vector set {name!r}, {path})", "one server serves one placement: start another"
+        )
         sets[name] = {"path": str(Path(path).resolve()), "scale": 1.0}
     placement = placement or LAYER_OUTPUT
     capacity = max_vector_sets if max_vector_sets is not None else max(DEFAULT_VECTOR_SETS, len(vectors))

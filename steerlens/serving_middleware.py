@@ -35,7 +35,7 @@ from steerlens.backends.vllm import check_installed
 from steerlens.backends.vllm_checks import SteeringProbe
 from steerlens.backends.vllm_plugin import to_wire
 from steerlens.errors import SteerlensError
-from steerlens.vectors import LAYER_OUTPUT, ModelShape, SteeringVectors, VectorsError
+from steerlens.vectors import LAYER_OUTPUT, ModelShape, SteeringVectors
 
 SERVE_SETTINGS = "STEERLENS_SERVE_SETTINGS"  # the environment variable the launcher writes them to
 STARTUP_FAILED = "steerlens: the server cannot start: "  # begins the one line a failed start prints
@@ -163,11 +163,11 @@ class SteeringMiddleware:
         try:
             vectors = SteeringVectors.load(path)
             vectors.check_fits(self.shape, what=f"served model {self.settings.base!r} (vector set {name!r})")
-            if vectors.placement != self.settings.placement:
-                raise VectorsError(
-                    f"vector set {name!r} is added at {vectors.placement!r}, this server adds at "
-                    f"{self.settings.placement!r}; serve it from a server started with --placement {vectors.placement}"
-                )
+            vectors.require_placement(
+                self.settings.placement,
+                f"this server (vector set {name!r})",
+                f"serve it from a server started with --placement {vectors.placement}",
+            )
         except SteerlensError as err:
             raise RequestError(400, str(err)) from None
         engine = scope["app"].state.engine_client

@@ -218,6 +218,12 @@ class SteeringVectors:
         out[list(self.layers)] = self.values.detach().cpu()
         return out
 
+    def require_placement(self, placement: str, where: str, instead: str) -> None:
+        """Raise in one line unless these vectors are added at `placement`, the one place `where` (an engine, a
+        server) adds them; `instead` says what to do otherwise."""
+        if self.placement != placement:
+            raise VectorsError(f"{where} adds at {placement!r}, these vectors at {self.placement!r}; {instead}")
+
     def require_layer_output(self, where: str, instead: str = "") -> None:
         """Raise in one line unless these vectors are added at layer outputs, the only place `where` (another
         tool's format, an analysis) knows; `instead` says what to do otherwise."""

@@ -67,7 +67,11 @@ def test_sets_at_the_placement_equal_the_hf_hooks(engine: SteeredLLM, hf: tuple)
 
 def test_sets_for_another_placement_are_refused_in_one_line(engine: SteeredLLM) -> None:
     layer_output = SteeringVectors.zeros(engine.shape)
-    with pytest.raises(VectorsError, match=f"adds at '{engine.placement}'; start another engine with pl") as err:
+    with pytest.raises(
+        VectorsError,
+        match=f"adds at '{engine.placement}', these vectors at 'layer_output'; start another engine with placement="
+        "'layer_output'$",
+    ) as err:
         engine.add("other", layer_output)
     assert "\n" not in str(err.value) and engine.names() == []
 
@@ -96,7 +100,7 @@ def test_a_server_serves_one_placement(tiny_qwen_dir: Path, tmp_path: Path) -> N
     import json
 
     from steerlens.anatomy import model_shape
-    from steerlens.serving import ServerError, server_command, steering_settings
+    from steerlens.serving import server_command, steering_settings
 
     model, _ = load_model(tiny_qwen_dir)
     files = {
@@ -109,7 +113,11 @@ def test_a_server_serves_one_placement(tiny_qwen_dir: Path, tmp_path: Path) -> N
     command = server_command(str(tiny_qwen_dir), 8000, steering=settings)
     overrides = json.loads(command[command.index("--hf-overrides") + 1])
     assert settings.placement == overrides["steerlens_placement"] == "attn_output"
-    with pytest.raises(ServerError, match="is added at 'mlp_input', the server's engine adds at 'attn_output'"):
+    with pytest.raises(
+        VectorsError,
+        match=r"^the server \(vector set 'b', .*\) adds at 'attn_output', these vectors at 'mlp_input'; "
+        "one server serves one placement: start another$",
+    ):
         steering_settings(str(tiny_qwen_dir), {"a": files["attn_output"], "b": files["mlp_input"]})
     assert steering_settings(str(tiny_qwen_dir), {}, placement="mlp_input").placement == "mlp_input"
 

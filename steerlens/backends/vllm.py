@@ -70,7 +70,7 @@ from steerlens.backends.vllm_requests import with_extra_args, with_salt
 from steerlens.backends.vllm_runners import V2_RUNNER_SETTING as V2_RUNNER_SETTING
 from steerlens.errors import ModelError, SteerlensError
 from steerlens.models import check_weight_files, resolve_model
-from steerlens.vectors import LAYER_OUTPUT, BaseModel, ModelShape, SteeringVectors, VectorsError, check_placement
+from steerlens.vectors import LAYER_OUTPUT, BaseModel, ModelShape, SteeringVectors, check_placement
 
 PLUGIN_NAME = "steerlens"  # the entry point name in pyproject.toml; VLLM_PLUGINS must allow it
 
@@ -365,10 +365,8 @@ class SteeredLLM:
             raise SteerlensError("SteeredLLM sets worker_extension_cls itself; it cannot be combined with another")
         self.placement = placement or (vectors.placement if vectors is not None else LAYER_OUTPUT)
         check_placement(self.placement)
-        if vectors is not None and vectors.placement != self.placement:
-            raise VectorsError(
-                f"SteeredLLM: the vectors are added at {vectors.placement!r}, but placement={self.placement!r}"
-            )
+        if vectors is not None:
+            vectors.require_placement(self.placement, "SteeredLLM", "leave placement unset to take the vectors' own")
         self.bank = VectorBank(max_vector_sets)
         overrides = SteeredArchitecture(llm_kwargs.pop("hf_overrides", None), max_vector_sets, self.placement)
         source = resolve_model(model)
@@ -477,11 +475,7 @@ class SteeredLLM:
     def _check(self, vectors: SteeringVectors, what: str) -> None:
         """Raise in one line unless `vectors` fit the model and are added where this engine adds them."""
         vectors.check_fits(self.shape, what=what)
-        if vectors.placement != self.placement:
-            raise VectorsError(
-                f"{what}: the vectors are added at {vectors.placement!r}, this engine adds at {self.placement!r}; "
-                f"start another engine with placement={vectors.placement!r}"
-            )
+        vectors.require_placement(self.placement, what, f"start another engine with placement={vectors.placement!r}")
 
     def zeros(self) -> SteeringVectors:
         """No steering, as vectors this engine takes: every layer, zero, at its placement."""
