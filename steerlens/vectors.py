@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -34,7 +34,8 @@ FORMAT = "steerlens.vectors/1"
 
 # Where a vector is added (the name a file records): to the output of a decoder layer or of one of its
 # sub-modules, at every position. Backends find the sub-modules with `steerlens.anatomy.placement_module`.
-PLACEMENTS = {
+Placement = Literal["layer_output", "attn_input", "attn_output", "mlp_input", "mlp_output"]
+PLACEMENTS: dict[Placement, str] = {
     "layer_output": "the residual stream after the decoder layer",
     "attn_input": "the attention's input, after its norm (only the attention sees it)",
     "attn_output": "the attention's output, before it joins the residual stream",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from steerlens.vectors import ModelShape, SteeringVectors, VectorsError
+from steerlens.rl.config import TrainConfig
+from steerlens.vectors import PLACEMENTS, ModelShape, Placement, SteeringVectors, VectorsError
 
 SHAPE = ModelShape(num_layers=6, hidden_size=8, name="toy", architecture="Qwen2ForCausalLM")
 
@@ -107,3 +109,9 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         random_set(seed=2).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+def test_every_placement_is_described_and_trainable() -> None:
+    # One list of names (the `Placement` type): the descriptions and the training option follow it.
+    assert tuple(PLACEMENTS) == typing.get_args(Placement)
+    assert typing.get_type_hints(TrainConfig)["placement"] == Placement

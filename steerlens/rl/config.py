@@ -12,6 +12,7 @@ from typing import Any, Literal
 from steerlens.config import ConfigError, option
 from steerlens.options import SharedOptions, option_checks
 from steerlens.rl.parametrisations import Form
+from steerlens.vectors import Placement
 
 # Settings a resumed run may change without changing any number it computes.
 RESUME_FREE_FIELDS = (
@@ -129,7 +130,7 @@ class TrainConfig(SharedOptions):
         "steering", "what is trained: steering vectors, rank-r LoRA on MLP down_proj, TinyLoRA, or every weight"
     )
     layers: list[int] | None = option(None, "steered layers (default: all); one index trains a single-layer vector")
-    placement: Literal["layer_output", "attn_input", "attn_output", "mlp_input", "mlp_output"] = option(
+    placement: Placement = option(
         "layer_output", "where each vector is added: the layer's output, or its attention's or MLP's input or output"
     )
     lora_rank: int = option(1, "LoRA rank r (trainable=lora)")
