@@ -92,7 +92,8 @@ def seed_alignment(table1: Table1) -> StudyResult:
     cosines["pair"] = cosines["run_a"] + "-" + cosines["run_b"]
     hidden = next(iter(table1.seeds.values())).hidden_size
     steering = table1.accuracy[table1.accuracy["method"] == "steering"]
-    accuracy = pd.DataFrame({"run": "seed" + steering["seed"].astype(str), "accuracy": steering["accuracy"].to_numpy()})
+    runs = "seed" + steering["seed"].astype(int).astype(str)
+    accuracy = pd.DataFrame({"run": runs, "accuracy": steering["accuracy"].to_numpy()})
     per_pair = cosines.groupby("pair")["cosine"].agg(["mean", "min", "max"]).reset_index()
     per_pair["chance_abs_cosine"] = math.sqrt(2 / (math.pi * hidden))
     figure = px.line(
