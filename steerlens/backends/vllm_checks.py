@@ -130,9 +130,9 @@ class SteeringProbe:
                 f"{shift:.3g} nats (expected >= {PROBE_MIN_SHIFT * self.atol:g}), so the slot fill or the steered "
                 "layers never ran; nothing was generated"
             )
-        if not mixed:
+        if not self.batched:
             return shift
-        (mixed_base, mixed_steered, mixed_off), *_ = mixed
+        ((mixed_base, mixed_steered, mixed_off),) = mixed
         drift = max(
             float((got - alone).abs().max())
             for got, alone in ((mixed_base, base), (mixed_steered, steered), (mixed_off, base))
