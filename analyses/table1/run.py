@@ -30,6 +30,7 @@ from steerlens.evaluation.config import EvalConfig
 from steerlens.evaluation.runner import evaluate
 from steerlens.evaluation.tables import combine_runs
 from steerlens.io import append_jsonl, atomic_path, read_jsonl, write_json, write_text
+from steerlens.rl.checkpoint import checkpoint_dirs
 from steerlens.rl.config import TrainConfig
 from steerlens.rl.job import train
 from steerlens.rl.together import train_runs_together
@@ -51,12 +52,14 @@ def finished(cfg: TrainConfig) -> bool:
 
 
 def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
-    """Train the unfinished runs (steering runs together in one engine) and log how long that took."""
+    """Train the unfinished runs (steering runs together in one engine) and log how long that took; a phase that
+    resumes a run from a checkpoint is marked, since its time leaves out what earlier sittings spent."""
     todo = [cfg for cfg in runs if not finished(cfg)]
     if not todo:
         return
     names = [Path(cfg.out_dir).name for cfg in todo]
     together = method == "steering" and len(todo) > 1
+    resumed = any(checkpoint_dirs(Path(cfg.out_dir)) for cfg in todo)
     start = time.perf_counter()
     if together:
         train_runs_together(todo, names)
@@ -65,7 +68,13 @@ def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
             train(cfg)
     append_jsonl(
         out / "runs" / "timings.jsonl",
-        {"method": method, "runs": names, "together": together, "seconds": time.perf_counter() - start},
+        {
+            "method": method,
+            "runs": names,
+            "together": together,
+            "resumed": resumed,
+            "seconds": time.perf_counter() - start,
+        },
     )
 
 
@@ -170,6 +179,7 @@ def timings(out: Path) -> pd.DataFrame:
                 "method": r["method"],
                 "runs": ", ".join(r["runs"]),
                 "together": r["together"],
+                "resumed": r["resumed"],
                 "minutes": r["seconds"] / 60,
             }
             for r in rows
