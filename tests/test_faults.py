@@ -118,6 +118,30 @@ def test_nothing_valid_left_stops_without_touching_the_run(run_copy: Path) -> No
     assert "no checkpoint can be resumed" in output and snapshot(run_copy) == before
 
 
+def test_finished_run_without_checkpoints_is_not_started_again(run_copy: Path) -> None:
+    shutil.rmtree(run_copy / "checkpoints")
+    before = snapshot(run_copy)
+    code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
+    assert_refused(code, output, str(run_copy))
+    assert "the run finished without writing one" in output and snapshot(run_copy) == before
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_again(run_copy: Path) -> None:
+    shutil.rmtree(run_copy / "checkpoints")
+    (run_copy / "summary.json").unlink()
+    stopped = metric_lines(run_copy)[:1]
+    (run_copy / "metrics.jsonl").write_text(stopped[0] + "\n")
+    code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
+    assert code == 0 and "stopped before its first checkpoint" in output, output
+
+    def untimed(line: str) -> dict[str, object]:
+        return {k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
+
+    rows = [untimed(line) for line in metric_lines(run_copy)]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3] and rows[0] == untimed(stopped[0])  # step 0 again, once
+    assert (run_copy / "summary.json").is_file()
+
+
 def test_torn_metrics_tail_is_dropped_on_resume(run_copy: Path) -> None:
     shutil.rmtree(run_copy / "checkpoints" / "step_000004")
     with open(run_copy / "metrics.jsonl", "a") as handle:

@@ -3,8 +3,10 @@
 The rules that keep a run's output safe:
 - without `resume`, a directory that holds any of a run (metrics, checkpoints, a summary) is refused;
 - with `resume`, the newest checkpoint whose manifest verifies is used, and every newer one that does
-  not is named with the reason; when none verifies over existing output, the run stops and nothing
-  is touched (it never starts again from step 0 over earlier work);
+  not is named with the reason; when checkpoints exist but none verifies, or a finished run wrote none,
+  the run stops and nothing is touched (it never starts again from step 0 over earlier work);
+- a run stopped before its first checkpoint saved nothing but its first steps' metrics rows, which a resume
+  replaces anyway: with `resume` it starts again from step 0;
 - resuming with changed result-affecting settings is refused, naming them, unless
   `allow_config_change` is set; the change is then appended to `config_changes.jsonl`;
 - except the schedule's settings (`steps`, `warmup_ratio`): a run may be extended (or shortened, or its warm-up
@@ -138,13 +140,13 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
         return ResumePlan()
     checkpoint, skipped = newest_valid(out)
     if checkpoint is None:
-        if holds_run(out):
-            why = "; ".join(skipped) or "no checkpoint was written"
+        if skipped or (out / "summary.json").exists():
+            why = "; ".join(skipped) or "the run finished without writing one"
             raise CheckpointError(
                 f"{out}: no checkpoint can be resumed ({why}); nothing was changed. Move the "
                 "directory away to start again from step 0"
             )
-        return ResumePlan(skipped=skipped)
+        return ResumePlan()
     saved, taken = saved_config(checkpoint / "config.yaml"), checkpoint_step(checkpoint)
     changes = config_changes(cfg, saved)
     schedule = [k for k in SCHEDULE_FIELDS if k in changes]

@@ -398,6 +398,9 @@ class Trainer:
             LOG.warning("skipped checkpoint %s", line)
         if plan.checkpoint is None:
             if self.ctx.is_main:
+                if self.metrics_path.exists():  # resumed before its first checkpoint (see `rl.resume`)
+                    LOG.warning("%s stopped before its first checkpoint: starting again from step 0", self.out)
+                    self.metrics_path.unlink()
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_text(self.out / "config.yaml", to_yaml(self.cfg))
             return 0
