@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,25 +109,32 @@ def test_resume_does_not_need_the_latest_pointer(run_copy: Path, pointer: str) -
     }
 
 
-def test_nothing_valid_left_stops_without_touching_the_run(run_copy: Path) -> None:
+def unverifiable(run: Path) -> None:
     for step in ("step_000002", "step_000004"):
-        (run_copy / "checkpoints" / step / MANIFEST).unlink()
+        (run / "checkpoints" / step / MANIFEST).unlink()
+
+
+def checkpointless(run: Path) -> None:
+    shutil.rmtree(run / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [(unverifiable, "the checkpoint is incomplete"), (checkpointless, "the run finished without writing one")],
+    ids=["none-verifies", "finished-without-any"],
+)
+def test_nothing_valid_left_stops_without_touching_the_run(
+    run_copy: Path, damage: Callable[[Path], None], why: str
+) -> None:
+    damage(run_copy)
     before = snapshot(run_copy)
     code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
     assert_refused(code, output, str(run_copy))
-    assert "no checkpoint can be resumed" in output and snapshot(run_copy) == before
-
-
-def test_finished_run_without_checkpoints_is_not_started_again(run_copy: Path) -> None:
-    shutil.rmtree(run_copy / "checkpoints")
-    before = snapshot(run_copy)
-    code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
-    assert_refused(code, output, str(run_copy))
-    assert "the run finished without writing one" in output and snapshot(run_copy) == before
+    assert "no checkpoint can be resumed" in output and why in output and snapshot(run_copy) == before
 
 
 def test_run_stopped_before_its_first_checkpoint_starts_again(run_copy: Path) -> None:
-    shutil.rmtree(run_copy / "checkpoints")
+    checkpointless(run_copy)
     (run_copy / "summary.json").unlink()
     stopped = metric_lines(run_copy)[:1]
     (run_copy / "metrics.jsonl").write_text(stopped[0] + "\n")
