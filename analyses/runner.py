@@ -7,6 +7,7 @@ root on `sys.path` to import this module as `analyses.runner`.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -56,3 +57,13 @@ def heldout_benchmark(preset: Path, path: Path) -> str:
             _, held_out = math_problems(replace(cfg, out_dir=scratch))
         write_jsonl(path, [{"problem": p.problem, "answer": p.answer} for p in held_out])
     return f"word-arith={path}"
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """Whether run `cfg` has finished (its summary is written last)."""
+    return (Path(cfg.out_dir) / "summary.json").is_file()
+
+
+def summary_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The finished run's `summary.json`."""
+    return json.loads((Path(cfg.out_dir) / "summary.json").read_text())

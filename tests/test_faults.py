@@ -136,8 +136,8 @@ def test_nothing_valid_left_stops_without_touching_the_run(
 def test_run_stopped_before_its_first_checkpoint_starts_again(run_copy: Path) -> None:
     checkpointless(run_copy)
     (run_copy / "summary.json").unlink()
-    stopped = metric_lines(run_copy)[:1]
-    (run_copy / "metrics.jsonl").write_text(stopped[0] + "\n")
+    step0 = metric_lines(run_copy)[0]
+    (run_copy / "metrics.jsonl").write_text(step0 + "\n")
     code, output = run(*TRAIN, "--steps", "4", "--out-dir", str(run_copy), "--resume")
     assert code == 0 and "stopped before its first checkpoint" in output, output
 
@@ -145,7 +145,7 @@ def test_run_stopped_before_its_first_checkpoint_starts_again(run_copy: Path) ->
         return {k: v for k, v in json.loads(line).items() if not k.startswith("time_")}
 
     rows = [untimed(line) for line in metric_lines(run_copy)]
-    assert [row["step"] for row in rows] == [0, 1, 2, 3] and rows[0] == untimed(stopped[0])  # step 0 again, once
+    assert [row["step"] for row in rows] == [0, 1, 2, 3] and rows[0] == untimed(step0)  # step 0 again, once
     assert (run_copy / "summary.json").is_file()
 
 

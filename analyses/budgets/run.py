@@ -34,7 +34,7 @@ from steerlens.rl.together import train_runs_together
 from steerlens.vectors import SteeringVectors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
-from analyses.runner import heldout_benchmark, runner_settings, training_config
+from analyses.runner import finished, heldout_benchmark, runner_settings, summary_of, training_config
 from scripts.run_notebooks import figure_svg
 
 HERE = Path(__file__).resolve().parent
@@ -63,14 +63,6 @@ class Setup:
         benchmark = heldout_benchmark(self.preset, self.table1_results / "heldout.jsonl")
         keys = {**self.table1["eval"], "benchmarks": [benchmark], "model": self.model, "label": label}
         return build_config(EvalConfig, None, {**keys, "out_dir": str(out_dir), **extra})
-
-
-def finished(cfg: TrainConfig) -> bool:
-    return (Path(cfg.out_dir) / "summary.json").is_file()
-
-
-def summary_of(cfg: TrainConfig) -> dict[str, Any]:
-    return json.loads((Path(cfg.out_dir) / "summary.json").read_text())
 
 
 def accuracy_of(folder: Path) -> float:

@@ -16,7 +16,6 @@ vectors (results/vectors/); runs and evaluations go to results/runs/ (not commit
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from steerlens.rl.job import train
 from steerlens.rl.together import train_runs_together
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: analyses.runner
-from analyses.runner import heldout_benchmark, runner_settings, training_config
+from analyses.runner import finished, heldout_benchmark, runner_settings, summary_of, training_config
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,10 +44,6 @@ def run_config(settings: dict[str, Any], method: str, lr: float, seed: int, out:
     """The preset with this method, learning rate and seed, for the configured steps, into its own folder."""
     run_dir = out / "runs" / method / f"lr{lr:g}-seed{seed}"
     return training_config(HERE / settings["preset"], run_dir, settings["steps"], trainable=method, lr=lr, seed=seed)
-
-
-def finished(cfg: TrainConfig) -> bool:
-    return (Path(cfg.out_dir) / "summary.json").is_file()
 
 
 def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
@@ -76,10 +71,6 @@ def train_all(method: str, runs: list[TrainConfig], out: Path) -> None:
             "seconds": time.perf_counter() - start,
         },
     )
-
-
-def summary_of(cfg: TrainConfig) -> dict[str, Any]:
-    return json.loads((Path(cfg.out_dir) / "summary.json").read_text())
 
 
 def sweep(settings: dict[str, Any], method: str, out: Path) -> tuple[list[dict[str, Any]], float]:
