@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from steerlens.cli import LOG_STREAM_ENV, QUIET_ENV
+
 
 @pytest.mark.slow
 def test_eval_prints_only_its_table_and_folder_on_stdout(tmp_path: Path) -> None:
@@ -23,7 +25,7 @@ def test_eval_prints_only_its_table_and_folder_on_stdout(tmp_path: Path) -> None
         text=True,
         timeout=900,
         cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k not in ("VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL")},
+        env={k: v for k, v in os.environ.items() if k not in (LOG_STREAM_ENV, QUIET_ENV)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

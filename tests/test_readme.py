@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from steerlens.cli import LOG_STREAM_ENV, QUIET_ENV
+
 ROOT = Path(__file__).parents[1]
-VLLM_LOG_SETTINGS = ("VLLM_LOGGING_STREAM", "VLLM_LOGGING_LEVEL")  # a user's shell has neither
 REPORT_LINE = re.compile(
     r"^(trained steering for \d+ steps -> \S+"
     r"|reward .*|accuracy .*|answers in .*|completions cut .*|groups without signal .*|held-out greedy accuracy.*"
@@ -49,7 +50,7 @@ def test_main_command_trains_and_shows_reward_rising(tmp_path: Path) -> None:
         text=True,
         timeout=1200,
         cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k not in VLLM_LOG_SETTINGS},
+        env={k: v for k, v in os.environ.items() if k not in (LOG_STREAM_ENV, QUIET_ENV)},  # as in a user's shell
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = [line for line in run.stdout.splitlines() if line.strip()]
