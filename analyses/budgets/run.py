@@ -10,7 +10,8 @@ Points (3 training seeds each):
 - per-layer steering vectors, rank-1 LoRA and full tuning: Table 1's own runs (`analyses/table1/results/accuracy.csv`).
 Every final model is evaluated by `steerlens eval` on Table 1's held-out problems. Writes results/budgets.{csv,md}
 (per run, per point), results/tinylora_sweep.csv, and results/budgets.{html,svg} (the curve); runs and evaluations
-go to results/runs/ (not committed). A rerun keeps finished runs and evaluations and resumes the rest.
+go to results/runs/, committed (checkpoints every step, a few MB in all; not the merged models evaluation builds)
+so that a rerun on a fresh checkout keeps finished runs and evaluations and resumes the rest.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ class Setup:
         self.kept = json.loads((self.table1_results / "kept_lr.json").read_text())
 
     def run(self, point: str, keys: dict[str, Any], lr: float, seed: int) -> TrainConfig:
-        """Point `point`'s training run (TrainConfig `keys`) at rate `lr` and `seed`, in its own folder."""
+        """Point `point`'s training run (TrainConfig `keys`) at rate `lr` and `seed`, in its own folder,
+        checkpointed every step (a few hundred kB) so that a stopped sitting loses at most one step."""
         run_dir = self.out / "runs" / point / f"lr{lr:g}-seed{seed}"
-        return training_config(self.preset, run_dir, self.table1["steps"], lr=lr, seed=seed, **keys)
+        steps = self.table1["steps"]
+        return training_config(self.preset, run_dir, steps, lr=lr, seed=seed, save_every=1, **keys)
 
     def eval_config(self, out_dir: Path, label: str, **extra: Any) -> EvalConfig:
         """Table 1's evaluation on its fixed held-out problems, into `out_dir`."""
