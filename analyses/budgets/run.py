@@ -1,7 +1,7 @@
 """The parameter-budget curve in miniature: SmolLM2-135M-Instruct's held-out greedy accuracy against the number of
 trained parameters, from one scalar per layer to full RL tuning, on Table 1's recipe, steps and fixed held-out set.
 
-    python analyses/budgets/run.py       # after analyses/table1/run.py; ~3.5 hours on 2 CPU cores; resumes
+    python analyses/budgets/run.py       # after analyses/table1/run.py; ~3.6 hours on 2 CPU cores; resumes
 
 Points (3 training seeds each):
 - steering variants (`config.yaml` `steering`: fixed random or logit-lens direction, one trained direction, a
